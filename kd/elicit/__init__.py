@@ -1,0 +1,1 @@
+"""Knowledge elicitation (survey §3.1): each method turns inputs into teacher requests and records."""

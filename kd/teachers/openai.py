@@ -1,0 +1,147 @@
+"""The `openai` backend: any OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama).
+
+Requests run concurrently on one asyncio loop, bounded by `concurrency`, so throughput is set by the
+server. This is the only retry layer: exponential backoff with full jitter on 408/409/429/5xx, timeouts,
+dropped connections and unreadable bodies; `Retry-After` honoured up to a cap; other 4xx fail at once.
+The API key is read from the environment variable the params name and lives only in this object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from kd.config import OpenAITeacher as OpenAIConfig
+from kd.errors import KdError, TeacherError
+
+RETRY_STATUS = {408, 409, 429}
+
+
+class OpenAITeacher:
+    def __init__(self, name: str, cfg: OpenAIConfig) -> None:
+        self.name, self.cfg = name, cfg
+        self._key: SecretStr | None = None
+        if cfg.api_key_env:
+            value = os.environ.get(cfg.api_key_env)
+            if not value:
+                raise KdError(f"teachers.{name}.api_key_env: environment variable {cfg.api_key_env} is not set "
+                              f"(export it, or set api_key_env: null for a server without keys)")
+            self._key = SecretStr(value)
+        self.requests_sent = 0
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        # The URL is left out on purpose: the same model behind another host answers the same requests.
+        return {"backend": "openai", "model": self.cfg.model, "revision": self.cfg.revision}
+
+    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        if items:
+            asyncio.run(self._run(items, on_result))
+
+    async def _run(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        headers = {"Authorization": f"Bearer {self._key.get_secret_value()}"} if self._key else {}
+        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        async with httpx.AsyncClient(base_url=self.cfg.base_url.rstrip("/") + "/", headers=headers, limits=limits,
+                                     timeout=httpx.Timeout(self.cfg.timeout_s)) as client:
+
+            async def one(key: str, request: dict[str, Any]) -> None:
+                async with sem:
+                    response = await self._ask(client, key, request)
+                on_result(key, response)
+
+            tasks = [asyncio.create_task(one(k, r)) for k, r in items]
+            try:
+                for done in asyncio.as_completed(tasks):
+                    await done  # the first request that fails for good stops the stage; answers so far are kept
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _body(self, key: str, request: dict[str, Any]) -> dict[str, Any]:
+        s = request["sampling"]
+        body: dict[str, Any] = {"model": self.cfg.model, "messages": request["messages"], "temperature": s["temperature"],
+                                "top_p": s["top_p"], "max_tokens": s["max_tokens"], "n": 1,
+                                # servers that honour a seed (vLLM, OpenAI best-effort) then sample reproducibly
+                                "seed": int(key[:8], 16)}
+        if s["stop"]:
+            body["stop"] = s["stop"]
+        if request.get("response_format"):
+            body["response_format"] = request["response_format"]
+        return body
+
+    async def _ask(self, client: httpx.AsyncClient, key: str, request: dict[str, Any]) -> dict[str, Any]:
+        body, last = self._body(key, request), "no attempt made"
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            retry_after = None
+            try:
+                self.requests_sent += 1
+                r = await client.post("chat/completions", json=body)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.cfg.timeout_s:g} s"
+            except httpx.TransportError as e:
+                last = f"connection error ({type(e).__name__}: {self._scrub(str(e))})"
+            else:
+                if r.status_code == 200:
+                    try:
+                        return _parse(r.content)
+                    except ValueError as e:
+                        last = f"unreadable response ({e})"
+                elif r.status_code in RETRY_STATUS or r.status_code >= 500:
+                    last = f"HTTP {r.status_code}: {self._scrub(r.text[:200])}"
+                    retry_after = _retry_after(r.headers.get("retry-after"))
+                else:
+                    raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}) refused a request with HTTP "
+                                       f"{r.status_code}: {self._scrub(r.text[:300])}")
+            if attempt == self.cfg.max_attempts:
+                break
+            backoff = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
+            delay = min(retry_after, self.cfg.retry_after_max_s) if retry_after is not None else backoff
+            await asyncio.sleep(delay)
+        raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}): a request failed {self.cfg.max_attempts} "
+                           f"times; last: {last}. Answers received so far are cached: rerun to resume.")
+
+    def _scrub(self, text: str) -> str:
+        if self._key and self._key.get_secret_value() in text:
+            text = text.replace(self._key.get_secret_value(), "***")
+        return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _parse(content: bytes) -> dict[str, Any]:
+    """The one answer of a chat-completions body; raises ValueError when it is not one."""
+    try:
+        data = json.loads(content)
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{type(e).__name__}: body of {len(content)} bytes is not a chat completion") from None
+    if not isinstance(text, str):
+        raise ValueError("message.content is not a string")
+    finish = choice.get("finish_reason") or "stop"
+    usage = data.get("usage") or {}
+    return {"text": text, "finish_reason": str(finish),
+            "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                      "completion_tokens": int(usage.get("completion_tokens") or 0)}}

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kd.errors import KdError
 
@@ -72,7 +80,7 @@ class OpenAITeacher(Strict):
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
 
 
-Teacher = Annotated[Union[LocalTeacher, OpenAITeacher], Field(discriminator="backend")]
+Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")]
 
 
 class EmbeddedTeacher(Strict):
@@ -182,7 +190,7 @@ class Curation(_Generated):
     _files_exist = field_validator("topics", "attributes", "question_template", "answer_template")(_existing_file)
 
 
-Dataset = Annotated[Union[Labeling, Expansion, Curation], Field(discriminator="method")]
+Dataset = Annotated[Labeling | Expansion | Curation, Field(discriminator="method")]
 
 
 class Params(Strict):
@@ -282,10 +290,7 @@ def _user_path(loc: tuple, data: Any) -> tuple[tuple, tuple]:
     """Drop the parts of a pydantic location that are union tags rather than keys of the user's file."""
     kept, node = [], data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            kept.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             kept.append(part)
             node = node[part]
     return tuple(kept), loc

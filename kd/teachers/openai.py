@@ -89,7 +89,7 @@ class OpenAITeacher:
             except httpx.TimeoutException:
                 last = f"timed out after {self.cfg.timeout_s:g} s"
             except httpx.TransportError as e:
-                last = f"connection error ({type(e).__name__}: {self._scrub(str(e))})"
+                last = f"connection error ({type(e).__name__}: {self._scrub(str(e), 200)})"
             else:
                 if r.status_code == 200:
                     try:
@@ -97,11 +97,11 @@ class OpenAITeacher:
                     except ValueError as e:
                         last = f"unreadable response ({e})"
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}: {self._scrub(r.text[:200])}"
+                    last = f"HTTP {r.status_code}: {self._scrub(r.text, 200)}"
                     retry_after = _retry_after(r.headers.get("retry-after"))
                 else:
                     raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}) refused a request with HTTP "
-                                       f"{r.status_code}: {self._scrub(r.text[:300])}")
+                                       f"{r.status_code}: {self._scrub(r.text, 300)}")
             if attempt == self.cfg.max_attempts:
                 break
             backoff = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
@@ -110,10 +110,12 @@ class OpenAITeacher:
         raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}): a request failed {self.cfg.max_attempts} "
                            f"times; last: {last}. Answers received so far are cached: rerun to resume.")
 
-    def _scrub(self, text: str) -> str:
+    def _scrub(self, text: str, limit: int) -> str:
+        """A server's text made fit for a one-line error: key removed *before* the cut (a key straddling the
+        cut would otherwise leak its head), whitespace folded (an HTML error page spans lines)."""
         if self._key and self._key.get_secret_value() in text:
             text = text.replace(self._key.get_secret_value(), "***")
-        return text
+        return " ".join(text.split())[:limit]
 
 
 def _retry_after(value: str | None) -> float | None:

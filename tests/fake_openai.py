@@ -1,0 +1,274 @@
+"""A fake OpenAI-compatible chat-completions server for tests and benchmarks (stdlib only).
+
+    with FakeOpenAI(latency_s=0.2, faults=["429", "500"]) as server:
+        ... OpenAITeacher(base_url=server.url, ...) ...
+        assert server.received == 3
+
+Answers are deterministic per request content ("Answer: " + the last user message reversed), and so are
+the usage numbers. `faults` are consumed one per request in arrival order, then requests are answered
+normally:
+
+    "429"        status 429 with `Retry-After: 0.05`
+    "500", "503" server errors (retryable), JSON error bodies
+    "502"        a reverse proxy's multi-line HTML "Bad Gateway" page (retryable)
+    "400", "401" client errors (not retryable)
+    "timeout"    sleep `timeout_sleep_s` (longer than the client's timeout), then answer
+    "truncated"  status 200 announcing the full Content-Length, half the JSON bytes sent, connection closed
+    "length"     a complete answer with finish_reason "length"
+    "ok"         a normal answer (a placeholder, to place a fault later in the order)
+
+`kill_pid_at=N`: when request N+1 arrives, SIGKILL is sent to `server.kill_pid` before it is answered, so
+exactly N requests were answered before the kill. `api_key`: requests without `Authorization: Bearer
+<api_key>` get 401 (whose body echoes the key it got, as real servers partly do, to test scrubbing).
+
+Run by hand: `python tests/fake_openai.py --port 8000 --latency 0.2` (blocks; Ctrl-C stops it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+FAULTS = ("429", "500", "502", "503", "400", "401", "timeout", "truncated", "length", "ok")
+
+
+def default_answer(messages: list[dict[str, Any]]) -> str:
+    """Deterministic per request: the last user message reversed."""
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    return "Answer: " + (users[-1] if users else "")[::-1]
+
+
+def _tokens(text: str) -> int:
+    return len(text.split())
+
+
+class FakeOpenAI:
+    """A threaded HTTP server on 127.0.0.1 (free port) speaking POST /v1/chat/completions."""
+
+    def __init__(self, latency_s: float = 0.0, faults: list[str] | None = None,
+                 answer: Callable[[list[dict[str, Any]]], str] | None = None,
+                 kill_pid_at: int | None = None, api_key: str | None = None) -> None:
+        unknown = [f for f in faults or [] if f not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+        self.latency_s = latency_s
+        self.faults = list(faults or [])
+        self.answer = answer or default_answer
+        self.kill_pid_at = kill_pid_at
+        self.kill_pid: int | None = None
+        self.api_key = api_key
+        self.timeout_sleep_s = 2.0  # how long a "timeout" fault stalls before answering anyway
+        self.received = 0  # POSTs to /v1/chat/completions
+        self.answered = 0  # complete, valid 200 completions sent
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.killed = False
+        self.arrivals: list[float] = []  # time.monotonic() of each POST, in arrival order
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.url = ""
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self, port: int = 0) -> FakeOpenAI:
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._httpd = _Server(("127.0.0.1", port), handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-openai", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------------ behaviour
+
+    def _arrive(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[str | None, bool]:
+        """Count a request; return (its fault or None, whether to kill the client now)."""
+        with self._lock:
+            self.received += 1
+            self.arrivals.append(time.monotonic())
+            self.bodies.append(body)
+            self.headers.append(headers)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fault = self.faults.pop(0) if self.faults else None
+            kill = self.kill_pid_at is not None and self.received == self.kill_pid_at + 1 and not self.killed
+            if kill:
+                self.killed = True
+            return fault, kill
+
+    def completion(self, body: dict[str, Any], finish_reason: str = "stop") -> dict[str, Any]:
+        messages = body.get("messages") or []
+        text = self.answer(messages)
+        prompt_tokens = sum(_tokens(str(m.get("content", ""))) for m in messages)
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "fake"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(text),
+                      "total_tokens": prompt_tokens + _tokens(text)},
+        }
+
+
+# What nginx sends when the model server behind it is down: several lines of HTML.
+_BAD_GATEWAY = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+                b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+                b"</body>\r\n</html>\r\n")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out and hang up are part of the tests, not errors
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+    fake: FakeOpenAI
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> bool:
+        return self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_raw(self, status: int, data: bytes, content_type: str,
+                  headers: dict[str, str] | None = None) -> bool:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+            return True
+        except OSError:  # the client gave up (timeout) and closed the connection
+            self.close_connection = True
+            return False
+
+    def _peer_closed(self) -> bool:
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
+        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+    def do_POST(self) -> None:
+        fake = self.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._error(404, f"no route {self.path}", "not_found")
+            return
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            self._error(400, "body is not JSON", "invalid_request_error")
+            return
+        fault, kill = fake._arrive(body, dict(self.headers.items()))
+        try:
+            self._answer(fake, body, fault, kill)
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
+
+    def _answer(self, fake: FakeOpenAI, body: dict[str, Any], fault: str | None, kill: bool) -> None:
+        if kill:
+            if fake.kill_pid is not None:
+                os.kill(fake.kill_pid, signal.SIGKILL)
+            self.close_connection = True
+            return
+        if fake.latency_s:
+            time.sleep(fake.latency_s)
+        if fake.api_key is not None:
+            auth = self.headers.get("Authorization", "")
+            if auth != f"Bearer {fake.api_key}":
+                got = auth.removeprefix("Bearer ")
+                self._error(401, f"Incorrect API key provided: {got}", "invalid_api_key")
+                return
+        match fault:
+            case "429":
+                self._error(429, "Rate limit reached; try again shortly", "rate_limit_exceeded",
+                            {"Retry-After": "0.05"})
+                return
+            case "500" | "503" | "400" | "401":
+                kind = "server_error" if fault.startswith("5") else "invalid_request_error"
+                self._error(int(fault), f"fake fault {fault}", kind)
+                return
+            case "502":
+                self._send_raw(502, _BAD_GATEWAY, "text/html")
+                return
+            case "timeout":
+                time.sleep(fake.timeout_sleep_s)
+                if self._peer_closed():
+                    self.close_connection = True
+                    return  # the client gave up: nothing is answered
+            case "truncated":
+                data = json.dumps(fake.completion(body)).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                except OSError:
+                    pass
+                self.close_connection = True
+                return
+        finish = "length" if fault == "length" else "stop"
+        if self._send(200, fake.completion(body, finish)):
+            with fake._lock:
+                fake.answered += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible chat-completions server")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>`")
+    args = parser.parse_args()
+    server = FakeOpenAI(latency_s=args.latency, api_key=args.api_key).start(args.port)
+    print(f"fake OpenAI server at {server.url} (latency {args.latency:g} s); Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""params.yaml validation: every shipped file validates, every mistake names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from kd.config import load_params
+from kd.errors import KdError
+
+
+def edit(project: Path, fn) -> None:
+    data = yaml.safe_load((project / "params.yaml").read_text())
+    fn(data)
+    (project / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def error_of(project: Path) -> str:
+    with pytest.raises(KdError) as e:
+        load_params(project)
+    return str(e.value)
+
+
+def test_shipped_params_validate():
+    params = load_params(REPO)
+    assert set(params.datasets) == {"instructions", "topics_qa", "sft"}
+    assert params.teachers["smollm2"].trust_remote_code is False
+
+
+def test_unknown_key_names_path_and_allowed_keys(project):
+    edit(project, lambda d: d["datasets"]["sft"].update(temprature=0.3))
+    msg = error_of(project)
+    assert "datasets.sft.temprature: unknown key" in msg
+    assert "allowed:" in msg and "sampling" in msg
+
+
+def test_wrong_type_names_path(project):
+    edit(project, lambda d: d["datasets"]["instructions"].update(target="many"))
+    assert "datasets.instructions.target:" in error_of(project)
+
+
+def test_unknown_teacher_lists_declared(project):
+    edit(project, lambda d: d["datasets"]["sft"].update(teacher="gpt5"))
+    msg = error_of(project)
+    assert "datasets.sft.teacher: unknown teacher 'gpt5'" in msg and "smollm2" in msg
+
+
+def test_missing_template_names_key_and_file(project):
+    edit(project, lambda d: d["datasets"]["sft"].update(template="prompts/nope.jinja"))
+    msg = error_of(project)
+    assert "datasets.sft.template" in msg and "prompts/nope.jinja" in msg
+
+
+def test_unknown_method_lists_choices(project):
+    edit(project, lambda d: d["datasets"]["sft"].update(method="distill"))
+    msg = error_of(project)
+    assert "datasets.sft" in msg and "labeling" in msg and "expansion" in msg
+
+
+def test_unknown_upstream_dataset_and_cycles(project):
+    edit(project, lambda d: d["datasets"]["sft"]["inputs"].append({"dataset": "missing"}))
+    assert "datasets.sft.inputs.2.dataset: unknown dataset 'missing'" in error_of(project)
+    edit(project, lambda d: d["datasets"]["sft"].update(inputs=[{"dataset": "sft"}]))
+    assert "cycle sft -> sft" in error_of(project)
+
+
+def test_contradictory_options_name_both(project):
+    edit(project, lambda d: d["teachers"]["smollm2"].update(trust_remote_code=True))
+    msg = error_of(project)
+    assert "teachers.smollm2" in msg and "trust_remote_code" in msg and "revision" in msg
+    edit(project, lambda d: (d["teachers"]["smollm2"].pop("trust_remote_code"),
+                             d["datasets"]["instructions"].update(generated_demos=9)))
+    assert "generated_demos (9) cannot exceed demos (3)" in error_of(project)
+
+
+@pytest.mark.parametrize("teacher", [
+    {"backend": "openai", "base_url": "http://x/v1", "model": "m", "api_key": "sk-abcdefghijklmnopqrstuvwxyz"},
+    {"backend": "openai", "base_url": "http://x/v1", "model": "m", "api_key_env": "sk-abcdefghijklmnopqrstuvwx"},
+])
+def test_secrets_in_params_are_refused(project, teacher):
+    edit(project, lambda d: d["teachers"].update(remote=teacher))
+    msg = error_of(project)
+    assert "looks like a secret" in msg and "teachers.remote" in msg
+    assert "abcdefghijklmnop" not in msg  # the secret itself is never echoed
+
+
+def test_bad_yaml_names_line(project):
+    (project / "params.yaml").write_text("teachers:\n  a: [\n")
+    assert error_of(project).startswith("params.yaml:")
+
+
+def test_stage_exits_2_with_one_line_and_writes_nothing(project):
+    # a user mistake must not print a traceback or leave outputs behind
+    edit(project, lambda d: d["datasets"]["sft"].update(teacher="gpt5"))
+    r = subprocess.run([sys.executable, "stages/labeling.py", "sft"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "kd: error: params.yaml: datasets.sft.teacher: unknown teacher 'gpt5' (declared: smollm2)"]
+    assert not (project / "data").exists() and not (project / "metrics").exists()
+
+
+def test_unreadable_seed_line_names_file_and_line(project):
+    with (project / "seeds/instructions.jsonl").open("a") as f:
+        f.write('{"id": "broken", "instruction": \n')
+    r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "seeds/instructions.jsonl:41: not valid JSON" in r.stderr
+
+
+def test_check_reports_missing_dvc_dep(project):
+    dvc = (project / "dvc.yaml").read_text().replace("      - prompts/common/persona.jinja\n", "", 1)
+    (project / "dvc.yaml").write_text(dvc)
+    r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "stages.topics_qa.deps lacks prompts/common/persona.jinja" in r.stderr

@@ -1,0 +1,105 @@
+"""The real default pipeline on the embedded teacher, at minimal sizes, through `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_project
+
+pytestmark = pytest.mark.slow
+
+
+def sh(project: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def shrink(project: Path) -> None:
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    ds = p["datasets"]
+    ds["instructions"].update(target=3, per_round=3, max_rounds=2)
+    ds["instructions"]["evol"]["count"] = 2
+    ds["topics_qa"].update(count=2, allow_truncated=True)
+    ds["topics_qa"]["answer_sampling"]["max_tokens"] = 24
+    ds["sft"].update(allow_truncated=True, inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 10},
+                                                   {"dataset": "instructions"}])
+    ds["sft"]["sampling"]["max_tokens"] = 16
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def summary(stdout: str, name: str) -> tuple[int, int]:
+    m = re.search(rf"^{name}: \d+ records \((\d+) cached, (\d+) new", stdout, re.M)
+    assert m, stdout
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "kd", project / "kd")  # dvc.yaml lists kd/ code as deps
+    shrink(project)
+    sh(project, "git", "init", "-q")
+    sh(project, "dvc", "init", "-q")
+    sh(project, sys.executable, "-m", "kd.cli", "check")
+    r = sh(project, "dvc", "repro")
+    for name in ("teacher", "instructions", "topics_qa", "sft"):
+        assert f"Running stage '{name}'" in r.stdout
+    return project
+
+
+def test_pipeline_builds_trl_ready_datasets_with_provenance(built):
+    import datasets
+
+    for name in ("instructions", "topics_qa", "sft"):
+        manifest = json.loads((built / f"data/{name}/manifest.json").read_text())
+        ds = datasets.load_dataset("json", data_files=str(built / f"data/{name}/records.jsonl"), split="train")
+        assert len(ds) == manifest["records"] > 0
+        metrics = json.loads((built / f"metrics/{name}.json").read_text())
+        assert metrics["records"] == manifest["records"]
+    record = json.loads((built / "data/sft/records.jsonl").read_text().splitlines()[0])
+    assert record["completion"][0]["role"] == "assistant"
+    request = record["provenance"]["requests"][0]
+    assert request["template"]["path"] == "prompts/labeling/explain.jinja"
+    assert request["teacher"]["backend"] == "local" and len(request["teacher"]["digest"]) == 64
+    assert record["provenance"]["seeds"] or record["provenance"]["parents"]
+
+
+def test_second_repro_runs_nothing(built):
+    r = sh(built, "dvc", "repro")
+    assert "Running stage" not in r.stdout
+
+
+def test_template_edit_reruns_only_its_stage_and_only_changed_requests(built):
+    template = built / "prompts/labeling/explain.jinja"
+    template.write_text(template.read_text().replace("Show each calculation.", "Show every calculation step."))
+    r = sh(built, "dvc", "repro")
+    assert "Running stage 'sft'" in r.stdout
+    assert "Running stage 'instructions'" not in r.stdout and "Running stage 'topics_qa'" not in r.stdout
+    cached, new = summary(r.stdout, "sft")
+    inputs = (built / "seeds/instructions.jsonl").read_text().splitlines()[:10]
+    inputs += (built / "data/instructions/records.jsonl").read_text().splitlines()  # evolved keep a category
+    math_inputs = sum(1 for line in inputs if json.loads(line)["category"] == "math")
+    assert new == math_inputs > 0  # only math inputs render differently
+    assert cached > 0
+
+
+def test_forced_rebuild_from_cache_is_byte_identical(built):
+    lock = (built / "dvc.lock").read_text()
+    before = {p: p.read_bytes() for p in (built / "data").rglob("*") if p.is_file()}
+    shutil.rmtree(built / "data/sft")
+    r = sh(built, "dvc", "repro", "--force", "instructions", "topics_qa", "sft")
+    for name in ("instructions", "topics_qa", "sft"):
+        assert summary(r.stdout, name)[1] == 0  # nothing new asked of the teacher
+    after = {p: p.read_bytes() for p in (built / "data").rglob("*") if p.is_file()}
+    assert after == before
+    assert (built / "dvc.lock").read_text() == lock

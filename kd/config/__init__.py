@@ -1,0 +1,145 @@
+"""pydantic models of params.yaml: strict, closed choices, one clear line per mistake (STYLE.md §3-4)."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from kd.config.base import Strict
+from kd.config.datasets import Curation, Dataset, Evol, Expansion, Feature, Labeling, Sampling, Source
+from kd.config.errors import format_errors
+from kd.config.students import Evaluation, Student
+from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Teacher
+from kd.errors import KdError
+
+__all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Labeling",
+           "LocalTeacher", "Student",
+           "OpenAITeacher", "Params", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "load_params"]
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|token)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S{16,})")
+
+
+class Params(Strict):
+    """The whole params.yaml."""
+
+    project: str = Field("kd", pattern=r"^[A-Za-z0-9_.-]+$")
+    embedded_teacher: EmbeddedTeacher = EmbeddedTeacher()
+    teachers: dict[str, Teacher] = Field(min_length=1)
+    datasets: dict[str, Dataset] = Field(default_factory=dict)
+    students: dict[str, Student] = Field(default_factory=dict)
+    evaluation: Evaluation | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        for path, key, value in _walk(data, ()):
+            if isinstance(key, str) and _SECRET_KEY.search(key) and value not in (None, ""):
+                raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
+                              f"environment variable and name it with `api_key_env`")
+            if isinstance(value, str) and _SECRET_VALUE.search(value):
+                raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
+                              f"environment variable and name it with `api_key_env`")
+        return data
+
+    @model_validator(mode="after")
+    def _references(self) -> Params:
+        for name, ds in self.datasets.items():
+            if ds.teacher not in self.teachers:
+                raise ValueError(f"datasets.{name}.teacher: unknown teacher '{ds.teacher}' "
+                                 f"(declared: {', '.join(self.teachers)})")
+            for i, src in enumerate(getattr(ds, "inputs", [])):
+                if src.dataset is not None and src.dataset not in self.datasets:
+                    raise ValueError(f"datasets.{name}.inputs.{i}.dataset: unknown dataset '{src.dataset}' "
+                                     f"(declared: {', '.join(self.datasets)})")
+            if ds.method == "feature":
+                self._local_teacher(f"datasets.{name}.teacher", ds.teacher)
+                self._dataset(f"datasets.{name}.dataset", ds.dataset)
+        for name in self.datasets:
+            _check_acyclic(self, name, ())
+        for name, st in self.students.items():
+            for i, d in enumerate(st.datasets):
+                self._dataset(f"students.{name}.datasets.{i}", d)
+            if st.logits is not None:
+                self._dataset(f"students.{name}.logits", st.logits)
+                if self.datasets[st.logits].method != "feature":
+                    raise ValueError(f"students.{name}.logits: '{st.logits}' is a {self.datasets[st.logits].method} "
+                                     f"dataset, not a feature (logits) dataset")
+            if hasattr(st.init, "teacher"):
+                self._local_teacher(f"students.{name}.init.teacher", st.init.teacher)
+            for section in ("on_policy", "hidden"):
+                if getattr(st, section) is not None:
+                    self._local_teacher(f"students.{name}.{section}.teacher", getattr(st, section).teacher)
+        if self.evaluation:
+            self._local_teacher("evaluation.teacher", self.evaluation.teacher)
+            for i, s in enumerate(self.evaluation.students + [self.evaluation.baseline or self.evaluation.students[0]]):
+                if s not in self.students:
+                    raise ValueError(f"evaluation.students.{i}: unknown student '{s}' "
+                                     f"(declared: {', '.join(self.students) or 'none'})")
+        return self
+
+    def _dataset(self, key: str, name: str) -> None:
+        if name not in self.datasets:
+            raise ValueError(f"{key}: unknown dataset '{name}' (declared: {', '.join(self.datasets) or 'none'})")
+
+    def _local_teacher(self, key: str, name: str) -> None:
+        if name not in self.teachers:
+            raise ValueError(f"{key}: unknown teacher '{name}' (declared: {', '.join(self.teachers)})")
+        if self.teachers[name].backend != "local":
+            raise ValueError(f"{key}: '{name}' is an {self.teachers[name].backend} teacher; this needs a local "
+                             f"(white-box) one whose weights kd can run")
+
+
+def _check_acyclic(params: Params, name: str, chain: tuple[str, ...]) -> None:
+    if name in chain:
+        raise ValueError(f"datasets.{chain[0]}: cycle {' -> '.join(chain + (name,))}")
+    ds = params.datasets[name]
+    upstream = [s.dataset for s in getattr(ds, "inputs", []) if s.dataset] + ([ds.dataset] if ds.method == "feature" else [])
+    for up in upstream:
+        _check_acyclic(params, up, chain + (name,))
+
+
+def _walk(data: Any, path: tuple) -> typing.Iterator[tuple[tuple, Any, Any]]:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield path + (k,), k, v
+            yield from _walk(v, path + (k,))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield path + (i,), i, v
+            yield from _walk(v, path + (i,))
+
+
+def load_params(root: Path | str = ".", file: str = "params.yaml") -> Params:
+    """Read and validate params.yaml; every mistake becomes a KdError naming the key and what is allowed."""
+    root = Path(root)
+    path = root / file
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdError(f"{file}: not found in {root.resolve()}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise KdError(f"{file}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise KdError(f"{file}: expected a mapping of keys at the top level")
+    try:
+        return Params.model_validate(data, context={"root": root})
+    except ValidationError as e:
+        raise KdError(format_errors(e, data, Params, file)) from None
+
+
+def dataset_config(params: Params, name: str, method: str) -> Any:
+    """The `datasets.<name>` section, checked to be of the stage's method."""
+    ds = params.datasets.get(name)
+    if ds is None:
+        raise KdError(f"params.yaml: datasets.{name}: not declared (declared: {', '.join(params.datasets) or 'none'})")
+    if ds.method != method:
+        raise KdError(f"params.yaml: datasets.{name}.method is '{ds.method}', but this is the {method} stage")
+    return ds

@@ -1,0 +1,79 @@
+"""Turn pydantic's validation errors into one line each that names the params.yaml key and what is allowed."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ValidationError
+
+TAGS = ("method", "backend", "kind")  # discriminator fields of the tagged unions in params.yaml
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the model that an error location points into (for 'unknown key' messages)."""
+    tp: Any = model
+    for part in loc[:-1]:
+        tp = _unwrap(tp, part)
+        if tp is None:
+            return None
+    tp = _unwrap(tp, None)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return None
+
+
+def _unwrap(tp: Any, part: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(tp)[0], part)
+    if origin in (Union, types.UnionType):
+        members = [m for m in typing.get_args(tp) if m is not type(None)]
+        for m in members:  # a tagged-union location names the tag, e.g. 'labeling'
+            fields = getattr(m, "model_fields", {})
+            for tag in TAGS:
+                if tag in fields and part in typing.get_args(fields[tag].annotation):
+                    return m
+        return _unwrap(members[0], part) if len(members) == 1 else None
+    if part is None:
+        return tp
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(part)
+        return field.annotation if field else None
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if origin is list:
+        return typing.get_args(tp)[0]
+    return None
+
+
+def _user_path(loc: tuple, data: Any) -> tuple[tuple, tuple]:
+    """Drop the parts of a pydantic location that are union tags rather than keys of the user's file."""
+    kept, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+            kept.append(part)
+            node = node[part]
+    return tuple(kept), loc
+
+
+def format_errors(err: ValidationError, data: Any, model: type[BaseModel], source: str = "params.yaml") -> str:
+    """One line per error: the file, the key path as the user wrote it, and what is allowed."""
+    lines = []
+    for e in err.errors():
+        path, loc = _user_path(tuple(e["loc"]), data)
+        where = ".".join(map(str, path)) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] in ("literal_error", "union_tag_invalid"):
+            msg = msg.replace("Input should be", "must be")
+        if "." in msg.split(":")[0] and msg.startswith(("datasets.", "teachers.")):
+            lines.append(f"{source}: {msg}")  # cross-reference errors already carry their key path
+        else:
+            lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(dict.fromkeys(lines))

@@ -1,0 +1,130 @@
+"""Students and evaluation in params.yaml: distillation (survey §3.2) as closed choices."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kd.config.base import Strict
+
+
+class FromTeacher(Strict):
+    """Keep a subset of a local teacher's layers, sharing its tokenizer (DistilBERT / Minitron style)."""
+
+    kind: Literal["from_teacher"]
+    teacher: str = Field(description="a local teacher (key of `teachers`)")
+    every: int = Field(2, ge=1, description="keep every k-th layer (the first and last always kept)")
+    layers: list[int] | None = Field(None, description="explicit layer indices to keep (overrides `every`)")
+
+
+class FromConfig(Strict):
+    """A fresh llama-style architecture using a teacher's tokenizer."""
+
+    kind: Literal["from_config"]
+    teacher: str = Field(description="the teacher whose tokenizer (and vocabulary) the student uses")
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(768, ge=8)
+
+    @model_validator(mode="after")
+    def _heads(self) -> FromConfig:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}), "
+                             f"and num_heads by num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class FromPretrained(Strict):
+    """A local model directory (or a hub id when online)."""
+
+    kind: Literal["from_pretrained"]
+    path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pin(self) -> FromPretrained:
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code: true needs a pinned `revision` next to it")
+        return self
+
+
+Init = Annotated[FromTeacher | FromConfig | FromPretrained, Field(discriminator="kind")]
+
+
+class Divergence(Strict):
+    """Token-level divergence to the teacher's stored top-k distribution (objective `kd`)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 -> forward KL, 1 -> reverse KL")
+    temperature: float = Field(1.0, gt=0, description="softens both distributions; losses are scaled by T^2")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="mix of cross-entropy on the teacher's tokens")
+
+
+class OnPolicy(Strict):
+    """The student generates, the teacher scores its tokens online (GKD / MiniLLM)."""
+
+    teacher: str = Field(description="a local teacher, run online")
+    lmbda: float = Field(0.5, ge=0, le=1, description="fraction of batches on student-generated outputs")
+    beta: float = Field(0.5, ge=0, le=1, description="generalised JSD: 0 = forward KL, 1 = reverse KL")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class Hidden(Strict):
+    """Hidden-state similarity for declared (student layer, teacher layer) pairs, added to any objective."""
+
+    teacher: str = Field(description="a local teacher, run online for its hidden states")
+    pairs: list[tuple[int, int]] = Field(min_length=1, description="[student_layer, teacher_layer] pairs")
+    loss: Literal["l2", "cosine"] = "cosine"
+    weight: float = Field(1.0, ge=0)
+
+
+class Training(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
+    log_every: int = Field(1, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class Student(Strict):
+    init: Init
+    objective: Literal["sft", "kd", "on_policy"]
+    datasets: list[str] = Field(min_length=1, description="datasets to train on (prompt + completion)")
+    logits: str | None = Field(None, description="a `feature` dataset of teacher top-k logits (objective kd)")
+    kd: Divergence = Divergence()
+    on_policy: OnPolicy | None = None
+    hidden: Hidden | None = None
+    training: Training = Training()
+
+    @model_validator(mode="after")
+    def _objective_needs(self) -> Student:
+        if self.objective == "kd" and not self.logits:
+            raise ValueError("objective: kd needs `logits` (a feature dataset of teacher top-k log-probabilities)")
+        if self.objective == "on_policy" and self.on_policy is None:
+            raise ValueError("objective: on_policy needs an `on_policy` section (teacher, lmbda, beta)")
+        return self
+
+
+class Evaluation(Strict):
+    """Held-out comparison of the teacher, the untrained baseline and every student."""
+
+    prompts: str = Field("seeds/eval_prompts.jsonl", description="held-out prompts no generation stage reads")
+    teacher: str = Field(description="a local teacher: generates references and scores likelihoods")
+    students: list[str] = Field(min_length=1)
+    baseline: str | None = Field(None, description="student whose untrained initialisation is the baseline "
+                                                   "(default: the first of `students`)")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)

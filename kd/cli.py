@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kd.errors import KdError
 
-_STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation)\.py\s+(\S+)")
+_STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature)\.py\s+(\S+)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

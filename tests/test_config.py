@@ -28,7 +28,8 @@ def error_of(project: Path) -> str:
 
 def test_shipped_params_validate():
     params = load_params(REPO)
-    assert set(params.datasets) == {"instructions", "topics_qa", "sft"}
+    assert set(params.datasets) == {"instructions", "topics_qa", "sft", "sft_logits"}
+    assert set(params.students) == set(params.evaluation.students)
     assert params.teachers["smollm2"].trust_remote_code is False
 
 

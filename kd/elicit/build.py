@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from kd.cache import DEFAULT_DIR, RequestCache
-from kd.config import Curation, Expansion, Labeling, Params, dataset_config, load_params
+from kd.config import Curation, Expansion, Feature, Labeling, Params, dataset_config, load_params
 from kd.elicit.common import Asker, Summary
 from kd.prompts import load_prompt
 from kd.records import atomic_write_text, write_dataset
@@ -49,7 +49,7 @@ def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path
     return summary.line(name, manifest, asker)
 
 
-def files_read(cfg: Labeling | Expansion | Curation, params: Params, root: Path) -> dict[str, list[str]]:
+def files_read(cfg: Labeling | Expansion | Curation | Feature, params: Params, root: Path) -> dict[str, list[str]]:
     """What a generation stage reads, by kind: its dvc.yaml stage must list these as deps and params.
 
     Loading the templates also checks them (syntax, sandbox-safe includes, declared variables).
@@ -69,6 +69,8 @@ def files_read(cfg: Labeling | Expansion | Curation, params: Params, root: Path)
             templates = [(cfg.question_template, curation.QUESTION_VARIABLES),
                          (cfg.answer_template, curation.ANSWER_VARIABLES)]
             seeds, datasets = [cfg.topics, cfg.attributes], []
+        case "feature":
+            templates, seeds, datasets = [], [], [cfg.dataset]
     paths: list[str] = []
     for path, variables in templates:
         prompt = load_prompt(root, path, variables)

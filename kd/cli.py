@@ -1,4 +1,5 @@
-"""`kd`: user tools around the build (checking, inspecting). Stages run through `dvc repro`, not here."""
+"""`kd`: user tools around the build (checking, inspecting, diffing, auditing, forecasting, sharing the
+cache). Stages run through `dvc repro`, not here."""
 
 from __future__ import annotations
 
@@ -126,6 +127,76 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 1 if bad and not args.fix else 0
 
 
+def _report(args: argparse.Namespace, report: dict, render) -> None:
+    """`--json` for scripts; otherwise text, coloured and paged only on a terminal."""
+    from kd.term import Style, emit, use_colour
+
+    if args.json:
+        try:  # a million-record diff lists tens of thousands of ids: orjson writes them ~10x faster
+            import orjson
+
+            print(orjson.dumps(report, default=str, option=orjson.OPT_INDENT_2).decode())
+        except ImportError:
+            print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+        return
+    emit(render(report, Style(use_colour(args.color))), pager=not args.no_pager)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Record-level diff of a dataset between two git revisions (default HEAD and the workspace), or of two
+    dataset directories; changes are grouped by cause (template, teacher, sampling, upstream record)."""
+    from kd.diff import diff, render, sides
+
+    root = Path(args.root)
+    a, b = sides(root, args.dataset, args.rev_a, args.rev_b)
+    report = diff(a, b, root, examples=args.n)
+    _report(args, report, lambda r, style: render(r, style, listed=args.list))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Lineage of a record (id or unique prefix; DATASET:PREFIX to narrow) back to its seeds, or what a model
+    directory (models/<name>) was trained on."""
+    from kd import audit
+
+    root = Path(args.root)
+    target = Path(args.target)
+    model_dir = target if target.is_absolute() else root / target
+    if (model_dir / audit.MODEL_FILE).is_file() or args.target.startswith("models/"):
+        _report(args, audit.audit_model(root, model_dir), audit.render_model)
+    else:
+        _report(args, audit.audit_record(root, args.target), audit.render_record)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """For each generation stage `dvc repro` would run: requests cached vs new, estimated tokens and cost."""
+    from kd.status import render, status
+
+    _report(args, status(Path(args.root)), render)
+    return 0
+
+
+def cmd_cache_share(args: argparse.Namespace) -> int:
+    """Push or pull request-cache entries through the project's DVC remote (incremental, verified)."""
+    from kd import cache_share
+
+    fn = cache_share.push if args.cache_command == "push" else cache_share.pull
+    result = fn(Path(args.root), args.remote, args.jobs)
+    for key, why in result.rejected:
+        print(f"kd cache {args.cache_command}: {key[:16]}: {why}", file=sys.stderr)
+    verb = "pushed to" if args.cache_command == "push" else "pulled from"
+    print(f"kd cache {args.cache_command}: {result.moved} entries {verb} remote '{result.remote}', "
+          f"{result.already} already there, {len(result.rejected)} rejected")
+    return 1 if result.rejected else 0
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour (auto: on a terminal)")
+    p.add_argument("--no-pager", action="store_true", help="do not page long output through $PAGER")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd", description=__doc__)
     parser.add_argument("--root", default=".", help="the project directory (default: .)")
@@ -142,6 +213,26 @@ def main(argv: list[str] | None = None) -> None:
     v = cache_sub.add_parser("verify", help=cmd_cache.__doc__)
     v.add_argument("--fix", action="store_true", help="remove damaged entries (they are re-asked on the next build)")
     v.set_defaults(fn=cmd_cache)
+    for verb, where in (("push", "to"), ("pull", "from")):
+        c = cache_sub.add_parser(verb, help=f"copy entries the other side lacks {where} the DVC remote")
+        c.add_argument("-r", "--remote", default=None, help="a DVC remote name (default: the project's default)")
+        c.add_argument("-j", "--jobs", type=int, default=8, help="parallel transfers")
+        c.set_defaults(fn=cmd_cache_share)
+    p = sub.add_parser("diff", help="record-level diff of a dataset between revisions, grouped by cause")
+    p.add_argument("dataset", help="data/<name> (or a dataset directory, with a second directory after it)")
+    p.add_argument("rev_a", nargs="?", help="the old git revision (default HEAD), or a second dataset directory")
+    p.add_argument("rev_b", nargs="?", help="the new git revision (default: the workspace)")
+    p.add_argument("-n", type=int, default=3, help="changed records to show with prompt and output diffs")
+    p.add_argument("--list", type=int, default=5, help="added/removed records to list")
+    _output_options(p)
+    p.set_defaults(fn=cmd_diff)
+    p = sub.add_parser("audit", help="lineage of a record back to its seeds, or what a model was trained on")
+    p.add_argument("target", help="a record id or unique prefix (DATASET:PREFIX), or a model directory")
+    _output_options(p)
+    p.set_defaults(fn=cmd_audit)
+    p = sub.add_parser("status", help=cmd_status.__doc__)
+    _output_options(p)
+    p.set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     try:
         sys.exit(args.fn(args))

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from kd.errors import KdError
 RECORDS_FILE = "records.jsonl"
 REJECTED_FILE = "rejected.jsonl"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
 # Fields that describe where a record came from; everything else is content and goes into the id.
 NON_CONTENT_FIELDS = ("id", "provenance")
 
@@ -87,11 +88,13 @@ def write_dataset(
     templates: dict[str, str],
     teacher: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
+    card: Callable[[dict[str, Any]], str] | None = None,
 ) -> dict[str, Any]:
     """Write `records.jsonl`, `rejected.jsonl` and `manifest.json` atomically; return the manifest.
 
     Records are deduplicated by id (a duplicate becomes a rejection) and sorted by id, so the same
-    records always give the same bytes whatever order they were produced in.
+    records always give the same bytes whatever order they were produced in. `card(manifest)`, if given,
+    returns the dataset card, written as README.md in the same atomic directory write.
     """
     by_id: dict[str, dict[str, Any]] = {}
     rejected = list(rejected)
@@ -122,6 +125,8 @@ def write_dataset(
         (tmp / RECORDS_FILE).write_text(_jsonl(ordered), encoding="utf-8")
         (tmp / REJECTED_FILE).write_text(_jsonl(rejected), encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card(manifest), encoding="utf-8")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,15 +11,28 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from kd.config.base import Strict
-from kd.config.datasets import Curation, Dataset, Evol, Expansion, Feature, Labeling, Sampling, Source
+from kd.config.datasets import (
+    Curation,
+    Dataset,
+    Evol,
+    Expansion,
+    Feature,
+    Feedback,
+    Judge,
+    Labeling,
+    Sampling,
+    SelfKnowledge,
+    Source,
+)
 from kd.config.errors import format_errors
 from kd.config.students import Evaluation, Student
-from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Teacher
+from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
 from kd.errors import KdError
 
-__all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Labeling",
-           "LocalTeacher", "Student",
-           "OpenAITeacher", "Params", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "load_params"]
+__all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
+           "Judge", "Labeling", "LocalTeacher", "SelfKnowledge", "Student",
+           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_teachers",
+           "load_params"]
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|token)$", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S{16,})")
@@ -50,9 +63,17 @@ class Params(Strict):
     @model_validator(mode="after")
     def _references(self) -> Params:
         for name, ds in self.datasets.items():
-            if ds.teacher not in self.teachers:
-                raise ValueError(f"datasets.{name}.teacher: unknown teacher '{ds.teacher}' "
-                                 f"(declared: {', '.join(self.teachers)})")
+            for key, teacher in dataset_teachers(ds).items():
+                if teacher not in self.teachers:
+                    raise ValueError(f"datasets.{name}.{key}: unknown teacher '{teacher}' "
+                                     f"(declared: {', '.join(self.teachers)})")
+            judge = getattr(ds, "judge", None)
+            if judge is not None and judge.kind == "likelihood":
+                self._local_teacher(f"datasets.{name}.judge.teacher", judge.teacher)
+            if ds.method == "self_knowledge" and ds.filter == "self_judge" and judge.teacher != ds.generator:
+                raise ValueError(f"datasets.{name}.judge.teacher: filter self_judge means the generator judges its "
+                                 f"own samples, so it must be '{ds.generator}', not '{judge.teacher}' "
+                                 f"(a teacher judging is reward_threshold or a feedback dataset)")
             for i, src in enumerate(getattr(ds, "inputs", [])):
                 if src.dataset is not None and src.dataset not in self.datasets:
                     raise ValueError(f"datasets.{name}.inputs.{i}.dataset: unknown dataset '{src.dataset}' "
@@ -93,6 +114,14 @@ class Params(Strict):
         if self.teachers[name].backend != "local":
             raise ValueError(f"{key}: '{name}' is an {self.teachers[name].backend} teacher; this needs a local "
                              f"(white-box) one whose weights kd can run")
+
+
+def dataset_teachers(ds: Any) -> dict[str, str]:
+    """The teacher keys a dataset asks, by the params key that names them (e.g. {"judge.teacher": "smollm2"})."""
+    if ds.method in ("feedback", "self_knowledge"):
+        judge = {"judge.teacher": ds.judge.teacher} if ds.judge is not None else {}
+        return {"generator": ds.generator, **judge}
+    return {"teacher": ds.teacher}
 
 
 def _check_acyclic(params: Params, name: str, chain: tuple[str, ...]) -> None:

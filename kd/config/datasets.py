@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -119,4 +120,149 @@ class Feature(Strict):
     batch_size: int = Field(8, ge=1)
 
 
-Dataset = Annotated[Labeling | Expansion | Curation | Feature, Field(discriminator="method")]
+_ASPECT = r"^[a-z][a-z0-9_]*$"
+
+
+class Judge(Strict):
+    """Who scores candidate answers, and how (survey §3.1.5). A closed choice of three kinds:
+
+    `rubric`: the teacher rates each candidate on `aspects` with a template, one line per aspect
+    (`helpfulness: 4`), parsed strictly; `pairwise`: the teacher compares two candidates, asked in both orders
+    (an inconsistent pair of verdicts is a tie); `likelihood`: white-box, the teacher's mean token
+    log-probability of the candidate (needs a local teacher; no template).
+    """
+
+    teacher: str = Field(description="a key of `teachers`; `likelihood` needs a local (white-box) one")
+    kind: Literal["rubric", "pairwise", "likelihood"]
+    template: str | None = Field(None, description="the judge's prompt (rubric, pairwise); none for likelihood")
+    aspects: list[str] = Field(["helpfulness", "honesty", "instruction_following"], min_length=1,
+                               description="rubric: what each candidate is rated on; its score is the mean")
+    low: int = Field(1, description="rubric: the lowest allowed rating (integers only)")
+    high: int = Field(5, description="rubric: the highest allowed rating")
+    allow_prose: bool = Field(False, description="let the judge reason in lines around its ratings/verdict "
+                                                 "(the rating lines themselves stay strict)")
+    sampling: Sampling = Sampling(temperature=0.0, max_tokens=96)
+    max_length: int = Field(1024, ge=8, description="likelihood: prompt + candidate tokens scored; longer is rejected")
+    batch_size: int = Field(8, ge=1, le=4096, description="likelihood: sequences per forward pass")
+
+    _template_exists = field_validator("template")(lambda v, info: v if v is None else existing_file(v, info))
+
+    @field_validator("aspects")
+    @classmethod
+    def _aspects(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not re.match(_ASPECT, a):
+                raise ValueError(f"aspect '{a}': use lower-case letters, digits and _ (it is a line label)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"aspects repeat a name: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Judge:
+        if self.kind == "likelihood" and self.template is not None:
+            raise ValueError("kind: likelihood scores log-probabilities and uses no template; remove `template` "
+                             "or choose kind rubric/pairwise")
+        if self.kind != "likelihood" and self.template is None:
+            raise ValueError(f"kind: {self.kind} needs a `template` (e.g. prompts/feedback/{self.kind}.jinja)")
+        if self.kind != "rubric" and {"aspects", "low", "high"} & self.model_fields_set:
+            raise ValueError(f"aspects/low/high are for kind: rubric, not kind: {self.kind}")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+def _sampling_draws(s: Sampling) -> Sampling:
+    if s.temperature <= 0:
+        raise ValueError("sampling.temperature must be > 0: candidates drawn greedily would all be the same")
+    return s
+
+
+class Feedback(Strict):
+    """Feedback (survey §3.1.5): a generator samples candidates, a judge ranks them -> preference pairs.
+
+    Output records are TRL-DPO shaped (`prompt`, `chosen`, `rejected`, conversational) with `score_chosen`,
+    `score_rejected`, the judge's `rationale`, and `candidates` (the ranked list, for RRHF/PRO). The pair is
+    the best- and worst-scored distinct candidates; a tie between them is a rejection (`tie`). Candidates come
+    from the request cache, so editing the judge template reruns only the judge's requests.
+    """
+
+    method: Literal["feedback"]
+    generator: str = Field(description="a key of `teachers` that samples the candidates; usually a local entry "
+                                       "whose path is a student directory (models/<student>)")
+    inputs: list[Source] = Field(min_length=1)
+    template: str = Field(description="renders the generator's prompt (vars: instruction, category); the "
+                                      "records' `prompt` is what it rendered")
+    keep_system: bool = Field(True, description="keep the template's system message in the records' prompt")
+    candidates: int = Field(4, ge=2, le=32, description="answers sampled per prompt (sample index = candidate number)")
+    sampling: Sampling = Field(Sampling(temperature=0.8, top_p=0.95, max_tokens=128),
+                               description="the generator's; temperature > 0 so candidates differ")
+    judge: Judge
+    allow_truncated: bool = Field(False, description="keep candidates cut off at max_tokens (finish_reason=length)")
+
+    _template_exists = field_validator("template")(existing_file)
+    _draws = field_validator("sampling")(_sampling_draws)
+
+
+class SelfKnowledge(Strict):
+    """Self-knowledge (survey §3.1.6): the student samples K answers per prompt and keeps some by a filter.
+
+    `self_consistency` keeps the samples whose final answer is the majority answer (LMSI); `reward_threshold`
+    keeps samples scored >= `threshold` by the teacher's likelihood `judge` or by a `reward_model` (ReST's
+    grow/improve); `self_judge` has the student rate its own samples with a rubric `judge` and keeps those
+    >= `threshold` (Self-Rewarding). The kept prompt/completion records train the next round. Each round is its
+    own dataset and DVC stage: round 2's `generator` is a teacher entry pointing at the student trained on
+    round 1's dataset, and its `round: 2`, so rebuilding round 2 leaves round 1 untouched.
+    """
+
+    method: Literal["self_knowledge"]
+    generator: str = Field(description="a key of `teachers`: a local entry whose path is the student directory")
+    round: int = Field(1, ge=1, description="which self-improvement round this dataset is (recorded in provenance)")
+    inputs: list[Source] = Field(min_length=1)
+    template: str = Field(description="renders the student's prompt (vars: instruction, category)")
+    keep_system: bool = Field(True, description="keep the template's system message in the records' prompt")
+    samples: int = Field(8, ge=2, le=64, description="K answers per prompt (sample index = sample number)")
+    sampling: Sampling = Field(Sampling(temperature=0.8, top_p=0.95, max_tokens=128),
+                               description="temperature > 0 so the K samples differ")
+    filter: Literal["self_consistency", "reward_threshold", "self_judge"]
+    answer: Literal["last_number", "last_line"] = Field(
+        "last_number", description="self_consistency: how a final answer is read (see kd.elicit.self_knowledge)")
+    min_share: float = Field(0.5, gt=0, le=1, description="self_consistency: keep a prompt only if its majority "
+                                                          "answer has at least this share of the K votes")
+    judge: Judge | None = Field(None, description="reward_threshold: a likelihood judge; self_judge: a rubric judge "
+                                                  "whose teacher is the generator itself")
+    reward_model: str | None = Field(None, description="reward_threshold: a reward model directory (models/<rm>) "
+                                                       "scored as a 1-label sequence classifier")
+    threshold: float | None = Field(None, description="reward_threshold/self_judge: keep samples scoring >= this")
+    allow_truncated: bool = Field(False, description="keep samples cut off at max_tokens (finish_reason=length)")
+
+    _template_exists = field_validator("template")(existing_file)
+    _draws = field_validator("sampling")(_sampling_draws)
+
+    @model_validator(mode="after")
+    def _filter_needs(self) -> SelfKnowledge:
+        has = {"judge": self.judge is not None, "reward_model": self.reward_model is not None,
+               "threshold": self.threshold is not None}
+        match self.filter:
+            case "self_consistency":
+                if extra := [k for k, v in has.items() if v]:
+                    raise ValueError(f"filter: self_consistency votes on answers; remove {', '.join(extra)}")
+            case "reward_threshold":
+                if has["judge"] == has["reward_model"]:
+                    raise ValueError("filter: reward_threshold needs exactly one of `judge` (kind: likelihood) "
+                                     "or `reward_model` (a model directory)")
+                if self.judge is not None and self.judge.kind != "likelihood":
+                    raise ValueError(f"filter: reward_threshold scores with a likelihood judge, not kind: "
+                                     f"{self.judge.kind} (self_judge is the rubric filter)")
+                if not has["threshold"]:
+                    raise ValueError("filter: reward_threshold needs a `threshold`")
+            case "self_judge":
+                if self.judge is None or self.judge.kind != "rubric" or self.reward_model is not None:
+                    raise ValueError("filter: self_judge needs a `judge` of kind: rubric (and no reward_model)")
+                if not has["threshold"]:
+                    raise ValueError("filter: self_judge needs a `threshold` (a mean rubric rating)")
+        if self.filter != "self_consistency" and (extra := {"min_share", "answer"} & self.model_fields_set):
+            raise ValueError(f"{', '.join(sorted(extra))}: for filter: self_consistency, not {self.filter}")
+        return self
+
+
+Dataset = Annotated[Labeling | Expansion | Curation | Feature | Feedback | SelfKnowledge, Field(discriminator="method")]

@@ -94,7 +94,7 @@ class Training(Strict):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -115,6 +115,9 @@ class Student(Strict):
             raise ValueError("objective: kd needs `logits` (a feature dataset of teacher top-k log-probabilities)")
         if self.objective == "on_policy" and self.on_policy is None:
             raise ValueError("objective: on_policy needs an `on_policy` section (teacher, lmbda, beta)")
+        if self.objective == "on_policy" and self.hidden is not None:
+            raise ValueError("`hidden` cannot be combined with objective: on_policy (TRL's GKDTrainer has no hook "
+                             "for an extra loss term); use it with objective sft or kd")
         return self
 
 

@@ -9,6 +9,16 @@ from pydantic import Field, model_validator
 from kd.config.base import Strict
 
 
+class Price(Strict):
+    """What a teacher costs, for `kd status` forecasts and the cost figures in metrics/<dataset>.json."""
+
+    input_per_mtok: float = Field(ge=0, description="price per million prompt (input) tokens, e.g. USD")
+    output_per_mtok: float = Field(ge=0, description="price per million completion (output) tokens, e.g. USD")
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
 class LocalTeacher(Strict):
     """A transformers model directory run in-process (the embedded teacher, or any local HF model)."""
 
@@ -20,6 +30,7 @@ class LocalTeacher(Strict):
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call; higher = faster, more memory")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")
     revision: str | None = Field(None, description="a pinned revision (commit) of the model, recorded in provenance")
+    price: Price | None = Field(None, description="cost per million tokens; null = free (your own hardware)")
 
     @model_validator(mode="after")
     def _remote_code_needs_pin(self) -> LocalTeacher:
@@ -44,6 +55,7 @@ class OpenAITeacher(Strict):
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt, full jitter")
     backoff_max_s: float = Field(60.0, ge=0)
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
+    price: Price | None = Field(None, description="cost per million input/output tokens; null = unknown (no cost shown)")
 
 
 Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")]

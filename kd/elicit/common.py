@@ -19,11 +19,11 @@ from kd.teachers import Teacher
 
 @dataclass(frozen=True)
 class Call:
-    """One teacher request and the template that rendered it."""
+    """One teacher request and the template that rendered it (None: a white-box scoring request)."""
 
     key: str
     request: dict[str, Any]
-    prompt: Prompt
+    prompt: Prompt | None
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Asker:
     cached: int = 0
     new: int = 0
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})  # paid for now
 
     def call(self, prompt: Prompt, sampling: Sampling, sample_index: int = 0, **variables: Any) -> Call:
         request = {
@@ -70,6 +71,8 @@ class Asker:
                 self.cache.put(key, unique[key].request, response)
                 answers[key] = response
                 self.new += 1
+                for k, v in response["usage"].items():
+                    self.new_usage[k] = self.new_usage.get(k, 0) + v
                 bar.update(1)
 
             try:
@@ -95,6 +98,9 @@ def verdict(response: dict[str, Any], allow_truncated: bool) -> str | None:
 
 
 def request_provenance(call: Call, response: dict[str, Any]) -> dict[str, Any]:
+    if call.prompt is None:  # white-box scoring (kd.elicit.scoring): no template, no sampling
+        return {"key": call.key, "kind": call.request["kind"], "teacher": call.request["teacher"],
+                "sample_index": 0, "usage": response["usage"], "finish_reason": response["finish_reason"]}
     return {
         "key": call.key,
         "template": call.prompt.provenance(),
@@ -117,7 +123,8 @@ def rejection(reason: str, call: Call | None, response: dict[str, Any] | None, *
     row: dict[str, Any] = {"reason": reason, **context}
     if call is not None:
         row["request_key"] = call.key
-        row["template"] = call.prompt.path
+        if call.prompt is not None:
+            row["template"] = call.prompt.path
     if response is not None:
         row["text"] = response["text"]
         row["finish_reason"] = response["finish_reason"]
@@ -180,13 +187,33 @@ def load_inputs(root: Path, source: Source, data_dir: Path) -> list[Input]:
     return inputs[: source.limit] if source.limit else inputs
 
 
+@dataclass
+class Totals:
+    """Requests and tokens of several askers together (a generator and a judge), for summary and metrics."""
+
+    cached: int = 0
+    new: int = 0
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+
+    @classmethod
+    def of(cls, askers: list[Asker]) -> Totals:
+        t = cls()
+        for a in askers:
+            t.cached, t.new = t.cached + a.cached, t.new + a.new
+            for total, part in ((t.usage, a.usage), (t.new_usage, a.new_usage)):
+                for k, v in part.items():
+                    total[k] = total.get(k, 0) + v
+        return t
+
+
 class Summary:
     """The stage's closing line: `name: 64 records (12 cached, 52 new, 3 rejected) in 41 s`."""
 
     def __init__(self) -> None:
         self.start = time.monotonic()
 
-    def line(self, name: str, manifest: dict[str, Any], asker: Asker) -> str:
+    def line(self, name: str, manifest: dict[str, Any], asker: Asker | Totals) -> str:
         rejected = sum(manifest["rejected"].values())
         return (f"{name}: {manifest['records']} records ({asker.cached} cached, {asker.new} new, {rejected} rejected)"
                 f" in {time.monotonic() - self.start:.0f} s")

@@ -40,3 +40,17 @@ def make_teacher(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> Teac
 
             return OpenAITeacher(name, cfg)
     raise AssertionError(cfg.backend)
+
+
+def teacher_identity(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> dict[str, Any]:
+    """A teacher's identity without loading its weights or reading its API key (for forecasts)."""
+    match cfg.backend:
+        case "local":
+            from kd.teachers.local import LocalTeacher
+
+            return LocalTeacher(name, cfg, root).identity
+        case "openai":
+            from kd.teachers.openai import identity
+
+            return identity(cfg)
+    raise AssertionError(cfg.backend)

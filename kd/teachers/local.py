@@ -113,44 +113,62 @@ class LocalTeacher:
                     on_result(key, response)
 
     def _generate_batch(self, prompts: list[list[int]], keys: list[str], sampling: dict[str, Any]) -> list[dict]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import LogitsProcessorList
 
-        tok, model = self._tok, self._model
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-        gen = GenerationConfig(max_new_tokens=sampling["max_tokens"], do_sample=False, pad_token_id=pad,
-                               eos_token_id=sorted(i for i in eos_ids if i is not None),
-                               stop_strings=sampling["stop"] or None)
         processors = LogitsProcessorList()
         if sampling["temperature"] > 0:
             processors.append(_PerRequestSampler(keys, sampling["temperature"], sampling["top_p"], self.device))
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 generation_config=gen, logits_processor=processors,
-                                 tokenizer=tok if sampling["stop"] else None)
+        rows = generate_ids(self._model, self._tok, prompts, sampling["max_tokens"], self.device,
+                            stop=sampling["stop"], processors=processors)
         results = []
-        for row, p in enumerate(prompts):
-            new = out[row, width:].tolist()
-            finish = "length"
-            for n, t in enumerate(new):
-                if t in eos_ids:
-                    new, finish = new[:n], "stop"
-                    break
-            text = tok.decode(new, skip_special_tokens=True)
+        for p, (new, stopped) in zip(prompts, rows, strict=True):
+            finish = "stop" if stopped else "length"
+            new = new[:-1] if stopped else new
+            text = self._tok.decode(new, skip_special_tokens=True)
             for s in sampling["stop"]:
                 if s in text:
                     text, finish = text[:text.index(s)], "stop"
             results.append({"text": text, "finish_reason": finish,
                             "usage": {"prompt_tokens": len(p), "completion_tokens": len(new)}})
         return results
+
+
+def eos_ids(model: Any, tok: Any) -> set[int]:
+    """Every id that ends a turn: the generation config's (often several) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return {i for i in set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id} if i is not None}
+
+
+def generate_ids(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, device: Any,
+                 stop: list[str] | tuple[str, ...] = (), processors: Any = None) -> list[tuple[list[int], bool]]:
+    """One left-padded generate() call (greedy unless `processors` sample); shared with kd.evaluate.
+
+    Returns:
+        per prompt, its new token ids up to and including the first end-of-turn id, and whether it ended
+        there (False: cut at `max_new_tokens`, or at a stop string, which the caller cuts from the text).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    ends = eos_ids(model, tok)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                           eos_token_id=sorted(ends), stop_strings=list(stop) or None)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
+                             logits_processor=processors, tokenizer=tok if stop else None)
+    rows = []
+    for row in range(len(prompts)):
+        new = out[row, width:].tolist()
+        cut = next((n for n, t in enumerate(new) if t in ends), None)
+        rows.append((new, False) if cut is None else (new[:cut + 1], True))
+    return rows
 
 
 class _PerRequestSampler:

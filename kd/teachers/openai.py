@@ -25,6 +25,14 @@ from kd.errors import KdError, TeacherError
 RETRY_STATUS = {408, 409, 429}
 
 
+def identity(cfg: OpenAIConfig) -> dict[str, Any]:
+    """What the cache key and provenance record about the teacher; needs no API key (`kd status` uses it).
+
+    The URL is left out on purpose: the same model behind another host answers the same requests.
+    """
+    return {"backend": "openai", "model": cfg.model, "revision": cfg.revision}
+
+
 class OpenAITeacher:
     def __init__(self, name: str, cfg: OpenAIConfig) -> None:
         self.name, self.cfg = name, cfg
@@ -39,8 +47,7 @@ class OpenAITeacher:
 
     @property
     def identity(self) -> dict[str, Any]:
-        # The URL is left out on purpose: the same model behind another host answers the same requests.
-        return {"backend": "openai", "model": self.cfg.model, "revision": self.cfg.revision}
+        return identity(self.cfg)
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if items:

@@ -1,0 +1,229 @@
+"""kd's own training loop: token-level distillation from stored top-k teacher logits, cross-entropy on the
+teacher's completions, and an optional hidden-state term from a teacher run online.
+
+Small on purpose (a reader follows one optimiser step top to bottom): AdamW, linear warmup and decay,
+gradient accumulation with the loss averaged over every completion token of the optimiser step, gradient
+clipping at 1.0 (as transformers' Trainer does). Data order is a pure function of (seed, epoch), so a
+resumed run sees exactly the batches an uninterrupted one would, and CPU runs are bit-reproducible.
+
+References: DistillKit (offline top-k logits); Hinton et al. 2015 (soft targets mixed with hard labels);
+FitNets / DistilBERT (hidden-state hints).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd.config.students import Divergence, Hidden, Training
+from kd.distill import checkpoint
+from kd.errors import KdError
+
+STOP_ENV = "KD_TEST_STOP_AFTER_STEP"  # tests: raise after this many optimiser steps, as a kill would
+MAX_GRAD_NORM = 1.0
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by the KD_TEST_STOP_AFTER_STEP hook: a stand-in for preemption in tests."""
+
+
+def check_stop(done: int) -> None:
+    stop = os.environ.get(STOP_ENV)
+    if stop and done >= int(stop):
+        raise TrainingStopped(f"{STOP_ENV}={stop}: stopped after step {done}")
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids, where the completion starts, and the teacher's top-k for it."""
+
+    ids: list[int]
+    start: int
+    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail_logprob [C])
+
+
+@dataclass
+class Result:
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimiser step
+    steps: int = 0
+    tokens: int = 0
+    resumed_from: int = 0
+
+
+def plan(n_examples: int, t: Training) -> tuple[int, int]:
+    """(steps per epoch, total optimiser steps): `max_steps` when set, else ceil(epochs × steps per epoch)."""
+    per_step = t.batch_size * t.grad_accum
+    per_epoch = max(1, math.ceil(n_examples / per_step))
+    return per_epoch, t.max_steps or max(1, math.ceil(t.epochs * n_examples / per_step))
+
+
+def step_batches(step: int, n: int, t: Training) -> list[list[int]]:
+    """Example indices of optimiser step `step` (0-based), as micro-batches.
+
+    The examples form one stream: epoch e is a permutation drawn from a generator seeded with (seed, e), and
+    step s takes the next batch_size × grad_accum of them, crossing epoch boundaries when n does not divide.
+    """
+    import torch
+
+    per_step = t.batch_size * t.grad_accum
+    picked: list[int] = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n)
+        if i == 0 or not picked:
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen).tolist()
+        picked.append(perm[i])
+    return [picked[i:i + t.batch_size] for i in range(0, per_step, t.batch_size)]
+
+
+def lr_lambda(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = math.ceil(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _collate(batch: list[Example], pad: int, device: Any) -> dict[str, Any]:
+    """Right-padded ids, attention mask, and (row, position) of every completion token's prediction."""
+    import torch
+
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, pos, targets, teacher = [], [], [], [[], [], []]
+    for r, e in enumerate(batch):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        mask[r, :len(e.ids)] = 1
+        c = len(e.ids) - e.start
+        rows += [r] * c
+        pos += range(e.start - 1, len(e.ids) - 1)  # logits at j-1 predict token j
+        targets += e.ids[e.start:]
+        if e.teacher is not None:
+            for part, x in zip(teacher, e.teacher, strict=True):
+                part.append(x[:c])
+    out = {"ids": ids.to(device), "mask": mask.to(device), "rows": torch.tensor(rows, device=device),
+           "pos": torch.tensor(pos, device=device), "targets": torch.tensor(targets, device=device)}
+    if teacher[0]:
+        out["topk_ids"], out["topk_logprobs"], out["tail"] = (torch.cat(p).to(device) for p in teacher)
+    return out
+
+
+class HiddenTerm:
+    """Hidden-state similarity to a teacher run online, through learned student->teacher projections."""
+
+    def __init__(self, cfg: Hidden, teacher: Any, student: Any, key: str) -> None:
+        import torch
+
+        self.cfg, self.teacher = cfg, teacher
+        ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        for s, t in cfg.pairs:
+            if not (0 <= s < ns and 0 <= t < nt):
+                raise KdError(f"{key}.pairs: [{s}, {t}] out of range (student layers 0..{ns - 1}, teacher 0..{nt - 1})")
+        ds, dt = student.config.hidden_size, teacher.config.hidden_size
+        self.projections = torch.nn.ModuleList(torch.nn.Linear(ds, dt, bias=False) for _ in cfg.pairs)
+        if ds == dt:  # same width (from_teacher): start from the identity, i.e. the copied layers' own geometry
+            for p in self.projections:
+                torch.nn.init.eye_(p.weight)
+        self.projections.to(next(student.parameters()).device, next(student.parameters()).dtype)
+
+    def __call__(self, student_hidden: tuple[Any, ...], ids: Any, mask: Any) -> Any:
+        import torch
+
+        from kd.distill.losses import hidden_loss
+
+        with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's autograd graph
+            t_hidden = self.teacher(input_ids=ids.to(self.teacher.device), attention_mask=mask.to(self.teacher.device),
+                                    output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embeddings; layer i's output is hidden_states[i + 1].
+        terms = [hidden_loss(student_hidden[s + 1], t_hidden[t + 1].to(ids.device), proj, self.cfg.loss, mask)
+                 for (s, t), proj in zip(self.cfg.pairs, self.projections, strict=True)]
+        return torch.stack(terms).mean()
+
+
+def train(model: Any, examples: list[Example], t: Training, kd: Divergence | None, hidden: HiddenTerm | None,
+          pad_id: int, ckpt_dir: Path, on_step: Callable[[dict[str, float]], None]) -> Result:
+    """Train `model` in place; with `kd` the loss mixes top-k divergence and CE, without it it is CE (SFT).
+
+    Args:
+        examples: every Example must carry `teacher` when `kd` is given.
+        ckpt_dir: resume from its latest checkpoint if any; write one every `checkpoint_every` steps.
+        on_step: receives each new step's metrics (MLflow logging); steps before a resume were logged already.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from kd.distill.losses import topk_divergence
+
+    device = next(model.parameters()).device
+    torch.manual_seed(t.seed)
+    _, total = plan(len(examples), t)
+    modules = {"model": model} | ({"hidden": hidden.projections} if hidden else {})
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, t.warmup_ratio))
+    result = Result()
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        state = checkpoint.load(last, modules, optimizer, scheduler)
+        result.history, result.resumed_from = state["history"], state["step"]
+        result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
+    w = kd.ce_weight if kd else 1.0
+    base, head = model.base_model, model.get_output_embeddings()
+    model.train()
+    bar = tqdm(total=total, initial=result.resumed_from, desc="train", unit="step", dynamic_ncols=True)
+    for step in range(result.resumed_from, total):
+        check_stop(step)
+        micro = [[examples[i] for i in idx] for idx in step_batches(step, len(examples), t)]
+        n_tokens = sum(len(e.ids) - e.start for b in micro for e in b)  # the step's loss is a mean over these
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
+        for batch in micro:
+            b = _collate(batch, pad_id, device)
+            out = base(input_ids=b["ids"], attention_mask=b["mask"], output_hidden_states=hidden is not None)
+            # Logits only where a completion token is predicted: [N, V], never [B, L, V].
+            logits = head(out.last_hidden_state[b["rows"], b["pos"]]).float()
+            ce = F.cross_entropy(logits, b["targets"], reduction="none")
+            loss_tok = ce * w
+            if kd is not None:
+                div = topk_divergence(logits, b["topk_ids"], b["topk_logprobs"], b["tail"], kd.divergence,
+                                      kd.beta, kd.temperature)
+                loss_tok = loss_tok + (1 - w) * div
+                sums["kd"] += div.detach().sum().item() / n_tokens
+            loss = loss_tok.sum() / n_tokens
+            sums["ce"] += ce.detach().sum().item() / n_tokens
+            if hidden is not None:
+                h = hidden(out.hidden_states, b["ids"], b["mask"]) / len(micro)
+                sums["hidden"] += h.item()
+                loss = loss + hidden.cfg.weight * h
+            loss.backward()
+            sums["loss"] += loss.item()
+            result.tokens += int(b["mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": step + 1, "loss": sums["loss"], "ce": sums["ce"], "grad_norm": float(grad_norm),
+                   "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
+        if kd is not None:
+            metrics["kd"] = sums["kd"]
+        if hidden is not None:
+            metrics["hidden"] = sums["hidden"]
+        result.history.append(metrics)
+        if (step + 1) % t.log_every == 0 or step + 1 == total:
+            on_step(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}")
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
+            checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
+    bar.close()
+    model.eval()
+    result.steps = total
+    return result
+

@@ -1,0 +1,233 @@
+"""Who answers a dataset's requests, by role, and the two white-box scorers that answer like teachers.
+
+A method with one teacher has one role, `teacher`. Feedback and self-knowledge have a `generator` and a
+`judge`; a judge is a teacher generating text (rubric, pairwise, self-judge), the teacher's log-likelihood of
+a candidate (`loglik`), or a reward model's score (`reward`). The scorers implement the teacher protocol
+(kd.teachers) and their answers are request-cache entries like any other — a request dict with `"kind":
+"loglik"` or `"reward"` — so there is one cache, one count of cached/new, and a rerun scores nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kd.cache import request_key
+from kd.config import Params
+from kd.elicit.common import Asker, Call
+from kd.errors import KdError
+from kd.teachers import Teacher, make_teacher, teacher_identity
+
+SCORE_DIGITS = 6  # scores are rounded so float noise below this never changes a record's bytes
+
+
+@dataclass(frozen=True)
+class Role:
+    """One source of answers for a dataset: a teacher key (or a reward model directory) and how it answers."""
+
+    teacher: str | None
+    kind: Literal["generate", "loglik", "reward"]
+    path: str | None = None  # reward model directory, relative to the project root
+    batch_size: int = 8
+
+
+def roles(cfg: Any) -> dict[str, Role]:
+    """Role name -> Role for a dataset config (`teacher` for the single-teacher methods)."""
+    match cfg.method:
+        case "feedback":
+            return {"generator": Role(cfg.generator, "generate"), "judge": _judge_role(cfg.judge)}
+        case "self_knowledge":
+            out = {"generator": Role(cfg.generator, "generate")}
+            if cfg.judge is not None:
+                out["judge"] = _judge_role(cfg.judge)
+            elif cfg.reward_model is not None:
+                out["judge"] = Role(None, "reward", cfg.reward_model)
+            return out
+    return {"teacher": Role(cfg.teacher, "generate")}
+
+
+def _judge_role(judge: Any) -> Role:
+    if judge.kind == "likelihood":
+        return Role(judge.teacher, "loglik", batch_size=judge.batch_size)
+    return Role(judge.teacher, "generate")
+
+
+def role_identity(role: Role, params: Params, root: Path) -> dict[str, Any]:
+    """What the cache key and provenance record about a role, without loading any weights."""
+    match role.kind:
+        case "generate":
+            return teacher_identity(role.teacher, params.teachers[role.teacher], root)
+        case "loglik":
+            # log-probabilities depend on the dtype the model runs in, so it is part of the identity
+            cfg = params.teachers[role.teacher]
+            return {**teacher_identity(role.teacher, cfg, root), "dtype": cfg.dtype}
+        case "reward":
+            return reward_identity(root / role.path)
+    raise AssertionError(role.kind)
+
+
+def reward_identity(path: Path) -> dict[str, Any]:
+    from kd.teachers.local import directory_digest
+
+    if not path.is_dir():
+        raise KdError(f"reward_model: {path} does not exist (train it first: `dvc repro {path.name}`)")
+    return {"backend": "reward_model", "model": path.name, "digest": directory_digest(path)}
+
+
+def make_backends(rs: dict[str, Role], params: Params, root: Path) -> dict[str, Teacher]:
+    """A backend per role; roles on the same teacher share one instance, so its weights load once."""
+    teachers: dict[str, Teacher] = {}
+
+    def teacher(key: str) -> Teacher:
+        if key not in teachers:
+            teachers[key] = make_teacher(key, params.teachers[key], root)
+        return teachers[key]
+
+    out: dict[str, Teacher] = {}
+    for name, role in rs.items():
+        match role.kind:
+            case "generate":
+                out[name] = teacher(role.teacher)
+            case "loglik":
+                out[name] = LoglikScorer(teacher(role.teacher), role.batch_size)
+            case "reward":
+                out[name] = RewardScorer(root / role.path, role.batch_size)
+    return out
+
+
+def score_call(asker: Asker, kind: str, prompt: list[dict[str, str]], completion: str, max_length: int) -> Call:
+    """A white-box scoring request: the conversation prompt, the completion, and the token budget."""
+    identity = asker.teacher.identity
+    request = {"kind": kind, "backend": identity["backend"], "teacher": identity, "messages": prompt,
+               "completion": completion, "max_length": max_length}
+    return Call(request_key(request), request, None)
+
+
+def _encode_all(tok: Any, items: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, tuple[list[int], int]], list]:
+    """Token ids (chat template, teacher-forced) and completion start per key; over-long ones set aside."""
+    from kd.distill.tokenize import encode
+
+    encoded, too_long = {}, []
+    for key, req in items:
+        record = {"prompt": req["messages"], "completion": [{"role": "assistant", "content": req["completion"]}]}
+        ids, start = encode(tok, record, 10**9)
+        if len(ids) > req["max_length"]:
+            too_long.append((key, len(ids)))  # a mean over a cut-off candidate would judge another text
+        else:
+            encoded[key] = (ids, start)
+    return encoded, too_long
+
+
+def _length_sorted_batches(encoded: dict[str, tuple[list[int], int]], size: int) -> list[list[str]]:
+    keys = sorted(encoded, key=lambda k: (len(encoded[k][0]), k))  # similar lengths pad little
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
+
+
+def _right_padded(rows: list[list[int]], pad: int) -> tuple[Any, Any]:
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    return ids, mask
+
+
+def _too_long(n: int) -> dict[str, Any]:
+    return {"text": "", "finish_reason": "length", "usage": {"prompt_tokens": n, "completion_tokens": 0}}
+
+
+class LoglikScorer:
+    """The teacher's mean token log-probability of a completion after its prompt (length-normalised).
+
+    Teacher-forced through the chat template (kd.distill.tokenize.encode, as students are trained), batched
+    with right padding, log_softmax in float32 whatever dtype the model runs in.
+    """
+
+    def __init__(self, teacher: Any, batch_size: int) -> None:
+        self.teacher, self.batch_size = teacher, batch_size
+        self.name = teacher.name
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {**self.teacher.identity, "dtype": self.teacher.cfg.dtype}
+
+    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        import torch
+
+        if not items:
+            return
+        # LocalTeacher loads lazily and has no public accessor; scoring, like feature elicitation, is white-box.
+        if self.teacher._model is None:
+            self.teacher._load()
+        model, tok = self.teacher._model, self.teacher._tok
+        encoded, too_long = _encode_all(tok, items)
+        for key, n in too_long:
+            on_result(key, _too_long(n))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for batch in _length_sorted_batches(encoded, self.batch_size):
+            ids, mask = _right_padded([encoded[k][0] for k in batch], pad)
+            first = min(encoded[k][1] for k in batch) - 1  # logits before the earliest completion are not needed
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(self.teacher.device), attention_mask=mask.to(self.teacher.device),
+                               logits_to_keep=ids.shape[1] - first).logits
+            for row, key in enumerate(batch):
+                row_ids, start = encoded[key]
+                # logits[:, j] is position first + j; token t is predicted at position t - 1
+                pos = slice(start - 1 - first, len(row_ids) - 1 - first)
+                logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+                target = torch.tensor(row_ids[start:], device=logp.device)
+                mean = logp.gather(-1, target[:, None]).mean().item()
+                on_result(key, {"text": "", "finish_reason": "stop", "score": round(mean, SCORE_DIGITS),
+                                "usage": {"prompt_tokens": len(row_ids), "completion_tokens": 0}})
+
+
+class RewardScorer:
+    """A reward model directory (AutoModelForSequenceClassification, num_labels=1): its scalar on the
+    prompt + completion conversation, as TRL's RewardTrainer trains it."""
+
+    def __init__(self, path: Path, batch_size: int) -> None:
+        self.path, self.batch_size = path, batch_size
+        self.name = path.name
+        self._identity: dict[str, Any] | None = None
+        self._model = self._tok = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = reward_identity(self.path)
+        return self._identity
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(self.path)
+        self._model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32,
+                                                                         use_safetensors=True).eval()
+        if self._model.config.num_labels != 1:
+            raise KdError(f"reward_model: {self.path} has {self._model.config.num_labels} labels; a reward model "
+                          f"has one (a scalar score)")
+        if self._model.config.pad_token_id is None:  # batches need it to find each row's last token
+            self._model.config.pad_token_id = self._tok.pad_token_id or self._tok.eos_token_id
+
+    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        import torch
+
+        if not items:
+            return
+        if self._model is None:
+            self._load()
+        encoded, too_long = _encode_all(self._tok, items)
+        for key, n in too_long:
+            on_result(key, _too_long(n))
+        for batch in _length_sorted_batches(encoded, self.batch_size):
+            ids, mask = _right_padded([encoded[k][0] for k in batch], self._model.config.pad_token_id)
+            with torch.inference_mode():
+                scores = self._model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+            for key, score in zip(batch, scores, strict=True):
+                on_result(key, {"text": "", "finish_reason": "stop", "score": round(score, SCORE_DIGITS),
+                                "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})

@@ -1,0 +1,247 @@
+"""Forecast what a generation stage will ask the teacher, before it asks: requests, tokens, cost.
+
+The method itself runs against a stand-in teacher and a read-only view of the request cache, so the
+forecast renders exactly the requests the build would render. A request the cache cannot answer gets a
+placeholder answer; whatever is rendered from a placeholder (curation answers to questions not asked yet,
+later Self-Instruct rounds whose demos are new generations) is an estimate, marked "≈", and so are counts
+of requests asked after any placeholder (how many rounds run depends on the real answers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd.config import Params, Price
+from kd.lineage import iter_lines, loads
+
+MARK = "kdforecastplaceholder"  # one token no seed or template contains; survives novelty and word filters
+DEFAULT_CHARS_PER_TOKEN = 4.0
+
+
+def _placeholder(key: str) -> str:
+    # distinct words per request, so placeholders pass ROUGE-L novelty against each other
+    return MARK + " " + " ".join(key[i:i + 6] for i in range(0, 48, 6))
+
+
+class _Blind:
+    """Shared by every role of one forecast: once any placeholder is handed out, later requests are guesses."""
+
+    handed_out = False
+
+
+class _StandIn:
+    """A Teacher (kd.teachers protocol) that answers nothing: it records requests and returns placeholders."""
+
+    name = "forecast"
+
+    def __init__(self, identity: dict[str, Any], blind: _Blind) -> None:
+        self._identity, self.blind = identity, blind
+        self.asked: list[dict[str, Any]] = []
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        self.blind.handed_out = True
+        for key, request in items:
+            self.asked.append(request)
+            # no "score": judges treat a placeholder as unscored (kd.elicit.judges)
+            on_result(key, {"text": _placeholder(key), "finish_reason": "stop",
+                            "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
+
+
+class _Peek:
+    """The request cache, read-only: a forecast never writes, removes or repairs entries."""
+
+    def __init__(self, cache: Any, blind: _Blind) -> None:
+        self.cache, self.blind = cache, blind
+        self.dir = getattr(cache, "dir", None)
+        self.hits: list[dict[str, Any]] = []
+        self.after_blind = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if self.blind.handed_out:
+            self.after_blind += 1
+        entry = self.cache.get_entry(key)
+        if entry is None:
+            return None
+        self.hits.append(entry)
+        return entry["response"]
+
+    def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Forecast:
+    dataset: str
+    method: str
+    teacher: str
+    requests: int = 0  # distinct requests the build would make, cached or not
+    cached: int = 0
+    new: int = 0  # would go to the teacher
+    estimated: int = 0  # of `new`: rendered from answers not known yet
+    approximate: bool = False  # counts depend on unknown answers, or on a stale upstream dataset
+    prompt_tokens: int = 0  # estimated, new requests only
+    completion_tokens: int = 0
+    cost: float | None = 0.0  # None: a remote teacher without a price in params
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """`sft: forecast 12 new teacher requests (54 cached); est. 1.2k + 3.4k tokens, $0.0031`."""
+        a = "≈" if self.approximate else ""
+        split = f"; {self.new - self.estimated} exact, ≈{self.estimated} rendered from answers not known yet" \
+            if self.estimated else ""
+        what = "records to score" if self.method == "feature" else "new teacher requests"
+        return (f"{self.dataset}: forecast {a}{self.new} {what} ({a}{self.cached} cached{split}); est. "
+                f"{_k(self.prompt_tokens)} prompt + {_k(self.completion_tokens)} completion tokens, "
+                f"{money(self.cost)}" + "".join(f"; {n}" for n in self.notes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _k(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
+
+
+def money(cost: float | None) -> str:
+    if cost is None:
+        return "cost unknown (no price in params)"
+    return "free" if cost == 0 else f"${cost:.4f}" if cost < 1 else f"${cost:,.2f}"
+
+
+def cost_of(params: Params, teacher: str, prompt_tokens: float, completion_tokens: float) -> float | None:
+    """Cost from `teachers.<name>.price`; a local teacher without a price is free, a remote one unknown."""
+    cfg = params.teachers[teacher]
+    price: Price | None = cfg.price
+    if price is None:
+        return 0.0 if cfg.backend == "local" else None
+    return price.cost(prompt_tokens, completion_tokens)
+
+
+def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_dir: Path) -> Forecast:
+    """Run `run(askers)` (the method, one Asker per role of kd.elicit.scoring.roles) against stand-in
+    teachers and the read-only cache; see the module doc."""
+    from kd.elicit.common import Asker
+    from kd.elicit.scoring import role_identity, roles
+
+    cfg = params.datasets[name]
+    if cfg.method == "feature":
+        return feature_forecast(name, params, root, data_dir, getattr(cache, "dir", None))
+    rs = roles(cfg)
+    blind = _Blind()
+    stand_ins = {r: _StandIn(role_identity(role, params, root), blind) for r, role in rs.items()}
+    peeks = {r: _Peek(cache, blind) for r in rs}
+    askers = {r: Asker(stand_ins[r], peeks[r], f"{name} {r} (forecast)") for r in rs}  # type: ignore[arg-type]
+    run(askers)
+    fc = Forecast(name, cfg.method, "+".join(sorted({role.teacher or role.path or "?" for role in rs.values()})))
+    for r, role in rs.items():
+        asker, asked = askers[r], stand_ins[r].asked
+        fc.cached += asker.cached
+        fc.new += asker.new
+        fc.estimated += sum(MARK in json.dumps(q) for q in asked)
+        fc.approximate = fc.approximate or peeks[r].after_blind > 0
+        prompt, completion = _tokens(asked, peeks[r].hits, data_dir / name / "records.jsonl", params, role.teacher,
+                                     root)
+        fc.prompt_tokens += prompt
+        fc.completion_tokens += completion
+        cost = cost_of(params, role.teacher, prompt, completion) if role.teacher else 0.0  # a reward model is yours
+        fc.cost = None if fc.cost is None or cost is None else fc.cost + cost
+    fc.requests = fc.cached + fc.new
+    fc.approximate = fc.approximate or fc.estimated > 0
+    return fc
+
+
+def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], records: Path, params: Params,
+            teacher: str | None, root: Path) -> tuple[int, int]:
+    """Estimated (prompt, completion) tokens of the requests a role would send."""
+    if not asked:
+        return 0, 0
+    per_token, completion = _calibration(hits, records, params, teacher, root)
+    prompt_tokens = completion_tokens = 0
+    for q in asked:
+        prompt_tokens += round((_chars(q.get("messages") or []) + len(q.get("completion") or "")) / per_token)
+        if "sampling" in q:  # scoring requests (log-likelihood, reward) generate nothing
+            completion_tokens += round(completion if completion is not None else q["sampling"]["max_tokens"] / 2)
+    return prompt_tokens, completion_tokens
+
+
+def _chars(messages: list[dict[str, Any]]) -> int:
+    return sum(len(m.get("content", "")) for m in messages)
+
+
+def _calibration(hits: list[dict[str, Any]], records: Path, params: Params, teacher: str | None,
+                 root: Path) -> tuple[float, float | None]:
+    """(characters per prompt token, mean completion tokens) from answers this dataset already has.
+
+    Cached answers of the same dataset are the best evidence (the teacher's own token counts, chat template
+    included); then the dataset's last build; then the local teacher's tokenizer, or 4 characters a token.
+    """
+    usage = [(_chars(h["request"].get("messages") or []), h["response"].get("usage") or {}) for h in hits]
+    if not usage and records.is_file():
+        for line in iter_lines(records.read_bytes()):
+            for r in (loads(line).get("provenance") or {}).get("requests") or []:
+                usage.append((0, r.get("usage") or {}))
+    prompt = [(c, u.get("prompt_tokens", 0)) for c, u in usage if c and u.get("prompt_tokens")]
+    completion = [u["completion_tokens"] for _, u in usage if "completion_tokens" in u]
+    per_token = sum(c for c, _ in prompt) / sum(t for _, t in prompt) if prompt else _tokenizer_ratio(params, teacher, root)
+    return per_token, (sum(completion) / len(completion) if completion else None)
+
+
+def _tokenizer_ratio(params: Params, teacher: str | None, root: Path) -> float:
+    cfg = params.teachers[teacher] if teacher else None
+    path = root / cfg.path if cfg is not None and cfg.backend == "local" else None
+    if path is None or not (path / "tokenizer.json").is_file():
+        return DEFAULT_CHARS_PER_TOKEN
+    try:
+        from tokenizers import Tokenizer  # the fast tokenizer alone: no transformers import
+
+        sample = "The quick brown fox explains, step by step, why 15% of 240 is 36. " * 8
+        return len(sample) / len(Tokenizer.from_file(str(path / "tokenizer.json")).encode(sample).ids)
+    except Exception:  # a tokenizer we cannot read only makes the estimate rougher
+        return DEFAULT_CHARS_PER_TOKEN
+
+
+def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cache_dir: Path | None) -> Forecast:
+    """Feature datasets score every record of their input dataset with the local teacher, one forward pass
+    each. Exact: the same cache keys the feature stage computes (the teacher's tokenizer through
+    kd.distill.tokenize.encode), looked up in its cache; tokens are the real token counts."""
+    cfg = params.datasets[name]
+    tcfg = params.teachers[cfg.teacher]
+    path = data_dir / cfg.dataset / "records.jsonl"
+    fc = Forecast(name, "feature", cfg.teacher)
+    if not path.is_file() or not (root / tcfg.path).is_dir():
+        fc.approximate = True
+        fc.notes.append(f"data/{cfg.dataset} or {tcfg.path} is not built yet")
+        return fc
+    from transformers import AutoTokenizer
+
+    from kd.distill.tokenize import encode
+    from kd.elicit.feature import FeatureCache, feature_key
+    from kd.errors import KdError
+    from kd.teachers import teacher_identity
+
+    tok = AutoTokenizer.from_pretrained(root / tcfg.path, revision=tcfg.revision,
+                                        trust_remote_code=tcfg.trust_remote_code)
+    identity = {**teacher_identity(cfg.teacher, tcfg, root), "dtype": tcfg.dtype}
+    cache = FeatureCache((cache_dir or root / ".kd" / "cache") / "features")
+    for line in iter_lines(path.read_bytes()):
+        try:
+            ids, start = encode(tok, loads(line), cfg.max_length)
+        except KdError:
+            continue  # rejected by the stage too
+        if start >= len(ids):
+            continue
+        if cache.path(feature_key(identity, ids, cfg.top_k)).exists():
+            fc.cached += 1
+        else:
+            fc.new += 1
+            fc.prompt_tokens += len(ids)
+    fc.requests = fc.cached + fc.new
+    fc.cost = cost_of(params, cfg.teacher, fc.prompt_tokens, 0)
+    return fc

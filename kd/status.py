@@ -1,0 +1,138 @@
+"""`kd status`: which generation stages `dvc repro` would run, and what each would ask the teacher and cost.
+
+DVC decides what is stale (its own `status`, so kd and `dvc repro` never disagree); stages downstream of a
+stale one will rerun too once their inputs change, so they are listed with an approximate forecast made
+from today's upstream data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd.cache import DEFAULT_DIR, RequestCache
+from kd.config import load_params
+from kd.errors import KdError
+from kd.forecast import forecast, money
+
+STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature|feedback|self_knowledge)\.py\s+(\S+)")
+
+
+def stale_stages(root: Path) -> dict[str, list[str]]:
+    """DVC's own answer: stage name -> what changed (deps, params, outs)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            status = repo.status()
+    except DvcException as e:
+        raise KdError(f"dvc status failed: {e}") from None
+    out: dict[str, list[str]] = {}
+    for stage, changes in status.items():
+        reasons = []
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, what in change.items():
+                    reasons += [f"{kind}: {k} {v}" for k, v in what.items()] if isinstance(what, dict) else [kind]
+            else:
+                reasons.append(str(change))
+        out[stage.split(":")[-1]] = reasons
+    return out
+
+
+def _graph(root: Path) -> dict[str, dict[str, Any]]:
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    graph = {}
+    for name, stage in (spec.get("stages") or {}).items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs") or []]
+        deps = [str(d) for d in stage.get("deps") or []]
+        m = STAGE_CMD.search(str(stage.get("cmd", "")))
+        graph[name] = {"outs": [str(o) for o in outs], "deps": deps, "dataset": m.group(2) if m else None}
+    return graph
+
+
+def _downstream(graph: dict[str, dict[str, Any]], stale: set[str]) -> dict[str, str]:
+    """Stages that will rerun because a stale stage rewrites one of their deps: name -> upstream stage."""
+    found: dict[str, str] = {}
+    frontier = list(stale)
+    while frontier:
+        up = frontier.pop()
+        outs = graph.get(up, {}).get("outs", [])
+        for name, st in graph.items():
+            if name in stale or name in found:
+                continue
+            if any(d == o or d.startswith(o.rstrip("/") + "/") for d in st["deps"] for o in outs):
+                found[name] = up
+                frontier.append(name)
+    return found
+
+
+def status(root: Path) -> dict[str, Any]:
+    """Forecasts for every generation stage that `dvc repro` would run, in dvc.yaml order."""
+    from kd.elicit.build import run_method
+
+    if not (root / "dvc.yaml").is_file():
+        raise KdError(f"{root.resolve()}: no dvc.yaml")
+    params = load_params(root)
+    graph = _graph(root)
+    stale = stale_stages(root)
+    later = _downstream(graph, set(stale))
+    cache = RequestCache(root / DEFAULT_DIR)
+    data_dir = root / "data"
+    stages = []
+    for name, st in graph.items():
+        if name not in stale and name not in later:
+            continue
+        row: dict[str, Any] = {"stage": name, "why": stale.get(name) or [f"upstream stage {later[name]} is stale"]}
+        if st["dataset"] and st["dataset"] in params.datasets:
+            ds = st["dataset"]
+            cfg = params.datasets[ds]
+            fc = forecast(ds, params, root, cache,
+                          lambda askers, ds=ds, cfg=cfg: run_method(ds, cfg, root, data_dir, askers), data_dir)
+            if name in later:
+                fc.approximate = True
+                fc.notes.append(f"made from today's inputs; upstream {later[name]} will change them")
+            row["forecast"] = fc.as_dict()
+        stages.append(row)
+    totals = _totals([s["forecast"] for s in stages if "forecast" in s])
+    return {"stages": stages, "total": totals}
+
+
+def _totals(forecasts: list[dict[str, Any]]) -> dict[str, Any]:
+    costs = [f["cost"] for f in forecasts]
+    return {"new": sum(f["new"] for f in forecasts if f["method"] != "feature"),
+            "cached": sum(f["cached"] for f in forecasts),
+            "prompt_tokens": sum(f["prompt_tokens"] for f in forecasts),
+            "completion_tokens": sum(f["completion_tokens"] for f in forecasts),
+            "cost": None if any(c is None for c in costs) else sum(costs),
+            "approximate": any(f["approximate"] for f in forecasts)}
+
+
+def render(report: dict[str, Any], style: Any) -> str:
+    s = style
+    if not report["stages"]:
+        return "kd status: every stage is up to date; `dvc repro` would run nothing\n"
+    lines = [s.bold("stage          new requests  cached   est. prompt  est. completion  est. cost")]
+    for row in report["stages"]:
+        f = row.get("forecast")
+        if f is None:
+            lines.append(f"{row['stage']:<14} {s.dim('(not a generation stage)')}  {'; '.join(row['why'])[:80]}")
+            continue
+        a = "≈" if f["approximate"] else ""
+        lines.append(f"{row['stage']:<14} {a + str(f['new']):>12}  {a + str(f['cached']):>6}   "
+                     f"{f['prompt_tokens']:>11}  {f['completion_tokens']:>15}  {money(f['cost'])}")
+        lines.append(s.dim(f"  why: {'; '.join(row['why'])}"))
+        if f["estimated"]:
+            lines.append(s.dim(f"  ≈{f['estimated']} of the new requests are rendered from answers not known yet"))
+        for note in f["notes"]:
+            lines.append(s.dim(f"  {note}"))
+    t = report["total"]
+    a = "≈" if t["approximate"] else ""
+    lines.append(s.bold(f"{'total':<14} {a + str(t['new']):>12}  {a + str(t['cached']):>6}   {t['prompt_tokens']:>11}  "
+                        f"{t['completion_tokens']:>15}  {money(t['cost'])}"))
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,60 @@
+"""Output for people: colour only on a terminal, long reports through $PAGER only on a terminal."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+
+class Style:
+    """ANSI styles that collapse to plain text when colour is off (pipes, files, NO_COLOR)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __getattr__(self, name: str):  # style.bold("x"), style.red("y")
+        code = _CODES.get(name)
+        if code is None:
+            raise AttributeError(name)
+        return lambda text: f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def diff(self, text: str, indent: str = "    ") -> str:
+        """A unified diff, indented, with removed lines red and added lines green."""
+        out = []
+        for line in text.splitlines():
+            if line.startswith(("---", "+++")):
+                line = self.bold(line)
+            elif line.startswith("-"):
+                line = self.red(line)
+            elif line.startswith("+"):
+                line = self.green(line)
+            elif line.startswith("@@"):
+                line = self.cyan(line)
+            out.append(indent + line)
+        return "\n".join(out)
+
+
+def use_colour(mode: str) -> bool:
+    if mode == "always":
+        return True
+    return mode == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def emit(text: str, pager: bool = True) -> None:
+    """Print `text`; on a terminal, through $PAGER (default `less -FRX`, which exits if it fits)."""
+    command = os.environ.get("PAGER", "less -FRX") if pager and sys.stdout.isatty() else ""
+    if command.strip() and command.strip() != "cat":
+        try:
+            subprocess.run(shlex.split(command), input=text, text=True, check=False)
+            return
+        except (OSError, ValueError):
+            pass  # no such pager: print instead
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `kd diff ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,135 @@
+"""MLflow tracking: one run per training or evaluation stage, linked to the exact dataset versions.
+
+`import mlflow` costs about a second, so it happens only when a run starts. The tracking URI defaults to
+`sqlite:///mlflow.db` at the project root (MLflow 3's file store is in maintenance mode) and
+`MLFLOW_TRACKING_URI` overrides it. Datasets are logged as inputs by their manifest fingerprint, never by
+loading rows (MLflow #13020: minutes for 69k rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_CHARS = 6000  # MLflow truncates longer values with a warning; we cut them ourselves, visibly
+MAX_DIGEST_CHARS = 36  # MLflow rejects longer dataset digests
+REDACTED = "***"
+# The last key part: `api_key`, `secret`, `password`, `token` or `*_token` (but not `max_tokens`).
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|(^|[_-])token)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S{16,})")
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI`, else the sqlite store `mlflow.db` at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def configured_uri() -> str:
+    """The tracking URI as the user configured it (relative to the project root), for model cards."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def git_commit(root: Path) -> str:
+    """`git rev-parse HEAD` of the project, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts and lists -> {"a.b.0.c": "value"}; MLflow stores params as flat strings."""
+    flat: dict[str, str] = {}
+    if isinstance(data, dict) and data:
+        for k, v in data.items():
+            flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(data, list) and data and any(isinstance(v, dict) for v in data):  # lists of scalars stay JSON
+        for i, v in enumerate(data):
+            flat.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        value = data if isinstance(data, str) else json.dumps(data, sort_keys=True)
+        flat[prefix] = value if len(value) <= MAX_PARAM_CHARS else value[:MAX_PARAM_CHARS - 3] + "..."
+    return flat
+
+
+def redact(flat: dict[str, str]) -> dict[str, str]:
+    """Replace values whose key names a secret, or that look like a key themselves, by `***`."""
+    return {k: REDACTED if _SECRET_KEY.search(k.rsplit(".", 1)[-1]) or _SECRET_VALUE.search(v) else v
+            for k, v in flat.items()}
+
+
+def loggable_params(params: dict[str, Any]) -> dict[str, str]:
+    """What `start_run` logs: flattened with dots, each value ≤ 6000 characters, secrets redacted."""
+    return redact(flatten(params))
+
+
+class Run:
+    """An active MLflow run: step metrics go to it; `end` closes it (FAILED when training raised)."""
+
+    def __init__(self, run_id: str, uri: str) -> None:
+        self.run_id, self.tracking_uri = run_id, uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status=status)
+
+
+def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
+              datasets: list[dict[str, str]], context: str = "training", run_id: str | None = None) -> Run:
+    """Open one run for a stage in the experiment named after the project.
+
+    Args:
+        params: nested params of this stage (flattened, truncated and redacted here).
+        datasets: [{"name", "path", "fingerprint"}] logged as inputs by fingerprint, without reading rows.
+        run_id: a run to continue (a resumed training stage). Its params must be identical — MLflow raises on
+            a changed value — so callers pass the run id only when the params hash matches; if that run is
+            gone (another tracking URI, deleted), a new run starts.
+
+    Returns:
+        The open run; call `end()` when the stage finishes.
+    """
+    import logging
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "created experiment"/"run started" chatter
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(project)
+    client = mlflow.MlflowClient(uri)
+    if run_id is not None:
+        try:
+            if client.get_run(run_id).info.experiment_id != experiment.experiment_id:
+                run_id = None
+        except mlflow.exceptions.MlflowException:
+            run_id = None
+    if run_id is None:
+        run_id = client.create_run(experiment.experiment_id, run_name=stage).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        mlflow.log_params(loggable_params(params))
+        mlflow.set_tags({"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context})
+        for ds in datasets:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(str(Path(ds["path"]).resolve()))
+            meta = MetaDataset(source=source, name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS])
+            mlflow.log_input(meta, context=context, tags={"fingerprint": ds["fingerprint"]})
+    # Leaving the block marked the run FINISHED; it runs until `end()` says how it ended.
+    client.update_run(run_id, status="RUNNING")
+    return Run(run_id, uri)

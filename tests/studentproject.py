@@ -1,0 +1,65 @@
+"""A throwaway project for student tests: the tiny model as a local teacher, six prompt/completion records,
+their top-k logits, and whatever students a test declares.
+
+    root = make_student_project(tmp_path / "p", tiny_model_dir, {"s": student("kd", logits="sft_logits")})
+    line = train_student("s", root)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd.records import write_dataset
+
+
+def conv(i: int, answer: str) -> dict[str, Any]:
+    return {"prompt": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+            "completion": [{"role": "assistant", "content": answer}], "category": ""}
+
+
+RECORDS = [conv(1, "It is 2."), conv(2, "Four, because two and two make four."), conv(3, "Six. " * 30),
+           conv(4, "Eight, since 4 + 4 = 8."), conv(5, "Ten."), conv(6, "Twelve, as six doubled is twelve.")]
+
+TRAINING = {"max_steps": 4, "batch_size": 6, "lr": 1.0e-2, "max_length": 64, "checkpoint_every": 2,
+            "warmup_ratio": 0.0, "seed": 0}
+
+
+def student(objective: str, **extra: Any) -> dict[str, Any]:
+    """A one-layer student of the two-layer tiny teacher; every step sees all six records (loss must fall)."""
+    training = {**TRAINING, **extra.pop("training", {})}
+    return {"init": {"kind": "from_teacher", "teacher": "tiny", "layers": [0]}, "objective": objective,
+            "datasets": ["sft"], **extra, "training": training}
+
+
+def make_student_project(root: Path, teacher_dir: Path, students: dict[str, Any], logits: bool = True) -> Path:
+    """params.yaml + data/sft (+ data/sft_logits elicited from the tiny teacher). Run with cwd = root."""
+    from kd.config import Feature
+    from kd.config import LocalTeacher as LocalConfig
+    from kd.elicit.feature import elicit_features
+    from kd.teachers.local import LocalTeacher
+
+    (root / "seeds").mkdir(parents=True)
+    (root / "seeds" / "q.jsonl").write_text("")
+    (root / "t.jinja").write_text("")
+    teacher = {"backend": "local", "path": str(teacher_dir), "dtype": "float32"}
+    params = {
+        "project": "kd-test",
+        "teachers": {"tiny": teacher},
+        "datasets": {
+            "sft": {"method": "labeling", "teacher": "tiny", "inputs": [{"seeds": "seeds/q.jsonl"}], "template": "t.jinja"},
+            "sft_logits": {"method": "feature", "teacher": "tiny", "dataset": "sft", "top_k": 8, "max_length": 64},
+        },
+        "students": copy.deepcopy(students),
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_dataset(root / "data" / "sft", "sft", "labeling", RECORDS, [], {}, None)
+    if logits:
+        cfg = Feature(**params["datasets"]["sft_logits"])
+        elicit_features("sft_logits", cfg, LocalTeacher("tiny", LocalConfig(**teacher), root), root / "data",
+                        root / ".kd" / "cache" / "features")
+    return root

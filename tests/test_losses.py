@@ -1,0 +1,166 @@
+"""Distillation losses pinned numerically: zeros, β limits, top-k = full at k = V, TRL and float64 references."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from kd.distill.losses import _StudentBuckets, full_divergence, hidden_loss, topk_divergence
+
+KINDS = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+N, V, K = 7, 40, 6
+
+
+def logits(seed: int, scale: float = 3.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def stored(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the feature stage keeps: top-k ids and log-probs, and the log tail mass (−inf when none)."""
+    logq = torch.log_softmax(teacher, -1)
+    values, ids = logq.topk(k, -1)
+    tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), -1) if k < teacher.shape[-1] \
+        else torch.full(values.shape[:1], float("-inf"), dtype=values.dtype)
+    return ids, values, tail
+
+
+def reference(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Float64 divergences from probabilities, written from the definitions (GKD Eq. 1 for JSD)."""
+    p, q = p.double(), q.double()
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl(q, p)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl(p, q)
+    if kind == "jsd":
+        m = beta * q + (1 - beta) * p
+        return beta * kl(q, m) + (1 - beta) * kl(p, m)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def buckets(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    top = probs.gather(-1, ids)
+    return torch.cat([top, (1 - top.sum(-1, keepdim=True)).clamp_min(0)], -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_distributions_give_zero(kind: str) -> None:
+    t = logits(0)
+    assert full_divergence(t, t.clone(), kind, beta=0.3, temperature=2.0).abs().max() < 1e-6
+    assert topk_divergence(t, *stored(t, K), kind, beta=0.3).abs().max() < 1e-6
+
+
+def test_jsd_beta_limits_are_the_kls() -> None:
+    s, t = logits(1, dtype=torch.float64), logits(2, dtype=torch.float64)
+    fkl, rkl = full_divergence(s, t, "forward_kl"), full_divergence(s, t, "reverse_kl")
+    # TRL's convention: β = 0 is forward KL(teacher‖student), β = 1 reverse KL(student‖teacher), exactly ...
+    torch.testing.assert_close(full_divergence(s, t, "jsd", beta=0.0), fkl)
+    torch.testing.assert_close(full_divergence(s, t, "jsd", beta=1.0), rkl)
+    # ... and the mixture formula tends to them after scaling: JSD_β/β -> forward KL, JSD_β/(1-β) -> reverse KL.
+    eps = 1e-9  # the next-order term is β·χ², large for these peaked distributions
+    torch.testing.assert_close(full_divergence(s, t, "jsd", beta=eps) / eps, fkl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(full_divergence(s, t, "jsd", beta=1 - eps) / eps, rkl, rtol=1e-4, atol=1e-6)
+    ids, values, tail = stored(t, K)
+    torch.testing.assert_close(topk_divergence(s, ids, values, tail, "jsd", beta=0.0),
+                               topk_divergence(s, ids, values, tail, "forward_kl"))
+    torch.testing.assert_close(topk_divergence(s, ids, values, tail, "jsd", beta=1.0),
+                               topk_divergence(s, ids, values, tail, "reverse_kl"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_covering_the_vocabulary_equals_full(kind: str, temperature: float) -> None:
+    s, t = logits(3), logits(4)
+    got = topk_divergence(s, *stored(t, V), kind, beta=0.3, temperature=temperature)  # tail = -inf
+    torch.testing.assert_close(got, full_divergence(s, t, kind, beta=0.3, temperature=temperature),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_agrees_with_trl_generalized_jsd(beta: float) -> None:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    s, t = logits(5), logits(6)
+    trl = GKDTrainer.generalized_jsd_loss(s, t, beta=beta, reduction="batchmean")  # mean over the N positions
+    torch.testing.assert_close(full_divergence(s, t, "jsd", beta=beta).mean(), trl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(topk_divergence(s, *stored(t, V), "jsd", beta=beta).mean(), trl, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_agrees_with_float64_reference(kind: str, temperature: float) -> None:
+    s, t = logits(7), logits(8)
+    p, q = torch.softmax(s.double() / temperature, -1), torch.softmax(t.double() / temperature, -1)
+    want = reference(p, q, kind, 0.3) * temperature**2
+    torch.testing.assert_close(full_divergence(s, t, kind, 0.3, temperature).double(), want, atol=1e-5, rtol=1e-5)
+    # Top-k: both sides folded into k + 1 buckets; the teacher's stored (T = 1) buckets tempered and renormalised.
+    ids, values, tail = stored(t, K)
+    qb = buckets(torch.softmax(t.double(), -1), ids) ** (1 / temperature)
+    qb = qb / qb.sum(-1, keepdim=True)
+    want = reference(buckets(p, ids), qb, kind, 0.3) * temperature**2
+    got = topk_divergence(s, ids, values, tail, kind, 0.3, temperature)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_tvd_is_bounded() -> None:
+    s, t = logits(9, scale=30.0), logits(10, scale=30.0)  # near one-hot, mostly on different tokens
+    for got in (full_divergence(s, t, "tvd"), topk_divergence(s, *stored(t, K), "tvd")):
+        assert (got >= 0).all() and (got <= 1 + 1e-6).all()
+    assert full_divergence(s, t, "tvd").max() > 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_finite_when_tail_mass_vanishes(kind: str) -> None:
+    t = logits(11)
+    ids, values, tail = stored(t, K)
+    s = logits(12)
+    s.scatter_(-1, ids, 200.0)  # the student puts all its mass on the teacher's top-k: its tail is ~e^-200
+    for teacher in ((ids, values, torch.full_like(tail, -80.0)), (ids, values, torch.full_like(tail, float("-inf"))),
+                    stored(t, V)):
+        x = s.clone().requires_grad_(True)
+        loss = topk_divergence(x, *teacher, kind, beta=0.5).sum()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_bucket_gradient_matches_finite_differences() -> None:
+    # The student side is a hand-written autograd function (chunked, recomputes softmax in backward).
+    s = logits(13, dtype=torch.float64).requires_grad_(True)
+    ids = stored(logits(14), K)[0]
+    assert torch.autograd.gradcheck(lambda z: _StudentBuckets.apply(z, ids, 1.5), (s,))
+
+
+def test_bfloat16_student_logits() -> None:
+    s, t = logits(15).bfloat16().requires_grad_(True), logits(16)
+    loss = topk_divergence(s, *stored(t, K), "forward_kl").mean()
+    loss.backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+    torch.testing.assert_close(loss, topk_divergence(s.detach().float(), *stored(t, K), "forward_kl").mean(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert hidden_loss(h, h, torch.nn.Identity(), "l2", mask) == 0
+    assert hidden_loss(3 * h, h, torch.nn.Identity(), "cosine", mask).abs() < 1e-6  # scale-free
+    other = torch.randn(2, 5, 8, generator=g)
+    want = ((h - other) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(hidden_loss(h, other, torch.nn.Identity(), "l2", mask), want)
+    # Masked positions do not count, whatever they hold.
+    junk = other.clone()
+    junk[0, 3:] = 1e6
+    torch.testing.assert_close(hidden_loss(h, junk, torch.nn.Identity(), "l2", mask), want)
+    proj = torch.nn.Linear(8, 16)
+    loss = hidden_loss(h, torch.randn(2, 5, 16, generator=g), proj, "cosine", mask)
+    loss.backward()
+    assert proj.weight.grad is not None and math.isfinite(loss.item())

@@ -1,0 +1,79 @@
+"""MLflow tracking: flat params, redacted secrets, datasets as inputs by fingerprint, resumable runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd.tracking import (
+    MAX_PARAM_CHARS,
+    REDACTED,
+    flatten,
+    git_commit,
+    loggable_params,
+    redact,
+    start_run,
+    tracking_uri,
+)
+
+
+def test_flatten_nested_params_with_dots() -> None:
+    flat = flatten({"training": {"lr": 0.001, "seed": 0}, "datasets": ["sft", "qa"], "hidden": None,
+                    "pairs": [[0, 1]], "init": {"layers": [{"a": 1}]}, "name": "s", "on": True})
+    assert flat == {"training.lr": "0.001", "training.seed": "0", "datasets": '["sft", "qa"]', "hidden": "null",
+                    "pairs": "[[0, 1]]", "init.layers.0.a": "1", "name": "s", "on": "true"}
+    assert all(isinstance(v, str) for v in flat.values())
+    assert len(flatten({"long": "x" * 10_000})["long"]) == MAX_PARAM_CHARS  # MLflow's limit, cut visibly
+
+
+def test_secrets_are_redacted() -> None:
+    flat = loggable_params({"teacher": {"api_key": "abc", "api_key_env": "OPENAI_API_KEY", "hf_token": "x",
+                                        "password": "p", "client_secret": "s", "max_tokens": 64,
+                                        "max_new_tokens": 8, "note": "sk-" + "a" * 30,
+                                        "header": "Bearer " + "b" * 20}})
+    assert flat["teacher.api_key"] == flat["teacher.hf_token"] == flat["teacher.password"] == REDACTED
+    assert flat["teacher.client_secret"] == flat["teacher.note"] == flat["teacher.header"] == REDACTED
+    # the NAME of the variable holding a key is not a secret, and token counts are not tokens
+    assert flat["teacher.api_key_env"] == "OPENAI_API_KEY"
+    assert flat["teacher.max_tokens"] == "64" and flat["teacher.max_new_tokens"] == "8"
+    assert redact({"a.b": "plain"}) == {"a.b": "plain"}
+
+
+def test_tracking_uri_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking_uri(tmp_path) == "sqlite:///elsewhere.db"
+    assert git_commit(tmp_path) == "unknown"  # not a git checkout
+
+
+def test_run_logs_params_tags_inputs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    fp = "ab" * 32
+    data = [{"name": "sft", "path": str(tmp_path / "data" / "sft"), "fingerprint": fp}]
+    params = {"student": {"kd": {"beta": 0.5}, "api_key": "secret-value"}}
+    run = start_run(tmp_path, "proj", "student_x", params, data)
+    run.log_metrics({"loss": 2.0}, step=1)
+    # a killed run continues in the same MLflow run: identical params may be logged again
+    again = start_run(tmp_path, "proj", "student_x", params, data, run_id=run.run_id)
+    assert again.run_id == run.run_id
+    again.log_metrics({"loss": 1.5}, step=2)
+    again.end()
+    client = mlflow.MlflowClient(uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert client.get_experiment(got.info.experiment_id).name == "proj"
+    assert got.data.params == {"student.kd.beta": "0.5", "student.api_key": REDACTED}
+    assert got.data.tags["dvc_stage"] == "student_x" and got.data.tags["git_commit"] == "unknown"
+    (ds,) = got.inputs.dataset_inputs
+    assert ds.dataset.name == "sft" and ds.dataset.digest == fp[:36]  # MLflow rejects digests over 36 chars
+    assert {t.key: t.value for t in ds.tags} == {"fingerprint": fp, "mlflow.data.context": "training"}
+    assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [2.0, 1.5]
+    # a run id the store does not know (another tracking URI) starts a new run instead of failing
+    fresh = start_run(tmp_path, "proj", "student_x", params, data, run_id="0" * 32)
+    assert fresh.run_id != run.run_id
+    fresh.end()

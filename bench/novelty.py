@@ -12,8 +12,8 @@ vocabulary, a quarter of them edited copies of earlier ones, so near-duplicates 
 both sides run and must make identical keep/reject decisions; above it only kd runs and the baseline's time
 is extrapolated from its measured cost per pair (printed as an estimate).
 
-    python bench/novelty.py            # about 2 minutes on 2 CPU cores
-    python bench/novelty.py --quick    # under 40 s: smaller sizes
+    python bench/novelty.py            # under 20 s on 2 idle CPU cores
+    python bench/novelty.py --quick    # about 3 s: sizes 500, 2k, 5k
 
 Writes bench/results/novelty.json (novelty-quick.json with --quick).
 """

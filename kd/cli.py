@@ -12,7 +12,8 @@ from pathlib import Path
 
 from kd.errors import KdError
 
-_STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature)\.py\s+(\S+)")
+_STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature|feedback|self_knowledge)\.py\s+(\S+)")
+_STUDENT_CMD = re.compile(r"stages/student\.py\s+(\S+)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -38,6 +39,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}) if dvc_file.exists() else {}
     staged = set()
     for stage, spec in stages.items():
+        problems += _check_student_stage(stage, spec, params, root)
         m = _STAGE_CMD.search(str(spec.get("cmd", "")))
         if not m:
             continue
@@ -51,17 +53,17 @@ def cmd_check(args: argparse.Namespace) -> int:
                             f"'{params.datasets[name].method}'")
         if name not in reads:
             continue
-        deps = {str(d) for d in spec.get("deps", [])}
+        deps = {str(d) for d in spec.get("deps") or []}
         for kind in ("templates", "seeds", "datasets", "teacher"):
             for f in reads[name][kind]:
                 if f not in deps:
                     problems.append(f"dvc.yaml: stages.{stage}.deps lacks {f} (datasets.{name} reads it; "
                                     f"without it an edit would not rerun the stage)")
-        declared = {str(p) for p in spec.get("params", []) if isinstance(p, str)}
+        declared = {str(p) for p in spec.get("params") or [] if isinstance(p, str)}
         for key in [f"datasets.{name}", *reads[name]["params"]]:
             if key not in declared:
                 problems.append(f"dvc.yaml: stages.{stage}.params lacks {key}")
-        outs = {str(next(iter(o))) if isinstance(o, dict) else str(o) for o in spec.get("outs", [])}
+        outs = {str(next(iter(o))) if isinstance(o, dict) else str(o) for o in spec.get("outs") or []}
         if f"data/{name}" not in outs:
             problems.append(f"dvc.yaml: stages.{stage}.outs lacks data/{name}")
     for name in params.datasets:
@@ -74,6 +76,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"kd check: params.yaml OK ({len(params.teachers)} teachers, {len(params.datasets)} datasets, "
           f"{n_templates} templates); dvc.yaml deps match")
     return 0
+
+
+def _check_student_stage(stage: str, spec: dict, params: object, root: Path) -> list[str]:
+    """A student stage must list the data, models and params keys its student reads."""
+    m = _STUDENT_CMD.search(str(spec.get("cmd", "")))
+    if not m:
+        return []
+    name = m.group(1)
+    if name not in params.students:
+        return [f"dvc.yaml: stages.{stage} trains '{name}', which params.yaml does not declare under students"]
+    from kd.distill.train import dvc_stage
+
+    expected = dvc_stage(name, params, root)
+    deps = {str(d) for d in spec.get("deps") or []}
+    declared = {str(p) for p in spec.get("params") or [] if isinstance(p, str)}
+    out = [f"dvc.yaml: stages.{stage}.deps lacks {d} (students.{name} reads it)"
+           for d in expected["deps"] if d.startswith(("data/", "models/")) and d not in deps]
+    out += [f"dvc.yaml: stages.{stage}.params lacks {k}" for k in expected["params"] if k not in declared]
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:

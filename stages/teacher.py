@@ -10,7 +10,7 @@ from kd.stage import run
 def main() -> str:
     start = time.monotonic()
     cfg = load_params(Path(".")).embedded_teacher
-    from kd.teachers.local import materialize_gguf
+    from kd.teachers.embedded import materialize_gguf
 
     info = materialize_gguf(cfg.package, cfg.file, Path(cfg.out), cfg.dtype)
     return (f"teacher: {info['source']} -> {cfg.out} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']}) "

@@ -120,3 +120,33 @@ def test_check_reports_missing_dvc_dep(project):
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2
     assert "stages.topics_qa.deps lacks prompts/common/persona.jinja" in r.stderr
+
+
+def test_gpu_profile_validates(tmp_path):
+    # every shipped params file must validate (STYLE.md §11)
+    import shutil
+
+    for d in ("prompts", "seeds"):
+        shutil.copytree(REPO / d, tmp_path / d)
+    shutil.copy(REPO / "profiles/gpu.yaml", tmp_path / "params.yaml")
+    params = load_params(tmp_path)
+    assert params.teachers["qwen72b"].backend == "openai" and params.teachers["qwen7b"].device == "cuda"
+    assert {s.init.kind for s in params.students.values()} == {"from_pretrained"}
+
+
+def test_check_reports_missing_student_dep(project):
+    dvc = (project / "dvc.yaml").read_text()
+    i = dvc.index("  student_fkl:")
+    (project / "dvc.yaml").write_text(dvc[:i] + dvc[i:].replace("      - data/sft_logits\n", "", 1))
+    r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "stages.student_fkl.deps lacks data/sft_logits" in r.stderr
+
+
+def test_check_survives_an_empty_outs_list(project):
+    # regression: `outs:` with no items parsed as None and crashed `kd check` with a TypeError
+    dvc = (project / "dvc.yaml").read_text().replace("    outs:\n      - data/sft_logits\n", "    outs:\n", 1)
+    (project / "dvc.yaml").write_text(dvc)
+    r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "stages.sft_logits.outs lacks data/sft_logits" in r.stderr

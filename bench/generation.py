@@ -61,7 +61,8 @@ def make_calls(asker: Asker, prompt: Any, rows: list[dict], sampling: Sampling, 
                        category=rows[i % len(rows)]["category"]) for i in range(n)]
 
 
-def quiet_asker(teacher: Any, cache_dir: Path, label: str) -> Asker:
+def new_asker(teacher: Any, cache_dir: Path, label: str) -> Asker:
+    """An Asker with its own cache directory (a fresh one misses every request)."""
     return Asker(teacher, RequestCache(cache_dir), label)
 
 
@@ -118,7 +119,7 @@ def bench_local(n: int, max_tokens: int, batch: int, repeats: int, work: Path) -
 
     # Load each side once, outside the timings, and warm each up with one short generation.
     t = time.perf_counter()
-    warm = quiet_asker(teacher, work / "warm", "warm-up")
+    warm = new_asker(teacher, work / "warm", "warm-up")
     warm.ask([warm.call(prompt, Sampling(max_tokens=4), 0, instruction="Say hello.", category="")])
     kd_load_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -134,7 +135,7 @@ def bench_local(n: int, max_tokens: int, batch: int, repeats: int, work: Path) -
         sampling = Sampling(temperature=temperature, max_tokens=max_tokens)
         # kd's batching: one group per sampling params, sorted by (prompt tokens, request key). The baseline
         # gets the same messages in the same order, so both sides run identical batches.
-        calls = make_calls(quiet_asker(teacher, work / "probe", "probe"), prompt, rows, sampling, n)
+        calls = make_calls(new_asker(teacher, work / "probe", "probe"), prompt, rows, sampling, n)
         lengths = [len(tok.apply_chat_template(c.request["messages"], add_generation_prompt=True,
                                                tokenize=True)["input_ids"]) for c in calls]
         order = sorted(range(n), key=lambda i: (lengths[i], calls[i].key))
@@ -154,7 +155,7 @@ def bench_local(n: int, max_tokens: int, batch: int, repeats: int, work: Path) -
                     seconds, cpu = time.perf_counter() - t, time.process_time() - c
                 else:
                     last_cache = work / f"local-t{temperature}-r{rep}"
-                    asker = quiet_asker(teacher, last_cache, "bench-local")
+                    asker = new_asker(teacher, last_cache, "bench-local")
                     t, c = time.perf_counter(), time.process_time()
                     kd_calls = make_calls(asker, prompt, rows, sampling, n)
                     answers = asker.ask(kd_calls)
@@ -172,7 +173,7 @@ def bench_local(n: int, max_tokens: int, batch: int, repeats: int, work: Path) -
                 best_cpu[side] = min(best_cpu.get(side, cpu), cpu)
         # A fully cached rerun of the same requests: only rendering, keys and cache reads.
         gc.collect()
-        asker = quiet_asker(teacher, last_cache, "bench-local-cached")
+        asker = new_asker(teacher, last_cache, "bench-local-cached")
         t = time.perf_counter()
         asker.ask(make_calls(asker, prompt, rows, sampling, n))
         cached_s = time.perf_counter() - t
@@ -269,7 +270,7 @@ def bench_openai(n: int, concurrency: int, latency_s: float, repeats: int, work:
         cfg = OpenAIConfig(backend="openai", base_url=server.url, model="fake-teacher", api_key_env=None,
                            concurrency=concurrency)
         teacher = OpenAITeacher("fake", cfg)
-        calls = make_calls(quiet_asker(teacher, work / "probe", "probe"), prompt, rows, sampling, n)
+        calls = make_calls(new_asker(teacher, work / "probe", "probe"), prompt, rows, sampling, n)
         bodies = [body_of(cfg.model, c) for c in calls]
         expected = sorted(json.dumps(b, sort_keys=True) for b in bodies)
 
@@ -277,7 +278,7 @@ def bench_openai(n: int, concurrency: int, latency_s: float, repeats: int, work:
             first = len(server.bodies)
             t = time.perf_counter()
             if side == "kd":
-                asker = quiet_asker(teacher, work / f"openai-{rep}", "bench-openai")
+                asker = new_asker(teacher, work / f"openai-{rep}", "bench-openai")
                 answers = asker.ask(make_calls(asker, prompt, rows, sampling, count))
                 assert asker.new == count, asker.new
                 assert len(answers) == count
@@ -295,7 +296,7 @@ def bench_openai(n: int, concurrency: int, latency_s: float, repeats: int, work:
                 same_bodies &= sorted(json.dumps(b, sort_keys=True) for b in sent) == expected
                 if side not in best or seconds < best[side]["seconds"]:
                     best[side] = {"seconds": seconds, "requests_per_s": n / seconds}
-        asker = quiet_asker(teacher, work / f"openai-{repeats - 1}", "bench-openai-cached")
+        asker = new_asker(teacher, work / f"openai-{repeats - 1}", "bench-openai-cached")
         t = time.perf_counter()
         asker.ask(make_calls(asker, prompt, rows, sampling, n))
         cached_s = time.perf_counter() - t
@@ -332,7 +333,7 @@ def bench_edit(latency_s: float, work: Path) -> dict[str, Any]:
     with fake_server(latency_s, 16) as server:
         teacher = OpenAITeacher("fake", OpenAIConfig(backend="openai", base_url=server.url, model="fake-teacher",
                                                      api_key_env=None, concurrency=16))
-        first = quiet_asker(teacher, work / "edit-cache", "sft")
+        first = new_asker(teacher, work / "edit-cache", "sft")
         t = time.perf_counter()
         records1, rejected1, _ = label("sft", cfg, project, project / "data", first)
         first_s = time.perf_counter() - t
@@ -344,7 +345,7 @@ def bench_edit(latency_s: float, work: Path) -> dict[str, Any]:
         path.write_text(edited)
 
         received = server.received
-        second = quiet_asker(teacher, work / "edit-cache", "sft")
+        second = new_asker(teacher, work / "edit-cache", "sft")
         t = time.perf_counter()
         records2, rejected2, _ = label("sft", cfg, project, project / "data", second)
         second_s = time.perf_counter() - t

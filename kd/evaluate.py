@@ -182,10 +182,14 @@ def _logprobs(model: Any, seqs: list[tuple[list[int], list[int]]], vocab: int, d
     for row, (p, c) in enumerate(seqs):
         ids[row, :len(p) + len(c)] = torch.tensor(p + c)
         mask[row, :len(p) + len(c)] = 1
+    # No grad-mode context may stay open across a `yield`: it would leak into the caller (and disable
+    # autograd for whatever runs next in the process).
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, (p, c) in enumerate(seqs):
-            yield torch.log_softmax(logits[row, len(p) - 1:len(p) + len(c) - 1, :vocab].float(), dim=-1)
+    for row, (p, c) in enumerate(seqs):
+        with torch.inference_mode():
+            out = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(c) - 1, :vocab].float(), dim=-1)
+        yield out
 
 
 def _vocab(model: Any) -> int:

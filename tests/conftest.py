@@ -47,3 +47,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    # regression: a generator that yielded inside `torch.inference_mode()` left autograd disabled for every
+    # test that ran after it
+    import torch
+
+    yield
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled(), "a test left grad mode changed"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_restored():
+    # regression: mlflow.set_tracking_uri() in one test exported MLFLOW_TRACKING_URI (a file store) to the
+    # end-to-end pipeline test's stages, which then failed
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "a test left MLFLOW_TRACKING_URI changed"

@@ -85,7 +85,8 @@ def test_model_audit_checks_fingerprints_and_finds_the_mlflow_run(history, tmp_p
 
     root = history["root"]
     uri = (tmp_path / "mlruns").as_uri()
-    mlflow.set_tracking_uri(uri)
+    # mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to every later test and subprocess
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with mlflow.start_run() as run:
         mlflow.log_metric("eval_loss", 0.5)
     qa = json.loads((root / "data/qa/manifest.json").read_text())["fingerprint"]

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def sh(project: Path, *cmd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the project's own sqlite store
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
     return r

@@ -115,8 +115,16 @@ def _kd_examples(name: str, cfg: Student, data: Data, tok: Any, params: Params, 
         check_compatible(store, tok, LocalTeacher(teacher, params.teachers[teacher], root).identity)
     except KdError as e:
         raise KdError(f"{key}: {e}") from None
+    from kd.records import read_jsonl
+
+    # Records the feature stage could not score (no completion token within its max_length) are skipped
+    # here too: the student would truncate them the same way. Any other missing record means the logits
+    # were built from other data.
+    unscored = {row.get("source_id") for row in read_jsonl(Path(data.logits["path"]) / "rejected.jsonl")}
     examples = []
     for r in data.records:
+        if r["id"] in unscored:
+            continue
         if r["id"] not in store:
             raise KdError(f"{key}: '{cfg.logits}' has no logits for record {r['id'][:12]} of this student's datasets; "
                           f"point the feature dataset at the same data (datasets.{cfg.logits}.dataset) and rebuild it")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -154,3 +155,9 @@ def shared_history(tmp_path_factory: Any) -> dict[str, Any]:
         commit(root, "v2: math answers show one step per line")
         _SHARED.update(root=root, server=server, new_requests=server.received - before, v2_stdout=v2.stdout)
     return _SHARED
+
+
+def git_sha256(root: Path, rev: str, path: str) -> str:
+    """sha256sum of a file as it was at a git revision (what `git show REV:PATH | sha256sum` prints)."""
+    blob = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
+    return hashlib.sha256(blob).hexdigest()

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kdproject import EXPLAIN, kd, kd_json, records, shared_history
+from kdproject import EXPLAIN, git_sha256, kd, kd_json, records, shared_history
 
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return shared_history(tmp_path_factory)
 
-
-def sha256_at(root: Path, commit: str, path: str) -> str:
-    blob = subprocess.run(["git", "-C", str(root), "show", f"{commit}:{path}"], capture_output=True, check=True).stdout
-    return hashlib.sha256(blob).hexdigest()
 
 
 def steps(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,8 +37,8 @@ def test_a_random_final_record_reaches_its_seeds_with_hashes_that_git_confirms(h
         for request in step["requests"]:
             for t in [request["template"], *request["includes"]]:
                 assert t["current"] is True
-                assert t["sha256"] == sha256_at(root, t["commit"], t["path"])  # `sha256sum` at the named commit
-                assert t["sha256"] == sha256_at(root, t["introduced"], t["path"])
+                assert t["sha256"] == git_sha256(root, t["commit"], t["path"])  # `sha256sum` at the named commit
+                assert t["sha256"] == git_sha256(root, t["introduced"], t["path"])
             assert request["messages"][-1]["role"] == "user"  # the rendered request, from the cache
             assert request["usage"]["prompt_tokens"] > 0 and request["teacher"]["model"] == "fake"
 
@@ -53,7 +47,7 @@ def test_template_versions_name_the_last_commit_that_had_them(history):
     from kd.revisions import resolve_rev, template_origin
 
     root = history["root"]
-    old = sha256_at(root, "HEAD~1", EXPLAIN)
+    old = git_sha256(root, "HEAD~1", EXPLAIN)
     origin = template_origin(root, EXPLAIN, old)
     assert origin == {"introduced": resolve_rev(root, "HEAD~2"), "commit": resolve_rev(root, "HEAD~1"), "current": False}
     assert template_origin(root, EXPLAIN, "0" * 64)["commit"] is None

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from kdproject import (
     EDIT_TO,
     EXPLAIN,
     QA_LIMIT,
+    git_sha256,
     kd,
     kd_json,
     math_seeds,
@@ -28,10 +27,6 @@ from kdproject import (
 def history(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return shared_history(tmp_path_factory)
 
-
-def git_sha256(root: Path, rev: str, path: str) -> str:
-    blob = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
-    return hashlib.sha256(blob).hexdigest()
 
 
 def test_template_edit_is_named_as_the_cause_of_exactly_the_records_it_changed(history):

@@ -14,6 +14,7 @@ from kd.errors import KdError
 
 _STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature|feedback|self_knowledge)\.py\s+(\S+)")
 _STUDENT_CMD = re.compile(r"stages/student\.py\s+(\S+)")
+_REWARD_CMD = re.compile(r"stages/reward_model\.py\s+(\S+)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -40,6 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     staged = set()
     for stage, spec in stages.items():
         problems += _check_student_stage(stage, spec, params, root)
+        problems += _check_reward_stage(stage, spec, params, root)
         m = _STAGE_CMD.search(str(spec.get("cmd", "")))
         if not m:
             continue
@@ -88,10 +90,27 @@ def _check_student_stage(stage: str, spec: dict, params: object, root: Path) -> 
         return [f"dvc.yaml: stages.{stage} trains '{name}', which params.yaml does not declare under students"]
     from kd.distill.train import dvc_stage
 
-    expected = dvc_stage(name, params, root)
+    return _missing(stage, spec, dvc_stage(name, params, root), f"students.{name}")
+
+
+def _check_reward_stage(stage: str, spec: dict, params: object, root: Path) -> list[str]:
+    """A reward-model stage must list the data, models and params keys its reward model reads."""
+    m = _REWARD_CMD.search(str(spec.get("cmd", "")))
+    if not m:
+        return []
+    name = m.group(1)
+    if name not in params.reward_models:
+        return [f"dvc.yaml: stages.{stage} trains '{name}', which params.yaml does not declare under reward_models"]
+    from kd.distill.reward import reward_dvc_stage
+
+    return _missing(stage, spec, reward_dvc_stage(name, params, root), f"reward_models.{name}")
+
+
+def _missing(stage: str, spec: dict, expected: dict, key: str) -> list[str]:
+    """The data/model deps and params keys of `expected` (the stage kd would write) that `spec` lacks."""
     deps = {str(d) for d in spec.get("deps") or []}
     declared = {str(p) for p in spec.get("params") or [] if isinstance(p, str)}
-    out = [f"dvc.yaml: stages.{stage}.deps lacks {d} (students.{name} reads it)"
+    out = [f"dvc.yaml: stages.{stage}.deps lacks {d} ({key} reads it)"
            for d in expected["deps"] if d.startswith(("data/", "models/")) and d not in deps]
     out += [f"dvc.yaml: stages.{stage}.params lacks {k}" for k in expected["params"] if k not in declared]
     return out

@@ -6,7 +6,9 @@ Every model answers the same prompts greedily (batched, left padding, as the loc
 - the teacher's mean per-token log-probability of the *model's* answers (does the teacher find them likely?);
 - ROUGE-L F1 of each answer against the teacher's (kd.novelty's bit-parallel LCS on ROUGE words);
 - exact match against short seed references, normalised, and a lenient "appears as a whole word" variant;
-- mean answer length in tokens (the end-of-turn token not counted).
+- mean answer length in tokens (the end-of-turn token not counted);
+- with `evaluation.reward_model` / `judge`: every model's mean reward and each student's win rate against the
+  baseline, judged by the teacher in both orders (kd/eval_feedback.py).
 
 Results are deterministic for the same models (greedy decoding, fixed batch composition); wall times are
 kept apart from the metrics so reports stay byte-stable. kd/report.py writes the files.
@@ -23,12 +25,15 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd.config import Params
 from kd.errors import KdError
 from kd.novelty import rouge_l, words
 from kd.records import read_jsonl, sha256_text
+
+if TYPE_CHECKING:
+    from kd.eval_feedback import Feedback
 
 TEACHER, BASELINE = "teacher", "baseline"
 # A reference this short is an answer to match exactly ("56", "Au", "Merci beaucoup"); longer ones are
@@ -99,6 +104,7 @@ class Run:
     teacher: str
     results: list[ModelResult] = field(default_factory=list)
     seconds: float = 0.0
+    feedback: Feedback | None = None  # reward model and judge figures, with `evaluation.reward_model` / `judge`
 
 
 def load_prompts(path: Path) -> list[EvalPrompt]:
@@ -289,6 +295,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
 
     from kd.distill.student import init_student, load_teacher, read_info
     from kd.distill.tokenize import tokenizer_digest
+    from kd.eval_feedback import add_feedback, check
     from kd.teachers.local import directory_digest
 
     cfg = params.evaluation
@@ -297,6 +304,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     for name in cfg.students:
         if name in (TEACHER, BASELINE):
             raise KdError(f"evaluation.students: '{name}' is the name of a built-in row of the report; rename the student")
+    reward_model = check(params, root, {TEACHER, BASELINE, *cfg.students})
     prompts_path = root / cfg.prompts
     prompts = load_prompts(prompts_path)
     run = Run(prompts, cfg.prompts, sha256_text(prompts_path.read_text(encoding="utf-8")), cfg.max_new_tokens,
@@ -340,6 +348,9 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
         run.results.append(_log(log, _score(name, "student", info, model.to(device), tok, t, run, cfg.batch_size,
                                             device)))
         del model
+    if cfg.reward_model is not None or cfg.judge is not None:
+        del t, tmodel  # a local judge loads its own copy of the teacher: never hold two
+        add_feedback(run, params, root, reward_model, log)
     run.seconds = time.perf_counter() - started
     return run
 

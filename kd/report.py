@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd.evaluate import METRICS, ModelResult, Run, exact_match
+from kd.eval_feedback import REWARD_MAX_LENGTH, REWARD_ROW
+from kd.evaluate import BASELINE, METRICS, ModelResult, Run, exact_match
 from kd.records import atomic_write_text, replace_dir
 
 LABELS = {
@@ -28,13 +29,18 @@ TEACHER_RELATIVE = ("kl", "teacher_logprob", "rouge_l")
 EXAMPLES = 5
 CELL_CHARS = 360
 CURVE_EXTS = (".csv", ".tsv", ".json")
+# Plotted too when present (a reward model / a judge was configured); higher is better for both.
+FEEDBACK_PLOTS = ("reward", "win_rate")
 _MARKDOWN = set("\\`*_[]#|~")
 
 
 def metrics_json(run: Run) -> str:
-    """{model: {metric: value}}, the shape `dvc metrics diff` compares; unknown values are left out."""
-    return json.dumps({r.name: {k: v for k, v in r.metrics.items() if v is not None} for r in run.results},
-                      indent=2) + "\n"
+    """{model: {metric: value}}, the shape `dvc metrics diff` compares; unknown values are left out. With a
+    reward model, its own figures are one more row, `reward_model`."""
+    out = {r.name: {k: v for k, v in r.metrics.items() if v is not None} for r in run.results}
+    if run.feedback is not None and run.feedback.reward_model is not None:
+        out[REWARD_ROW] = run.feedback.reward_model.metrics()
+    return json.dumps(out, indent=2) + "\n"
 
 
 def generations_jsonl(run: Run) -> str:
@@ -46,8 +52,8 @@ def generations_jsonl(run: Run) -> str:
 def plot_tables(run: Run) -> dict[str, str]:
     """One CSV per metric across models, for `dvc plots` (x: model, y: the metric)."""
     out = {}
-    for metric in METRICS:
-        rows = [f"{r.name},{r.metrics[metric]}" for r in run.results if r.metrics[metric] is not None]
+    for metric in (*METRICS, *FEEDBACK_PLOTS):
+        rows = [f"{r.name},{r.metrics[metric]}" for r in run.results if r.metrics.get(metric) is not None]
         if rows:
             out[f"{metric}.csv"] = f"model,{metric}\n" + "\n".join(rows) + "\n"
     return out
@@ -206,6 +212,8 @@ def report_md(run: Run, root: Path, curves: list[str]) -> str:
               f"(both over the {len(targets)} prompts whose reference has at most 3 words).", ""]
     if v := verdicts(run):
         lines += ["## Verdicts", "", *[f"- {x}" for x in v], ""]
+    if run.feedback is not None:
+        lines += _feedback(run)
     if targets:
         cats = sorted({p.category for p in targets}, key=[p.category for p in targets].index)
         cat_rows = []
@@ -230,6 +238,45 @@ def report_md(run: Run, root: Path, curves: list[str]) -> str:
                   _table(["dataset", "fingerprint", "current manifest", "used by"], ds), ""]
     lines += ["## Example generations", "", *_examples(run)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _feedback(run: Run) -> list[str]:
+    """The reward model's view (its held-out accuracy, each model's mean reward) and the judge's (win rates)."""
+    fb = run.feedback
+    lines = []
+    if fb.reward_model is not None:
+        rm, n = fb.reward_model, len(run.prompts)
+        train = "" if rm.accuracy_train is None else f"; {rm.accuracy_train:.3f} on its training pairs"
+        top = max((m for m, _ in fb.rewards.values() if m is not None), default=None)
+        rows = [[f"`{r.name}`", "n/a" if m is None else f"**{m:.3f}**" if m == top else f"{m:.3f}",
+                 f"{k}/{n}"] for r in run.results for m, k in [fb.rewards[r.name]]]
+        lines += ["## Reward model", "",
+                  f"`{rm.name}` (`models/{rm.name}`): held-out pair accuracy **{rm.accuracy:.3f}** over "
+                  f"{rm.pairs_held_out} pairs (chance = 0.5{train}). It prefers the chosen answer of that share of "
+                  "preference pairs it never trained on; the rewards below mean little when it is near chance.", "",
+                  _table(["model", "mean reward ↑", "answers scored"], rows, align="r"), "",
+                  "Mean reward: the reward model's score of each model's answer to each held-out prompt (prompt + "
+                  "answer through its chat template, as it was trained), averaged over the answers scored (longer "
+                  f"than {REWARD_MAX_LENGTH} tokens: not scored). Scores only compare within one reward model; best "
+                  "in **bold**.", ""]
+    if fb.judge is not None:
+        who = "the untrained baseline" if fb.against == BASELINE else f"`{fb.against}`"
+        rows = [[f"`{name}`", "n/a" if w.rate is None else f"{w.rate:.3f}", str(w.wins), str(w.ties),
+                 str(w.losses), str(w.unparseable), str(w.inconsistent), str(w.identical)]
+                for name, w in fb.win_rates.items()]
+        lines += [f"## Win rate against {who}", "",
+                  f"The judge, teacher `{fb.judge.teacher}`, compared each student's answer with {who}'s on each held-out "
+                  f"prompt, with `{fb.template.path}` (sha256 `{fb.template.sha256[:16]}`), asked in both orders "
+                  "(A/B swapped) because judges favour a position.", "",
+                  _table(["student", "win rate ↑", "wins", "ties", "losses", "unparseable", "inconsistent",
+                          "identical"], rows, align="r"), "",
+                  "A win or a loss needs both verdicts to agree; two ties, or two verdicts that disagree "
+                  "(*inconsistent*: the judge followed the position), are a tie, and so are identical answers "
+                  "(*identical*, never asked). Win rate = (wins + 0.5 ties) / (wins + ties + losses); a pair whose "
+                  "verdicts were unusable (*unparseable*: off-format, or cut off at `sampling.max_tokens`) is neither a "
+                  "win nor a loss and is left out.",
+                  ""]
+    return lines
 
 
 def _exact(run: Run, r: ModelResult, i: int) -> bool:
@@ -263,6 +310,11 @@ def metrics_for_mlflow(run: Run) -> dict[str, float]:
     out = {f"{r.name}.{k}": v for r in run.results for k, v in r.metrics.items() if v is not None}
     for r in run.results:
         out |= {f"{r.name}.generate_s": round(r.generate_s, 2), f"{r.name}.score_s": round(r.score_s, 2)}
+    if run.feedback is not None:
+        if run.feedback.reward_model is not None:
+            out |= {f"{REWARD_ROW}.{k}": v for k, v in run.feedback.reward_model.metrics().items()}
+        for role, (cached, new) in run.feedback.requests.items():
+            out |= {f"{role}.requests_cached": cached, f"{role}.requests_new": new}
     return out | {"seconds": round(run.seconds, 2)}
 
 

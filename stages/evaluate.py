@@ -1,7 +1,9 @@
 """DVC stage: evaluate the teacher, the untrained baseline and every student on the held-out prompts.
 
 Writes reports/metrics.json (DVC metrics), reports/plots/ (DVC plots), reports/generations.jsonl and
-reports/report.md; wall times go to stdout and MLflow only, so the reports are byte-stable.
+reports/report.md; wall times go to stdout and MLflow only, so the reports are byte-stable. With
+`evaluation.reward_model` / `evaluation.judge` the reports also carry every model's mean reward and each
+student's win rate; those requests go through the request cache (.kd/cache), so a rerun asks nothing new.
 """
 
 import argparse

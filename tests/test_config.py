@@ -28,8 +28,9 @@ def error_of(project: Path) -> str:
 
 def test_shipped_params_validate():
     params = load_params(REPO)
-    assert set(params.datasets) == {"instructions", "topics_qa", "sft", "sft_logits"}
+    assert set(params.datasets) == {"instructions", "topics_qa", "sft", "sft_logits", "prefs", "self_r1"}
     assert set(params.students) == set(params.evaluation.students)
+    assert params.evaluation.reward_model in params.reward_models
     assert params.teachers["smollm2"].trust_remote_code is False
 
 
@@ -102,7 +103,7 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(project):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "kd: error: params.yaml: datasets.sft.teacher: unknown teacher 'gpt5' (declared: smollm2)"]
+        "kd: error: params.yaml: datasets.sft.teacher: unknown teacher 'gpt5' (declared: smollm2, student_sft)"]
     assert not (project / "data").exists() and not (project / "metrics").exists()
 
 

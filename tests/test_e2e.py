@@ -36,8 +36,12 @@ def shrink(project: Path) -> None:
                                                    {"dataset": "instructions"}])
     ds["sft"]["sampling"]["max_tokens"] = 16
     ds["sft_logits"].update(max_length=96)
-    for student in p["students"].values():
-        student["training"].update(max_steps=2, batch_size=2, max_length=96)
+    ds["prefs"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 6}], candidates=3)
+    ds["prefs"]["sampling"]["max_tokens"] = 8
+    ds["self_r1"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 3}], samples=2, threshold=-100.0)
+    ds["self_r1"]["sampling"]["max_tokens"] = 8
+    for model in [*p["students"].values(), *p["reward_models"].values()]:
+        model["training"].update(max_steps=2, batch_size=2, max_length=96)
     p["evaluation"].update(max_new_tokens=8)
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
@@ -58,7 +62,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(project, sys.executable, "-m", "kd.cli", "check")
     r = sh(project, "dvc", "repro")
     for name in ("teacher", "instructions", "topics_qa", "sft", "sft_logits", "student_sft", "student_fkl",
-                 "student_jsd", "evaluate"):
+                 "student_jsd", "prefs", "self_r1", "reward", "student_dpo", "student_r1", "evaluate"):
         assert f"Running stage '{name}'" in r.stdout
     return project
 
@@ -84,13 +88,33 @@ def test_pipeline_trains_students_and_reports(built):
     params = yaml.safe_load((built / "params.yaml").read_text())
     report = (built / "reports/report.md").read_text()
     metrics = json.loads((built / "reports/metrics.json").read_text())
-    for name in params["students"]:
+    for name, cfg in [*params["students"].items(), *params["reward_models"].items()]:
         info = json.loads((built / f"models/{name}/kd_model.json").read_text())
-        manifest = json.loads((built / "data/sft/manifest.json").read_text())
-        assert {"name": "sft", "fingerprint": manifest["fingerprint"]} in info["datasets"]
+        for dataset in cfg["datasets"]:
+            manifest = json.loads((built / f"data/{dataset}/manifest.json").read_text())
+            assert {"name": dataset, "fingerprint": manifest["fingerprint"]} in info["datasets"]
         assert (built / f"models/{name}/model.safetensors").exists()
+    for name in params["students"]:
         assert name in report and name in metrics
+        assert isinstance(metrics[name]["reward"], float)  # scored by the distilled reward model
     assert "teacher" in metrics and "baseline" in metrics
+    reward = json.loads((built / "metrics/reward.json").read_text())
+    assert metrics["reward_model"]["accuracy"] == reward["accuracy"] and reward["pairs_held_out"] > 0
+    assert "## Reward model" in report and "## Win rate" in report
+    judged = metrics["student_dpo"]
+    assert judged["wins"] + judged["ties"] + judged["losses"] + judged["unparseable"] == 24  # every eval prompt
+
+
+def test_pipeline_builds_preferences_and_a_self_knowledge_round(built):
+    pair = json.loads((built / "data/prefs/records.jsonl").read_text().splitlines()[0])
+    assert pair["chosen"] != pair["rejected"] and pair["score_chosen"] > pair["score_rejected"]
+    judge = pair["provenance"]["judge"]
+    assert judge["kind"] == "likelihood" and judge["teacher"]["backend"] == "local"
+    generators = {r["teacher"]["model"] for r in pair["provenance"]["requests"] if r.get("template")}
+    assert generators == {"student_sft"}  # the candidates come from the SFT student
+    kept = [json.loads(line) for line in (built / "data/self_r1/records.jsonl").read_text().splitlines()]
+    assert kept and {r["provenance"]["round"] for r in kept} == {1}
+    assert json.loads((built / "models/student_r1/kd_model.json").read_text())["objective"] == "sft"
 
 
 def test_second_repro_runs_nothing(built):

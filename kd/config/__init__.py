@@ -25,12 +25,12 @@ from kd.config.datasets import (
     Source,
 )
 from kd.config.errors import format_errors
-from kd.config.students import Evaluation, Student
+from kd.config.students import RL, Evaluation, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
 from kd.errors import KdError
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
-           "Judge", "Labeling", "LocalTeacher", "SelfKnowledge", "Student",
+           "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_teachers",
            "load_params"]
 
@@ -46,6 +46,7 @@ class Params(Strict):
     teachers: dict[str, Teacher] = Field(min_length=1)
     datasets: dict[str, Dataset] = Field(default_factory=dict)
     students: dict[str, Student] = Field(default_factory=dict)
+    reward_models: dict[str, RewardModel] = Field(default_factory=dict)
     evaluation: Evaluation | None = None
 
     @model_validator(mode="before")
@@ -68,7 +69,7 @@ class Params(Strict):
                     raise ValueError(f"datasets.{name}.{key}: unknown teacher '{teacher}' "
                                      f"(declared: {', '.join(self.teachers)})")
             judge = getattr(ds, "judge", None)
-            if judge is not None and judge.kind == "likelihood":
+            if judge is not None and (judge.kind == "likelihood" or judge.verdict == "logprob"):
                 self._local_teacher(f"datasets.{name}.judge.teacher", judge.teacher)
             if ds.method == "self_knowledge" and ds.filter == "self_judge" and judge.teacher != ds.generator:
                 raise ValueError(f"datasets.{name}.judge.teacher: filter self_judge means the generator judges its "
@@ -84,8 +85,18 @@ class Params(Strict):
         for name in self.datasets:
             _check_acyclic(self, name, ())
         for name, st in self.students.items():
+            wants = {"dpo": "feedback", "rrhf": "feedback", "pro": "feedback"}.get(st.objective)
             for i, d in enumerate(st.datasets):
                 self._dataset(f"students.{name}.datasets.{i}", d)
+                method = self.datasets[d].method
+                if wants and method != wants:
+                    raise ValueError(f"students.{name}.datasets.{i}: objective {st.objective} trains on preference "
+                                     f"(feedback) datasets; '{d}' is a {method} dataset")
+                if not wants and method in ("feedback", "feature"):
+                    raise ValueError(f"students.{name}.datasets.{i}: '{d}' is a {method} dataset, which has no "
+                                     f"completions to train objective {st.objective} on")
+            if st.rl is not None and st.rl.reward_model is not None:
+                self._reward_model(f"students.{name}.rl.reward_model", st.rl.reward_model)
             if st.logits is not None:
                 self._dataset(f"students.{name}.logits", st.logits)
                 if self.datasets[st.logits].method != "feature":
@@ -93,20 +104,46 @@ class Params(Strict):
                                      f"dataset, not a feature (logits) dataset")
             if hasattr(st.init, "teacher"):
                 self._local_teacher(f"students.{name}.init.teacher", st.init.teacher)
-            for section in ("on_policy", "hidden"):
-                if getattr(st, section) is not None:
+            for section in ("on_policy", "hidden", "rl"):
+                if getattr(getattr(st, section), "teacher", None) is not None:
                     self._local_teacher(f"students.{name}.{section}.teacher", getattr(st, section).teacher)
+        for name, rm in self.reward_models.items():
+            if name in self.students:
+                raise ValueError(f"reward_models.{name}: a student has the same name; both would write models/{name}")
+            for i, d in enumerate(rm.datasets):
+                self._dataset(f"reward_models.{name}.datasets.{i}", d)
+                if self.datasets[d].method != "feedback":
+                    raise ValueError(f"reward_models.{name}.datasets.{i}: '{d}' is a {self.datasets[d].method} "
+                                     f"dataset; a reward model trains on preference (feedback) datasets")
+            if hasattr(rm.init, "teacher"):
+                self._local_teacher(f"reward_models.{name}.init.teacher", rm.init.teacher)
         if self.evaluation:
             self._local_teacher("evaluation.teacher", self.evaluation.teacher)
             for i, s in enumerate(self.evaluation.students + [self.evaluation.baseline or self.evaluation.students[0]]):
                 if s not in self.students:
                     raise ValueError(f"evaluation.students.{i}: unknown student '{s}' "
                                      f"(declared: {', '.join(self.students) or 'none'})")
+            ev = self.evaluation
+            if ev.reward_model is not None:
+                self._reward_model("evaluation.reward_model", ev.reward_model)
+            if ev.judge is not None and ev.judge.teacher not in self.teachers:
+                raise ValueError(f"evaluation.judge.teacher: unknown teacher '{ev.judge.teacher}' "
+                                 f"(declared: {', '.join(self.teachers)})")
+            if ev.judge is not None and ev.judge.verdict == "logprob":
+                self._local_teacher("evaluation.judge.teacher", ev.judge.teacher)
+            if ev.against is not None and ev.against not in self.students:
+                raise ValueError(f"evaluation.against: unknown student '{ev.against}' "
+                                 f"(declared: {', '.join(self.students) or 'none'})")
         return self
 
     def _dataset(self, key: str, name: str) -> None:
         if name not in self.datasets:
             raise ValueError(f"{key}: unknown dataset '{name}' (declared: {', '.join(self.datasets) or 'none'})")
+
+    def _reward_model(self, key: str, name: str) -> None:
+        if name not in self.reward_models:
+            raise ValueError(f"{key}: unknown reward model '{name}' "
+                             f"(declared in reward_models: {', '.join(self.reward_models) or 'none'})")
 
     def _local_teacher(self, key: str, name: str) -> None:
         if name not in self.teachers:

@@ -141,8 +141,12 @@ class Judge(Strict):
     high: int = Field(5, description="rubric: the highest allowed rating")
     allow_prose: bool = Field(False, description="let the judge reason in lines around its ratings/verdict "
                                                  "(the rating lines themselves stay strict)")
+    verdict: Literal["text", "logprob"] = Field(
+        "text", description="pairwise: `text` parses the judge's generated answer; `logprob` (white-box, local "
+                            "teacher) takes whichever of A, B, tie the teacher finds most likely after the prompt, "
+                            "so a small judge always gives a verdict")
     sampling: Sampling = Sampling(temperature=0.0, max_tokens=96)
-    max_length: int = Field(1024, ge=8, description="likelihood: prompt + candidate tokens scored; longer is rejected")
+    max_length: int = Field(1024, ge=8, description="likelihood, logprob: prompt + scored tokens; longer is rejected")
     batch_size: int = Field(8, ge=1, le=4096, description="likelihood: sequences per forward pass")
 
     _template_exists = field_validator("template")(lambda v, info: v if v is None else existing_file(v, info))
@@ -164,6 +168,10 @@ class Judge(Strict):
                              "or choose kind rubric/pairwise")
         if self.kind != "likelihood" and self.template is None:
             raise ValueError(f"kind: {self.kind} needs a `template` (e.g. prompts/feedback/{self.kind}.jinja)")
+        if self.verdict == "logprob" and self.kind != "pairwise":
+            raise ValueError(f"verdict: logprob reads a pairwise verdict (A/B/tie); kind {self.kind} has none")
+        if self.verdict == "logprob" and self.allow_prose:
+            raise ValueError("verdict: logprob scores the bare answers A, B, tie; allow_prose needs verdict: text")
         if self.kind != "rubric" and {"aspects", "low", "high"} & self.model_fields_set:
             raise ValueError(f"aspects/low/high are for kind: rubric, not kind: {self.kind}")
         if self.low >= self.high:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from kd.config.base import Strict
+from kd.config.datasets import Judge
 
 
 class FromTeacher(Strict):
@@ -83,6 +84,41 @@ class Hidden(Strict):
     weight: float = Field(1.0, ge=0)
 
 
+class Rank(Strict):
+    """Rank optimisation on a feedback dataset (objectives dpo, rrhf, pro; survey §3.2.4).
+
+    The student starts from an SFT student (`init: {kind: from_pretrained, path: models/<sft student>}`); DPO's
+    frozen reference is that same initialisation, loaded again from disk.
+    """
+
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL to the reference policy")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: the DPO loss variant (TRL)")
+    rank_weight: float = Field(1.0, ge=0, description="rrhf: weight of the ranking hinge against the SFT term")
+    score_weighted: bool = Field(True, description="pro: weight each ranking term by the score gaps "
+                                                   "(PRO's dynamic temperature)")
+    length_normalise: bool = Field(True, description="rrhf/pro: rank mean token log-probabilities (as the papers)")
+
+
+class RL(Strict):
+    """Online RL from a distilled reward (objectives grpo, rloo; survey §3.2.3): the student samples
+    `num_generations` completions per prompt, a reward scores them, and a KL penalty (`beta`) holds the policy
+    near the reference (the initialisation, loaded again from disk)."""
+
+    reward_model: str | None = Field(None, description="a key of `reward_models` (a distilled Bradley-Terry RM)")
+    teacher: str | None = Field(None, description="a local teacher whose mean token log-probability is the reward")
+    num_generations: int = Field(4, ge=2, description="completions per prompt (the group of GRPO / RLOO)")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.04, ge=0, description="KL penalty to the reference policy (0 = none, no reference loaded)")
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> RL:
+        if (self.reward_model is None) == (self.teacher is None):
+            raise ValueError("give exactly one reward: `reward_model` (a key of reward_models) or `teacher` "
+                             "(a local teacher's likelihood)")
+        return self
+
+
 class Training(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
@@ -101,12 +137,16 @@ class Training(Strict):
 
 class Student(Strict):
     init: Init
-    objective: Literal["sft", "kd", "on_policy"]
-    datasets: list[str] = Field(min_length=1, description="datasets to train on (prompt + completion)")
+    objective: Literal["sft", "kd", "on_policy", "dpo", "rrhf", "pro", "grpo", "rloo"]
+    datasets: list[str] = Field(min_length=1, description="datasets to train on: prompt + completion (sft, kd, "
+                                                          "on_policy), feedback (dpo, rrhf, pro), any (grpo, rloo: "
+                                                          "prompts only)")
     logits: str | None = Field(None, description="a `feature` dataset of teacher top-k logits (objective kd)")
     kd: Divergence = Divergence()
     on_policy: OnPolicy | None = None
     hidden: Hidden | None = None
+    rank: Rank = Rank()
+    rl: RL | None = None
     training: Training = Training()
 
     @model_validator(mode="after")
@@ -115,10 +155,32 @@ class Student(Strict):
             raise ValueError("objective: kd needs `logits` (a feature dataset of teacher top-k log-probabilities)")
         if self.objective == "on_policy" and self.on_policy is None:
             raise ValueError("objective: on_policy needs an `on_policy` section (teacher, lmbda, beta)")
+        if self.objective in ("grpo", "rloo") and self.rl is None:
+            raise ValueError(f"objective: {self.objective} needs an `rl` section (reward_model or teacher, "
+                             f"num_generations, beta)")
+        if self.objective not in ("grpo", "rloo") and self.rl is not None:
+            raise ValueError(f"`rl` is for objectives grpo and rloo, not {self.objective}")
+        if self.objective not in ("dpo", "rrhf", "pro") and "rank" in self.model_fields_set:
+            raise ValueError(f"`rank` is for objectives dpo, rrhf and pro, not {self.objective}")
+        if self.objective not in ("sft", "kd") and self.hidden is not None:
+            raise ValueError(f"`hidden` combines with objective sft or kd only, not {self.objective}")
         if self.objective == "on_policy" and self.hidden is not None:
             raise ValueError("`hidden` cannot be combined with objective: on_policy (TRL's GKDTrainer has no hook "
                              "for an extra loss term); use it with objective sft or kd")
         return self
+
+
+class RewardModel(Strict):
+    """A Bradley-Terry reward model distilled from feedback datasets (TRL RewardTrainer): a one-label sequence
+    classifier initialised from a student (usually `from_pretrained: models/<sft student>`)."""
+
+    init: Init
+    datasets: list[str] = Field(min_length=1, description="feedback datasets (prompt, chosen, rejected, candidates)")
+    pairs: Literal["best_worst", "all"] = Field("all", description="best_worst: each record's chosen/rejected pair; "
+                                                                   "all: every differently-scored candidate pair")
+    held_out: float = Field(0.25, gt=0, lt=1, description="fraction of prompts (by record id) held out for the "
+                                                         "pair accuracy in metrics; never trained on")
+    training: Training = Training()
 
 
 class Evaluation(Strict):
@@ -131,3 +193,17 @@ class Evaluation(Strict):
                                                    "(default: the first of `students`)")
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
+    reward_model: str | None = Field(None, description="a key of `reward_models`: report its held-out pair "
+                                                       "accuracy and every model's mean reward")
+    judge: Judge | None = Field(None, description="a pairwise judge (kind: pairwise): each student's win rate "
+                                                  "against `against`, asked in both orders")
+    against: str | None = Field(None, description="the student the win rate is against (default: the untrained "
+                                                  "baseline)")
+
+    @model_validator(mode="after")
+    def _pairwise(self) -> Evaluation:
+        if self.judge is not None and self.judge.kind != "pairwise":
+            raise ValueError(f"judge.kind: win rate needs a pairwise judge, not {self.judge.kind}")
+        if self.against is not None and self.judge is None:
+            raise ValueError("`against` names the win-rate opponent; it needs a pairwise `judge`")
+        return self

@@ -17,6 +17,9 @@ def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch
                       completion_mask: torch.Tensor, length_normalise: bool = True) -> torch.Tensor:
     """Log-probability of each row's completion tokens under `model`, teacher-forced.
 
+    The LM head runs only where a completion token is predicted ([C, V], never [N, L, V]): a prompt is usually
+    most of a row, and the full-vocabulary logits of every position were most of the time and memory of a step.
+
     Args:
         input_ids, attention_mask: [N, L] prompt + completion, padded.
         completion_mask: [N, L], 1 on the completion tokens to score (not the prompt, not padding).
@@ -26,13 +29,17 @@ def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch
     Returns:
         [N] float32, differentiable through the model.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # position t predicts token t + 1; log_softmax in float32 so bf16 logits do not round the ranking away
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = completion_mask[:, 1:].to(token.dtype)
-    total = (token * mask).sum(-1)
-    return total / mask.sum(-1).clamp_min(1.0) if length_normalise else total
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = completion_mask[:, 1:].bool()
+    rows, pos = mask.nonzero(as_tuple=True)  # the hidden state at `pos` predicts token `pos + 1`
+    # float32 so bf16 logits do not round the ranking away
+    logits = model.get_output_embeddings()(hidden[rows, pos]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style models squash their logits in forward(); the bare head does not
+        logits = torch.tanh(logits / cap) * cap
+    token = -torch.nn.functional.cross_entropy(logits, input_ids[rows, pos + 1], reduction="none")
+    total = token.new_zeros(input_ids.shape[0]).index_add(0, rows, token)
+    return total / mask.sum(-1).clamp_min(1) if length_normalise else total
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

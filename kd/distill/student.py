@@ -165,7 +165,10 @@ def describe_init(init: dict[str, Any]) -> str:
 
 
 def model_card(info: dict[str, Any]) -> str:
-    """A README.md naming what made the model: datasets with fingerprints, objective, params, commit, run."""
+    """A README.md naming what made the model: datasets with fingerprints, objective, params, commit, run.
+
+    `info["section"]` names the params section of the model (default `students`; `reward_models`).
+    """
     datasets = "\n".join(f"| `{d['name']}` | `{d['fingerprint']}` |" for d in info.get("datasets", []))
     logits = info.get("logits")
     mlflow = info.get("mlflow") or {}
@@ -194,7 +197,7 @@ Teacher logits: {f"`{logits['name']}` (fingerprint `{logits['fingerprint']}`)" i
 |---|---|
 {metrics}
 
-## Params (`students.{info['name']}`)
+## Params (`{info.get('section', 'students')}.{info['name']}`)
 ```json
 {json.dumps(info.get('params', {}), indent=2, sort_keys=True)}
 ```

@@ -21,7 +21,7 @@ from kd.distill import checkpoint, loop
 from kd.errors import KdError
 from kd.records import atomic_write_text, read_dataset
 
-PLOT_FIELDS = ("step", "loss", "kd", "ce", "hidden", "lr", "tokens")
+PLOT_FIELDS = ("step", "loss", "kd", "ce", "hidden", "reward", "kl", "margin", "rank_acc", "lr", "tokens")
 
 
 @dataclass
@@ -64,15 +64,23 @@ def dvc_stage(name: str, params: Params, root: Path = Path(".")) -> dict[str, An
         code += ["kd/distill/loop.py", "kd/distill/losses.py"]
     if cfg.objective == "on_policy" or (cfg.objective == "sft" and cfg.hidden is None):
         code += ["kd/distill/trl_runs.py"]
-    teachers = {x.teacher for x in (cfg.init, cfg.on_policy, cfg.hidden) if x is not None and hasattr(x, "teacher")}
+    if cfg.objective in ("dpo", "rrhf", "pro"):
+        code += ["kd/distill/rank.py", "kd/distill/trl_runs.py", "kd/distill/preference.py"]
+    if cfg.objective in ("grpo", "rloo"):
+        code += ["kd/distill/rl.py", "kd/distill/trl_runs.py"]
+    teachers = {x.teacher for x in (cfg.init, cfg.on_policy, cfg.hidden, cfg.rl)
+                if x is not None and getattr(x, "teacher", None)}
     if cfg.logits:  # the stored logits are checked against this teacher's identity
         teachers.add(params.datasets[cfg.logits].teacher)
     teachers = sorted(teachers)
     models = [params.teachers[t].path for t in teachers]
-    online = sorted({f"teachers.{x.teacher}.dtype" for x in (cfg.on_policy, cfg.hidden) if x is not None})
+    online = sorted({f"teachers.{x.teacher}.dtype" for x in (cfg.on_policy, cfg.hidden, cfg.rl)
+                     if x is not None and getattr(x, "teacher", None)})
     if not teachers:  # from_pretrained: a local directory is a dep, a hub id is not
         models = [cfg.init.path] if (root / cfg.init.path).is_dir() else []
     data = [f"data/{d}" for d in [*cfg.datasets, *([cfg.logits] if cfg.logits else [])]]
+    if cfg.rl is not None and cfg.rl.reward_model:
+        data.append(f"models/{cfg.rl.reward_model}")
     return {
         "cmd": f"python stages/student.py {name}",
         "deps": code + data + sorted(set(models)),
@@ -93,6 +101,17 @@ def _init_digest(cfg: Student, params: Params, root: Path) -> str | None:
         return directory_digest(teacher_path(params, cfg.init.teacher, root))
     path = Path(cfg.init.path) if Path(cfg.init.path).is_absolute() else root / cfg.init.path
     return directory_digest(path) if path.is_dir() else None
+
+
+def reference_model(cfg: Student, params: Params, root: Path, name: str, dtype: Any = None) -> Any:
+    """A frozen copy of the student's initialisation, built again from disk (never a copy of the model being
+    trained, which would move with it): DPO's reference and the KL anchor of GRPO/RLOO."""
+    from kd.distill.student import init_student
+
+    model, _ = init_student(cfg.init, params, root, dtype=dtype, seed=cfg.training.seed,
+                            key=f"students.{name}.init")
+    model.eval().requires_grad_(False)
+    return model
 
 
 def _device(t: Any) -> str:
@@ -192,6 +211,14 @@ def train_student(name: str, root: Path = Path(".")) -> str:
         examples = _kd_examples(name, cfg, data, tok, params, root)
     elif cfg.objective == "sft" and cfg.hidden is not None:
         examples = _sft_examples(data, tok, t.max_length)
+    elif cfg.objective in ("dpo", "rrhf", "pro"):
+        from kd.distill import rank
+
+        rank.preflight(name, cfg, tok, data.records)
+    elif cfg.objective in ("grpo", "rloo"):
+        from kd.distill.rl import preflight
+
+        preflight(name, cfg, root, tok, data.records)
     if examples is not None and not examples:
         raise KdError(f"students.{name}: no record has a completion token within training.max_length ({t.max_length})")
 
@@ -214,6 +241,14 @@ def train_student(name: str, root: Path = Path(".")) -> str:
                 from kd.distill.trl_runs import train_sft
 
                 result = train_sft(model, tok, data.records, t, ckpt_dir, device, on_step)
+            case "dpo" | "rrhf" | "pro":
+                from kd.distill.rank import train_rank
+
+                result = train_rank(name, cfg, params, root, model, tok, data.records, ckpt_dir, device, on_step)
+            case "grpo" | "rloo":
+                from kd.distill.rl import train_rl
+
+                result = train_rl(name, cfg, params, root, model, tok, data.records, ckpt_dir, device, on_step)
             case "on_policy":
                 from kd.distill.trl_runs import train_on_policy
 

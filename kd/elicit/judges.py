@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kd.config import Judge
-from kd.elicit.common import Asker, Call, rejection, request_provenance, verdict
+from kd.elicit.common import Asker, rejection, request_provenance, verdict
 from kd.elicit.scoring import SCORE_DIGITS, score_call
 from kd.prompts import Prompt, load_prompt
 
@@ -157,30 +157,25 @@ def _rubric(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group]) -> li
 _WINNER = {"A": 0, "B": 1}
 
 
+OPTIONS = ("A", "B", "tie")  # a logprob verdict is whichever of these answers the judge finds most likely
+
+
 def _pairwise(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group]) -> list[Judged]:
-    calls: list[dict[tuple[int, int], Call]] = []
-    for g in groups:
-        calls.append({(a, b): asker.call(prompt, cfg.sampling, 0, instruction=g.instruction, response_a=g.texts[a],
-                                         response_b=g.texts[b], allow_prose=cfg.allow_prose)
-                      for a, b in permutations(range(len(g.texts)), 2)})
-    answers = asker.ask([c for cs in calls for c in cs.values()])
+    orders = [list(permutations(range(len(g.texts)), 2)) for g in groups]
+    verdicts = (_logprob_verdicts if cfg.verdict == "logprob" else _text_verdicts)(cfg, prompt, asker, groups, orders)
     out = []
-    for g, cs in zip(groups, calls, strict=True):
+    for g, order, vs in zip(groups, orders, verdicts, strict=True):
         n = len(g.texts)
         j = Judged(scores=[None] * n)
         winner: dict[tuple[int, int], int | None] = {}
-        for (a, b), call in cs.items():
-            response = answers[call.key]
-            j.requests.append(request_provenance(call, response))
-            reason = _text_verdict(response, "unparseable_verdict")
-            v = None if reason else parse_verdict(response["text"], cfg.allow_prose)
+        for (a, b), (v, note, requests, rejected) in zip(order, vs, strict=True):
+            j.requests += requests
             if v is None:
-                j.rejected.append(rejection(reason or "unparseable_verdict", call, response, input=g.origin,
-                                            order=[a, b]))
+                j.rejected.append(rejected)
                 continue
-            j.notes[(a, b)] = response["text"]
+            j.notes[(a, b)] = note
             winner[(a, b)] = None if v == "tie" else (a, b)[_WINNER[v]]
-        if len(winner) < len(cs):
+        if len(winner) < len(order):
             # rankings by wins need every comparison; a missing one would favour whoever it left out
             j.failure = "unranked"
             out.append(j)
@@ -197,6 +192,56 @@ def _pairwise(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group]) -> 
                     points[b] += 0.5
         j.scores = [round(p / (n - 1), SCORE_DIGITS) for p in points]
         out.append(j)
+    return out
+
+
+Verdicts = list[list[tuple[str | None, str, list[dict[str, Any]], dict[str, Any] | None]]]
+
+
+def _text_verdicts(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group], orders: list) -> Verdicts:
+    """Per group, per order (a, b): (verdict or None, the judge's words, request provenance, rejection)."""
+    calls = [[asker.call(prompt, cfg.sampling, 0, instruction=g.instruction, response_a=g.texts[a],
+                         response_b=g.texts[b], allow_prose=cfg.allow_prose) for a, b in order]
+             for g, order in zip(groups, orders, strict=True)]
+    answers = asker.ask([c for cs in calls for c in cs])
+    out = []
+    for g, order, cs in zip(groups, orders, calls, strict=True):
+        row = []
+        for (a, b), call in zip(order, cs, strict=True):
+            response = answers[call.key]
+            reason = _text_verdict(response, "unparseable_verdict")
+            v = None if reason else parse_verdict(response["text"], cfg.allow_prose)
+            rejected = None if v else rejection(reason or "unparseable_verdict", call, response, input=g.origin,
+                                                order=[a, b])
+            row.append((v, response["text"], [request_provenance(call, response)], rejected))
+        out.append(row)
+    return out
+
+
+def _logprob_verdicts(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group], orders: list) -> Verdicts:
+    """White-box verdicts: the judge prompt rendered as for a text verdict, then the teacher's mean token
+    log-probability of answering exactly A, B or tie (three `loglik` requests, cached like any answer); the most
+    likely answer is the verdict (an exact tie between the best two is a tie)."""
+    calls = [[[score_call(asker, "loglik", prompt.render(instruction=g.instruction, response_a=g.texts[a],
+                                                         response_b=g.texts[b], allow_prose=False), o, cfg.max_length)
+               for o in OPTIONS] for a, b in order] for g, order in zip(groups, orders, strict=True)]
+    answers = asker.ask([c for per_group in calls for cs in per_group for c in cs])
+    out = []
+    for g, order, per_group in zip(groups, orders, calls, strict=True):
+        row = []
+        for (a, b), cs in zip(order, per_group, strict=True):
+            responses = [answers[c.key] for c in cs]
+            requests = [request_provenance(c, r) for c, r in zip(cs, responses, strict=True)]
+            scores = [r.get("score") if r["finish_reason"] == "stop" else None for r in responses]
+            if any(not isinstance(s, (int, float)) for s in scores):
+                reason = "too_long_to_score" if any(r["finish_reason"] == "length" for r in responses) else "no_score"
+                row.append((None, "", requests, rejection(reason, None, None, input=g.origin, order=[a, b])))
+                continue
+            ranked = sorted(zip(scores, OPTIONS, strict=True), reverse=True)
+            v = "tie" if ranked[0][0] == ranked[1][0] else ranked[0][1]
+            note = " ".join(f"{o}: {s:.4f}" for o, s in zip(OPTIONS, scores, strict=True))
+            row.append((v, f"mean log-prob {note}", requests, None))
+        out.append(row)
     return out
 
 

@@ -48,7 +48,7 @@ def roles(cfg: Any) -> dict[str, Role]:
 
 
 def _judge_role(judge: Any) -> Role:
-    if judge.kind == "likelihood":
+    if judge.kind == "likelihood" or judge.verdict == "logprob":  # white-box: log-probabilities, not text
         return Role(judge.teacher, "loglik", batch_size=judge.batch_size)
     return Role(judge.teacher, "generate")
 
@@ -73,6 +73,11 @@ def reward_identity(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise KdError(f"reward_model: {path} does not exist (train it first: `dvc repro {path.name}`)")
     return {"backend": "reward_model", "model": path.name, "digest": directory_digest(path)}
+
+
+def judge_backend(judge: Any, params: Params, root: Path) -> Teacher:
+    """The backend a judge asks: the teacher generating text, or its log-likelihood scorer (white-box)."""
+    return make_backends({"judge": _judge_role(judge)}, params, root)["judge"]
 
 
 def make_backends(rs: dict[str, Role], params: Params, root: Path) -> dict[str, Teacher]:
@@ -156,8 +161,6 @@ class LoglikScorer:
         return {**self.teacher.identity, "dtype": self.teacher.cfg.dtype}
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
-        import torch
-
         if not items:
             return
         # LocalTeacher loads lazily and has no public accessor; scoring, like feature elicitation, is white-box.
@@ -169,20 +172,64 @@ class LoglikScorer:
             on_result(key, _too_long(n))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for batch in _length_sorted_batches(encoded, self.batch_size):
-            ids, mask = _right_padded([encoded[k][0] for k in batch], pad)
-            first = min(encoded[k][1] for k in batch) - 1  # logits before the earliest completion are not needed
-            with torch.inference_mode():
-                logits = model(input_ids=ids.to(self.teacher.device), attention_mask=mask.to(self.teacher.device),
-                               logits_to_keep=ids.shape[1] - first).logits
-            for row, key in enumerate(batch):
-                row_ids, start = encoded[key]
-                # logits[:, j] is position first + j; token t is predicted at position t - 1
-                pos = slice(start - 1 - first, len(row_ids) - 1 - first)
-                logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
-                target = torch.tensor(row_ids[start:], device=logp.device)
-                mean = logp.gather(-1, target[:, None]).mean().item()
+            means = mean_logprobs(model, [encoded[k] for k in batch], pad, self.teacher.device)
+            for key, mean in zip(batch, means, strict=True):
                 on_result(key, {"text": "", "finish_reason": "stop", "score": round(mean, SCORE_DIGITS),
-                                "usage": {"prompt_tokens": len(row_ids), "completion_tokens": 0}})
+                                "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})
+
+
+def mean_logprobs(model: Any, rows: list[tuple[list[int], int]], pad: int, device: Any) -> list[float]:
+    """Mean log-probability of each row's completion tokens `ids[start:]` under a causal LM, teacher-forced.
+
+    One batch, right-padded; logits only from the earliest completion on; log_softmax in float32 whatever
+    dtype the model runs in. The likelihood judge and the RL students' teacher reward both call this, so a
+    reward in training is the score the judge gives.
+
+    Args:
+        rows: (token ids, completion start) per sequence, as `kd.distill.tokenize.encode` returns them.
+    """
+    import torch
+
+    ids, mask = _right_padded([r[0] for r in rows], pad)
+    first = min(start for _, start in rows) - 1  # logits before the earliest completion are not needed
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=ids.shape[1] - first).logits
+    out = []
+    for row, (row_ids, start) in enumerate(rows):
+        # logits[:, j] is position first + j; token t is predicted at position t - 1
+        pos = slice(start - 1 - first, len(row_ids) - 1 - first)
+        logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+        target = torch.tensor(row_ids[start:], device=logp.device)
+        out.append(logp.gather(-1, target[:, None]).mean().item())
+    return out
+
+
+def load_reward_model(path: Path) -> tuple[Any, Any]:
+    """A reward model directory as (AutoModelForSequenceClassification in float32, eval mode; tokenizer)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    if model.config.num_labels != 1:
+        raise KdError(f"reward_model: {path} has {model.config.num_labels} labels; a reward model has one "
+                      f"(a scalar score)")
+    if model.config.pad_token_id is None:  # batches need it to find each row's last token
+        model.config.pad_token_id = tok.pad_token_id or tok.eos_token_id
+    model.requires_grad_(False)
+    return model, tok
+
+
+def reward_scores(model: Any, rows: list[list[int]]) -> list[float]:
+    """A reward model's scalar for each token sequence (prompt + completion through the chat template), one
+    right-padded batch. `RewardScorer` and the RL students' reward both call this, so a reward in training is
+    the score kd's reward filter and evaluation give."""
+    import torch
+
+    ids, mask = _right_padded(rows, model.config.pad_token_id)
+    with torch.inference_mode():
+        return model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, 0].float().tolist()
 
 
 class RewardScorer:
@@ -201,33 +248,16 @@ class RewardScorer:
             self._identity = reward_identity(self.path)
         return self._identity
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(self.path)
-        self._model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32,
-                                                                         use_safetensors=True).eval()
-        if self._model.config.num_labels != 1:
-            raise KdError(f"reward_model: {self.path} has {self._model.config.num_labels} labels; a reward model "
-                          f"has one (a scalar score)")
-        if self._model.config.pad_token_id is None:  # batches need it to find each row's last token
-            self._model.config.pad_token_id = self._tok.pad_token_id or self._tok.eos_token_id
-
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
-        import torch
-
         if not items:
             return
         if self._model is None:
-            self._load()
+            self._model, self._tok = load_reward_model(self.path)
         encoded, too_long = _encode_all(self._tok, items)
         for key, n in too_long:
             on_result(key, _too_long(n))
         for batch in _length_sorted_batches(encoded, self.batch_size):
-            ids, mask = _right_padded([encoded[k][0] for k in batch], self._model.config.pad_token_id)
-            with torch.inference_mode():
-                scores = self._model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+            scores = reward_scores(self._model, [encoded[k][0] for k in batch])
             for key, score in zip(batch, scores, strict=True):
                 on_result(key, {"text": "", "finish_reason": "stop", "score": round(score, SCORE_DIGITS),
                                 "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})

@@ -1,0 +1,206 @@
+"""Rank optimisation on feedback datasets (survey §3.2.4): objectives `dpo`, `rrhf` and `pro`.
+
+The student usually starts from an SFT student and learns from the teacher's ranking of candidate answers:
+
+- `dpo`: TRL's DPOTrainer on each record's (chosen, rejected) pair, against an explicit frozen reference, the
+  student's initialisation built again from disk (a copy of the model being trained would move with it).
+- `rrhf`, `pro`: kd's own loop over each record's whole ranked `candidates` list, with the losses of
+  `kd.distill.preference`. Same schedule, data order, checkpoints and exact resume as `kd.distill.loop`.
+
+References: Rafailov et al. 2023, "Direct Preference Optimization", https://arxiv.org/abs/2305.18290;
+Yuan et al. 2023 (RRHF), https://arxiv.org/abs/2304.05302; Song et al. 2023 (PRO), https://arxiv.org/abs/2306.17492
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.config import Params, Student
+from kd.distill import checkpoint, loop
+from kd.distill.loop import Result
+from kd.errors import KdError
+
+
+@dataclass
+class Ranked:
+    """One prompt's usable candidates, best first: token ids, where each completion starts, the scores."""
+
+    ids: list[list[int]]
+    starts: list[int]
+    scores: list[float]
+
+
+def _ranked(record: dict[str, Any], tok: Any, max_length: int, pair: bool = False) -> Ranked | None:
+    """A record's candidates tokenised (completion cut to `max_length`), sorted by score, best first; with
+    `pair`, only its chosen and rejected answers (also the fallback when it has no `candidates` list).
+
+    A candidate with no completion token left within `max_length` is dropped; a record left with fewer than
+    two (nothing to rank) is None.
+    """
+    from kd.distill.tokenize import encode
+
+    cands = record.get("candidates")
+    if pair or not cands:
+        cands = [{"completion": record["chosen"], "score": record["score_chosen"]},
+                 {"completion": record["rejected"], "score": record["score_rejected"]}]
+    kept = []
+    for c in sorted(cands, key=lambda c: -float(c["score"])):  # stable: ties keep their order
+        ids, start = encode(tok, {"id": record.get("id", "?"), "prompt": record["prompt"],
+                                  "completion": c["completion"]}, max_length)
+        if start < len(ids):
+            kept.append((ids, start, float(c["score"])))
+    return Ranked(*map(list, zip(*kept, strict=True))) if len(kept) >= 2 else None
+
+
+def preflight(name: str, cfg: Student, tok: Any, records: list[dict[str, Any]]) -> list[tuple[dict, Ranked]]:
+    """The usable records with their ranked candidates; a KdError naming `students.<name>` when none is left.
+    Called before the MLflow run starts, so a user mistake leaves no FAILED run."""
+    dpo = cfg.objective == "dpo"
+    max_length = cfg.training.max_length
+    kept = [(r, x) for r in records if (x := _ranked(r, tok, max_length, pair=dpo)) is not None]
+    if not kept:
+        what = "its chosen and rejected answers" if dpo else "two candidates"
+        raise KdError(f"students.{name}: no feedback record keeps {what} with a completion token within "
+                      f"training.max_length ({max_length})")
+    return kept
+
+
+def train_rank(name: str, cfg: Student, params: Params, root: Path, model: Any, tok: Any,
+               records: list[dict[str, Any]], ckpt_dir: Path, device: str,
+               on_step: Callable[[dict[str, float]], None]) -> Result:
+    """Train `model` in place with the student's rank objective (see the module docstring).
+
+    Raises:
+        KdError: naming `students.<name>` when no record is left with two answers to compare.
+    """
+    kept = preflight(name, cfg, tok, records)
+    if cfg.objective == "dpo":
+        return _dpo(name, cfg, params, root, model, tok, [r for r, _ in kept], ckpt_dir, device, on_step)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return _rank_loop(cfg, model, [x for _, x in kept], pad_id, ckpt_dir, on_step)
+
+
+def _dpo(name: str, cfg: Student, params: Params, root: Path, model: Any, tok: Any, records: list[dict[str, Any]],
+         ckpt_dir: Path, device: str, on_step: Callable[[dict[str, float]], None]) -> Result:
+    """DPO on (prompt, chosen, rejected), conversational. TRL logs `rewards/{chosen,rejected,margins,accuracies}`
+    (implicit rewards β·log π/π_ref), `logps/{chosen,rejected}` and more; all reach `on_step` and the history."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from kd.distill.train import reference_model
+    from kd.distill.trl_runs import _args, _callback, _run
+
+    t = cfg.training
+    # `records` hold only pairs with both answers within max_length, as for rrhf/pro (TRL itself drops only a
+    # prompt that fills max_length, and would train on a pair whose answer is cut away entirely).
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+    ref = reference_model(cfg, params, root, name, dtype=next(model.parameters()).dtype).to(device)
+    args = DPOConfig(**_args(t, ckpt_dir, device), beta=cfg.rank.beta, loss_type=[cfg.rank.loss_type])
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[_callback(on_step)])
+    return _run(trainer, ckpt_dir)
+
+
+def _collate(batch: list[Ranked], pad: int, device: Any) -> dict[str, Any]:
+    """Every candidate of the micro-batch as one right-padded row; `counts` says how many each prompt has."""
+    import torch
+
+    seqs = [(ids, start) for ex in batch for ids, start in zip(ex.ids, ex.starts, strict=True)]
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros_like(ids)
+    for r, (x, start) in enumerate(seqs):
+        ids[r, :len(x)] = torch.tensor(x)
+        attn[r, :len(x)] = 1
+        comp[r, start:len(x)] = 1
+    counts = [len(ex.ids) for ex in batch]
+    n = max(counts)
+    scores = torch.tensor([ex.scores + [0.0] * (n - len(ex.scores)) for ex in batch])
+    mask = torch.tensor([[i < c for i in range(n)] for c in counts])
+    return {"ids": ids.to(device), "attn": attn.to(device), "comp": comp.to(device), "counts": counts,
+            "scores": scores.to(device), "mask": mask.to(device)}
+
+
+def _ranking_stats(r: Any, scores: Any, mask: Any, counts: list[int]) -> tuple[float, int, int]:
+    """(Σ over prompts of r(best) − r(worst), pairs ordered like the scores, pairs with different scores)."""
+    import torch
+
+    worst = r.gather(1, torch.tensor(counts, device=r.device)[:, None] - 1).squeeze(1)
+    margin = (r[:, 0] - worst).sum().item()
+    ordered = (scores[:, :, None] > scores[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # i above j
+    right = ordered & (r[:, :, None] > r[:, None, :])
+    return margin, int(right.sum()), int(ordered.sum())
+
+
+def _rank_loop(cfg: Student, model: Any, examples: list[Ranked], pad_id: int, ckpt_dir: Path,
+               on_step: Callable[[dict[str, float]], None]) -> Result:
+    """RRHF or PRO: AdamW, linear warmup/decay, grad accumulation, checkpoints, exact resume (as loop.train).
+
+    The step loss is the mean over the step's prompts of the per-prompt loss; `margin` is the mean of
+    r(best) − r(worst) and `rank_acc` the fraction of differently-scored candidate pairs the policy orders
+    like the scores, r being the (length-normalised, with `rank.length_normalise`) sequence log-probability.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from kd.distill.preference import pro_loss, rrhf_loss, sequence_logprobs
+
+    t, rank = cfg.training, cfg.rank
+    device = next(model.parameters()).device
+    torch.manual_seed(t.seed)
+    _, total = loop.plan(len(examples), t)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(total, t.warmup_ratio))
+    result = Result()
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        state = checkpoint.load(last, {"model": model}, optimizer, scheduler)
+        result.history, result.resumed_from = state["history"], state["step"]
+        result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
+    model.train()
+    bar = tqdm(total=total, initial=result.resumed_from, desc=cfg.objective, unit="step", dynamic_ncols=True)
+    for step in range(result.resumed_from, total):
+        loop.check_stop(step)
+        micro = [[examples[i] for i in idx] for idx in loop.step_batches(step, len(examples), t)]
+        n_prompts = sum(len(b) for b in micro)
+        loss_sum = margin_sum = 0.0
+        right = pairs = 0
+        for batch in micro:
+            b = _collate(batch, pad_id, device)
+            total_lp = sequence_logprobs(model, b["ids"], b["attn"], b["comp"], length_normalise=False)
+            mean_lp = total_lp / b["comp"][:, 1:].sum(-1).clamp_min(1)  # per-token mean: RRHF's SFT term
+            per_prompt = [list(x.split(b["counts"])) for x in (total_lp, mean_lp)]
+            total_lp, mean_lp = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in per_prompt)
+            r = mean_lp if rank.length_normalise else total_lp
+            if cfg.objective == "rrhf":
+                loss = rrhf_loss(r, b["scores"], sft_nll=-mean_lp[:, 0], mask=b["mask"], rank_weight=rank.rank_weight)
+            else:
+                loss = pro_loss(r, b["scores"] if rank.score_weighted else None, mask=b["mask"])
+            loss = loss * len(batch) / n_prompts  # each loss is a mean over its prompts
+            loss.backward()
+            loss_sum += loss.item()
+            m, ok, n = _ranking_stats(r.detach(), b["scores"], b["mask"], b["counts"])
+            margin_sum, right, pairs = margin_sum + m, right + ok, pairs + n
+            result.tokens += int(b["attn"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": step + 1, "loss": loss_sum, "margin": margin_sum / n_prompts,
+                   "rank_acc": right / pairs if pairs else 0.0, "grad_norm": float(grad_norm),
+                   "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
+        result.history.append(metrics)
+        if (step + 1) % t.log_every == 0 or step + 1 == total:
+            on_step(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
+            checkpoint.save(ckpt_dir, step + 1, {"model": model}, optimizer, scheduler, result.history)
+    bar.close()
+    model.eval()
+    result.steps = total
+    return result

@@ -44,3 +44,4 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/novelty.py
+	$(BIN)/python bench/feedback.py

@@ -133,6 +133,10 @@ def test_gpu_profile_validates(tmp_path):
     params = load_params(tmp_path)
     assert params.teachers["qwen72b"].backend == "openai" and params.teachers["qwen7b"].device == "cuda"
     assert {s.init.kind for s in params.students.values()} == {"from_pretrained"}
+    # the feedback recipe at GPU scale: rubric-judged preferences, a reward model, DPO and GRPO students
+    assert params.datasets["prefs"].judge.kind == "rubric" and params.reward_models["reward"].datasets == ["prefs"]
+    assert {"dpo", "grpo"} <= {s.objective for s in params.students.values()}
+    assert params.evaluation.reward_model == "reward" and params.evaluation.judge.kind == "pairwise"
 
 
 def test_check_reports_missing_student_dep(project):

@@ -329,3 +329,77 @@ def test_likelihood_judge_scores_mean_token_logprob(tmp_path: Path, tiny_model_d
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         mean = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start)
         assert cand["score"] == pytest.approx(mean, abs=1e-4)
+
+
+def test_logprob_pairwise_verdicts_need_no_parsing(tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # a small local judge rarely answers in format; `verdict: logprob` reads A/B/tie from its probabilities
+    judge = {"teacher": "tiny", "kind": "pairwise", "template": "prompts/feedback/pairwise.jinja",
+             "verdict": "logprob", "batch_size": 8}
+    root = make_project(tmp_path, tiny_model_dir, judge)
+    line = build(root, monkeypatch)
+    assert not {"unparseable_verdict", "unranked"} & set(reasons(root))
+    pairs = INPUTS * CANDIDATES * (CANDIDATES - 1)
+    assert f"judge: 0 cached, {pairs} new" in line  # one forward pass per order of each pair
+    assert f"judge: {pairs} cached, 0 new" in build(root, monkeypatch)
+    for r in read_jsonl(root / "data" / "prefs" / "records.jsonl"):
+        assert all(note.startswith("log-prob A: ") for note in r["rationale"].split("\n\n"))
+
+
+def test_choice_scores_are_the_first_answer_tokens_log_probabilities(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd.config import LocalTeacher as LocalConfig
+    from kd.elicit.scoring import LoglikScorer
+    from kd.teachers.local import LocalTeacher
+
+    teacher = LocalTeacher("tiny", LocalConfig(backend="local", path=str(tiny_model_dir), dtype="float32"), Path("."))
+    messages = [[{"role": "user", "content": "Which is better, A or B?" + " really" * i}] for i in range(3)]
+    got: dict[str, Any] = {}
+    LoglikScorer(teacher, batch_size=2).generate(
+        [(str(i), {"kind": "choice", "messages": m, "options": ["A", "B", "tie"], "max_length": 512})
+         for i, m in enumerate(messages)], lambda key, response: got.__setitem__(key, response["scores"]))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for i, m in enumerate(messages):  # one at a time, unpadded: batching must not change a score
+        ids = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        first = [tok.encode(o, add_special_tokens=False)[0] for o in ("A", "B", "tie")]
+        assert got[str(i)] == pytest.approx([logp[t].item() for t in first], abs=1e-4)
+
+
+class ScriptedScorer:
+    """A white-box judge that finds answer A likely when response A is the longer one (or always, `biased`)."""
+
+    def __init__(self, biased: bool = False) -> None:
+        self.biased, self.name = biased, "scripted"
+        self.identity = {"backend": "local", "model": "scripted", "biased": biased}
+
+    def generate(self, items: list, on_result: Any) -> None:
+        for key, request in items:
+            user = request["messages"][-1]["content"]
+            a, b = re.search(r"Response A:\n(.*?)\n\nResponse B:\n(.*?)\n\n", user, re.S).groups()
+            likely = "A" if self.biased or len(a) > len(b) else "B"
+            scores = [{likely: -0.5, "tie": -2.0}.get(o, -3.0) for o in request["options"]]
+            on_result(key, {"text": "", "finish_reason": "stop", "scores": scores,
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 0}})
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_logprob_verdict_is_the_most_likely_answer_in_both_orders(tmp_path: Path, biased: bool) -> None:
+    from kd.cache import RequestCache
+    from kd.config import Judge
+    from kd.elicit.common import Asker
+
+    root = copy_project(tmp_path / "project")
+    cfg = Judge(teacher="t", kind="pairwise", template="prompts/feedback/pairwise.jinja", verdict="logprob")
+    asker = Asker(ScriptedScorer(biased), RequestCache(tmp_path / "cache"), "judge")
+    group = judges.Group("Say hi.", [{"role": "user", "content": "Say hi."}], ["hi", "hello there", "hey"], {})
+    [j], prompt = judges.judge(cfg, root, asker, [group])
+    assert prompt is not None and asker.new == 6  # one choice request for each of the six orders
+    if biased:  # always "A": every pair's two verdicts disagree, so all are ties
+        assert j.scores == [0.5, 0.5, 0.5] and j.inconsistent == 3
+    else:  # the longer response wins both orders: ranked by length, no inconsistency
+        assert j.scores == [0.0, 1.0, 0.5] and j.inconsistent == 0

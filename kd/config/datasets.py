@@ -143,8 +143,8 @@ class Judge(Strict):
                                                  "(the rating lines themselves stay strict)")
     verdict: Literal["text", "logprob"] = Field(
         "text", description="pairwise: `text` parses the judge's generated answer; `logprob` (white-box, local "
-                            "teacher) takes whichever of A, B, tie the teacher finds most likely after the prompt, "
-                            "so a small judge always gives a verdict")
+                            "teacher) takes whichever of A, B, tie the teacher is likeliest to begin its answer "
+                            "with (one forward pass), so a small judge always gives a verdict")
     sampling: Sampling = Sampling(temperature=0.0, max_tokens=96)
     max_length: int = Field(1024, ge=8, description="likelihood, logprob: prompt + scored tokens; longer is rejected")
     batch_size: int = Field(8, ge=1, le=4096, description="likelihood: sequences per forward pass")

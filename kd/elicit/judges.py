@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from kd.config import Judge
 from kd.elicit.common import Asker, rejection, request_provenance, verdict
-from kd.elicit.scoring import SCORE_DIGITS, score_call
+from kd.elicit.scoring import SCORE_DIGITS, choice_call, score_call
 from kd.prompts import Prompt, load_prompt
 
 RUBRIC_VARIABLES = ("instruction", "response", "aspects", "low", "high", "allow_prose")
@@ -219,28 +219,28 @@ def _text_verdicts(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group]
 
 
 def _logprob_verdicts(cfg: Judge, prompt: Prompt, asker: Asker, groups: list[Group], orders: list) -> Verdicts:
-    """White-box verdicts: the judge prompt rendered as for a text verdict, then the teacher's mean token
-    log-probability of answering exactly A, B or tie (three `loglik` requests, cached like any answer); the most
-    likely answer is the verdict (an exact tie between the best two is a tie)."""
-    calls = [[[score_call(asker, "loglik", prompt.render(instruction=g.instruction, response_a=g.texts[a],
-                                                         response_b=g.texts[b], allow_prose=False), o, cfg.max_length)
-               for o in OPTIONS] for a, b in order] for g, order in zip(groups, orders, strict=True)]
-    answers = asker.ask([c for per_group in calls for cs in per_group for c in cs])
+    """White-box verdicts: the judge prompt rendered as for a text verdict, then one `choice` request (cached like
+    any answer): the teacher's log-probability of beginning its answer with A, B or tie. The likeliest is the
+    verdict (an exact tie between the best two is a tie)."""
+    calls = [[choice_call(asker, prompt.render(instruction=g.instruction, response_a=g.texts[a],
+                                               response_b=g.texts[b], allow_prose=False), OPTIONS, cfg.max_length)
+              for a, b in order] for g, order in zip(groups, orders, strict=True)]
+    answers = asker.ask([c for cs in calls for c in cs])
     out = []
-    for g, order, per_group in zip(groups, orders, calls, strict=True):
+    for g, order, cs in zip(groups, orders, calls, strict=True):
         row = []
-        for (a, b), cs in zip(order, per_group, strict=True):
-            responses = [answers[c.key] for c in cs]
-            requests = [request_provenance(c, r) for c, r in zip(cs, responses, strict=True)]
-            scores = [r.get("score") if r["finish_reason"] == "stop" else None for r in responses]
-            if any(not isinstance(s, (int, float)) for s in scores):
-                reason = "too_long_to_score" if any(r["finish_reason"] == "length" for r in responses) else "no_score"
-                row.append((None, "", requests, rejection(reason, None, None, input=g.origin, order=[a, b])))
+        for (a, b), call in zip(order, cs, strict=True):
+            response = answers[call.key]
+            scores = response.get("scores")  # absent in a forecast's placeholder answers
+            if response["finish_reason"] != "stop" or not isinstance(scores, list):
+                reason = "too_long_to_score" if response["finish_reason"] == "length" else "no_score"
+                row.append((None, "", [request_provenance(call, response)],
+                            rejection(reason, None, None, input=g.origin, order=[a, b])))
                 continue
             ranked = sorted(zip(scores, OPTIONS, strict=True), reverse=True)
             v = "tie" if ranked[0][0] == ranked[1][0] else ranked[0][1]
             note = " ".join(f"{o}: {s:.4f}" for o, s in zip(OPTIONS, scores, strict=True))
-            row.append((v, f"mean log-prob {note}", requests, None))
+            row.append((v, f"log-prob {note}", [request_provenance(call, response)], None))
         out.append(row)
     return out
 

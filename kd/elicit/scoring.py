@@ -167,15 +167,59 @@ class LoglikScorer:
         if self.teacher._model is None:
             self.teacher._load()
         model, tok = self.teacher._model, self.teacher._tok
-        encoded, too_long = _encode_all(tok, items)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        choices = [(k, r) for k, r in items if r["kind"] == "choice"]
+        if choices:
+            self._choose(model, tok, pad, choices, on_result)
+        encoded, too_long = _encode_all(tok, [(k, r) for k, r in items if r["kind"] != "choice"])
         for key, n in too_long:
             on_result(key, _too_long(n))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for batch in _length_sorted_batches(encoded, self.batch_size):
             means = mean_logprobs(model, [encoded[k] for k in batch], pad, self.teacher.device)
             for key, mean in zip(batch, means, strict=True):
                 on_result(key, {"text": "", "finish_reason": "stop", "score": round(mean, SCORE_DIGITS),
                                 "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})
+
+
+    def _choose(self, model: Any, tok: Any, pad: int, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        """`choice` requests: the log-probability of each option's first token where the assistant's answer
+        begins, from one forward pass of the prompt (the options must start with different tokens)."""
+        import torch
+
+        from kd.distill.tokenize import encode
+
+        encoded: dict[str, tuple[list[int], int]] = {}
+        firsts: dict[str, list[int]] = {}
+        for key, req in items:
+            rows = [encode(tok, {"prompt": req["messages"], "completion": [{"role": "assistant", "content": o}]},
+                    10**9) for o in req["options"]]
+            prompt = rows[0][0][:rows[0][1]]
+            if len(prompt) > req["max_length"]:
+                on_result(key, _too_long(len(prompt)))
+                continue
+            firsts[key] = [ids[start] for ids, start in rows]
+            if len(set(firsts[key])) < len(firsts[key]) or any(ids[:start] != prompt for ids, start in rows):
+                raise KdError(f"judge options {req['options']} must begin with different tokens after one prompt")
+            encoded[key] = (prompt, len(prompt))
+        for batch in _length_sorted_batches(encoded, self.batch_size):
+            ids, mask = _right_padded([encoded[k][0] for k in batch], pad)
+            first = min(encoded[k][1] for k in batch) - 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(self.teacher.device), attention_mask=mask.to(self.teacher.device),
+                               logits_to_keep=ids.shape[1] - first).logits
+            for row, key in enumerate(batch):
+                logp = torch.log_softmax(logits[row, encoded[key][1] - 1 - first].float(), dim=-1)
+                scores = [round(logp[t].item(), SCORE_DIGITS) for t in firsts[key]]
+                on_result(key, {"text": "", "finish_reason": "stop", "scores": scores,
+                                "usage": {"prompt_tokens": encoded[key][1], "completion_tokens": 0}})
+
+
+def choice_call(asker: Asker, messages: list[dict[str, str]], options: tuple[str, ...], max_length: int) -> Call:
+    """A white-box multiple-choice request: which of `options` the judge is likeliest to begin its answer with."""
+    identity = asker.teacher.identity
+    request = {"kind": "choice", "backend": identity["backend"], "teacher": identity, "messages": messages,
+               "options": list(options), "max_length": max_length}
+    return Call(request_key(request), request, None)
 
 
 def mean_logprobs(model: Any, rows: list[tuple[list[int], int]], pad: int, device: Any) -> list[float]:

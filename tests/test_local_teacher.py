@@ -66,6 +66,12 @@ def test_identity_digest_follows_weights(tiny_model_dir, tmp_path, monkeypatch):
     shutil.copytree(tiny_model_dir, copy)
     d1 = directory_digest(copy)
     assert directory_digest(copy) == d1
+    # kd's provenance (a student's card and kd_model.json name its commit and MLflow run) is not its identity:
+    # the same weights rebuilt in another clone must draw the same samples when the student generates
+    rebuilt = shutil.copytree(copy, tmp_path / "rebuilt")  # another path: no memoised digest to return
+    (rebuilt / "kd_model.json").write_text('{"mlflow_run_id": "another run"}')
+    (rebuilt / "README.md").write_text("# another card")
+    assert directory_digest(rebuilt) == d1
     with (copy / "model.safetensors").open("r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")

@@ -17,14 +17,20 @@ from kd.errors import KdError
 
 DIGEST_MEMO = Path(".kd/digests.json")
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+_PROVENANCE_FILES = ("README.md", "kd_model.json")  # kd.distill.student.CARD_FILE, INFO_FILE
 
 
 def directory_digest(path: Path) -> str:
     """sha256 over the weights, config and tokenizer files of a model directory.
 
+    kd's own provenance files (the `README.md` card, `kd_model.json`) are left out: they name the git commit and
+    MLflow run, so a byte-identical model rebuilt elsewhere would otherwise get another identity, and a student
+    used as a generator would draw different samples (sampling is seeded from the request key).
+
     Hashing gigabytes on every stage start is wasteful, so digests are memoised by (path, size, mtime).
     """
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES and p.name != "README.md")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES
+                   and p.name not in _PROVENANCE_FILES)
     if not files:
         raise KdError(f"{path}: no model files (expected safetensors, config.json and tokenizer files)")
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]

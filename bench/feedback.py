@@ -14,8 +14,8 @@ process, on the same inputs, alternating sides so that drift on a shared machine
             metrics and plots) vs bare TRL `DPOTrainer` on the same rows, model, reference and
             TrainingArguments; the per-step losses must agree.
 
-    python bench/feedback.py            # about 5 minutes on 2 idle CPU cores
-    python bench/feedback.py --quick    # about 1 minute: 6 prompts x 4 candidates, 2 DPO steps
+    python bench/feedback.py            # about 5 minutes on 2 idle CPU cores (7-14 with other jobs on them)
+    python bench/feedback.py --quick    # about 1-1.5 minutes idle: 6 prompts x 4 candidates, 2 DPO steps
 
 Inputs: the 40 seed instructions rendered with prompts/labeling/explain.jinja (as `datasets.prefs` renders
 them) and their 4 candidates from data/prefs (the 4-layer student's samples); the DPO init and reference
@@ -115,11 +115,11 @@ def judge_groups(n: int) -> tuple[list[Any], bool, list[float]]:
     from kd.records import read_dataset
 
     prompt = load_prompt(ROOT, TEMPLATE, VARIABLES)
-    seeds = [json.loads(line) for line in (ROOT / SEEDS).read_text().splitlines() if line.strip()][:n]
+    seeds = [json.loads(line) for line in (ROOT / SEEDS).read_text().splitlines() if line.strip()]
     _, records = read_dataset(PREFS)
     by_instruction = {r["prompt"][-1]["content"]: r for r in records}
     groups, same, stored = [], True, []
-    for s in seeds:
+    for s in [s for s in seeds if s["instruction"] in by_instruction][:n]:  # a seed the stage rejected has none
         messages = prompt.render(instruction=s["instruction"], category=s["category"])  # keep_system: true
         record = by_instruction[s["instruction"]]
         same &= messages == record["prompt"]
@@ -233,9 +233,10 @@ def dpo_project(root: Path, steps: int) -> None:
         shutil.copytree(ROOT / d, root / d)
     student = real["students"]["student_dpo"]
     training = {**student["training"], "max_steps": steps, "warmup_ratio": 0.0, "checkpoint_every": 10_000, "seed": 0}
-    params = {"project": "kd-bench", "teachers": {k: real["teachers"][k] for k in ("smollm2", "student_sft")},
-              "datasets": {"prefs": real["datasets"]["prefs"]},
-              "students": {"bench_dpo": {**student, "training": training}}}
+    # every dataset and reward model, so that the cross-references params.yaml makes still resolve; only
+    # data/prefs is read
+    params = {"project": "kd-bench", "teachers": real["teachers"], "datasets": real["datasets"],
+              "reward_models": real.get("reward_models") or {}, "students": {"bench_dpo": {**student, "training": training}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -383,6 +384,15 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def inputs() -> dict[str, str]:
+    """What the figures were measured on: the stages rebuild data/prefs and models/student_sft."""
+    from kd.records import read_dataset
+    from kd.teachers.local import directory_digest
+
+    return {"data/prefs": read_dataset(PREFS)[0]["fingerprint"], "models/student_sft": directory_digest(STUDENT),
+            "models/teacher": directory_digest(TEACHER)}
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata
 
@@ -419,7 +429,7 @@ def table(res: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about 1 minute: 6 prompts x 4 candidates, 2 DPO steps")
+    parser.add_argument("--quick", action="store_true", help="about 1-1.5 min idle: 6 prompts x 4 candidates, 2 DPO steps")
     parser.add_argument("--repeats", type=int, help="judge: timed runs per side, best kept (default 2; 1 with --quick)")
     parser.add_argument("--dpo-repeats", type=int, default=1, help="dpo: timed runs per side, best kept (default 1: "
                         "one run is 6 steps of 10-20 s each on 2 cores)")
@@ -444,6 +454,7 @@ def main() -> int:
             res["judge"] = bench_judge(prompts, repeats, work)
             print(f"b. dpo: {steps} steps of batch 8, {args.dpo_repeats} repeat(s)", flush=True)
             res["dpo"] = bench_dpo(steps, args.dpo_repeats, work)
+            res["inputs"] = inputs()
         finally:
             os.chdir(cwd)
     res["run_s"] = time.perf_counter() - start

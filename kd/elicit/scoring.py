@@ -168,10 +168,10 @@ class LoglikScorer:
             self.teacher._load()
         model, tok = self.teacher._model, self.teacher._tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        choices = [(k, r) for k, r in items if r["kind"] == "choice"]
+        choices = [(k, r) for k, r in items if r.get("kind") == "choice"]
         if choices:
             self._choose(model, tok, pad, choices, on_result)
-        encoded, too_long = _encode_all(tok, [(k, r) for k, r in items if r["kind"] != "choice"])
+        encoded, too_long = _encode_all(tok, [(k, r) for k, r in items if r.get("kind") != "choice"])
         for key, n in too_long:
             on_result(key, _too_long(n))
         for batch in _length_sorted_batches(encoded, self.batch_size):

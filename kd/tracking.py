@@ -8,10 +8,12 @@ loading rows (MLflow #13020: minutes for 69k rows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,19 @@ class Run:
         import mlflow
 
         mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """Around training: an error ends the run FAILED, an interrupt KILLED (its checkpoint resumes it); on
+        success the run stays open for the final metrics, and the caller ends it."""
+        try:
+            yield
+        except Exception:
+            self.end("FAILED")
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit
+            self.end("KILLED")
+            raise
 
 
 def start_run(root: Path, project: str, stage: str, params: dict[str, Any],

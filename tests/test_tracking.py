@@ -77,3 +77,23 @@ def test_run_logs_params_tags_inputs_and_resumes(tmp_path: Path, monkeypatch: py
     fresh = start_run(tmp_path, "proj", "student_x", params, data, run_id="0" * 32)
     assert fresh.run_id != run.run_id
     fresh.end()
+
+
+def test_a_run_ends_failed_on_an_error_and_killed_on_an_interrupt(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    statuses = []
+    for raised in (ValueError("bad data"), KeyboardInterrupt()):
+        run = start_run(tmp_path, "proj", "student_x", {"lr": 1}, [])
+        with pytest.raises(type(raised)), run.failing():
+            raise raised
+        statuses.append(mlflow.MlflowClient(uri).get_run(run.run_id).info.status)
+    run = start_run(tmp_path, "proj", "student_x", {"lr": 1}, [])
+    with run.failing():
+        pass  # success leaves the run open for the final metrics
+    assert statuses == ["FAILED", "KILLED"]
+    assert mlflow.MlflowClient(uri).get_run(run.run_id).info.status == "RUNNING"
+    run.end()

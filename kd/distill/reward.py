@@ -323,18 +323,12 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
     def on_step(metrics: dict[str, float]) -> None:
         run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
-    try:
+    with run.failing():
         result = _train(model.to(device), tok, rows, cfg, ckpt_dir, device, on_step)
         model.to("cpu", torch.float32)  # as RewardScorer loads the saved weights (bf16 -> fp32 -> bf16 is exact)
         accuracy, margin = pair_metrics(score_pairs(model, tok, held_pairs, t.batch_size))
         accuracy_train, _ = pair_metrics(score_pairs(model, tok, train_pairs, t.batch_size))
         model.to(dtype)
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit: the checkpoint resumes it
-        run.end("KILLED")
-        raise
     seconds = time.monotonic() - start
     metrics = {**final_metrics(result), "accuracy": accuracy, "accuracy_train": accuracy_train,
                "margin_held_out": margin, "pairs_train": len(train_pairs), "pairs_held_out": len(held_pairs),

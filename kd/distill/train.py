@@ -230,7 +230,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     def on_step(metrics: dict[str, float]) -> None:
         run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
-    try:
+    with run.failing():
         match cfg.objective:
             case "kd":
                 result = _own_loop(name, cfg, params, root, model, examples, pad_id, ckpt_dir, device, on_step)
@@ -257,12 +257,6 @@ def train_student(name: str, root: Path = Path(".")) -> str:
                                          device, on_step)
             case _:
                 raise AssertionError(cfg.objective)
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit: the checkpoint resumes it
-        run.end("KILLED")
-        raise
     seconds = time.monotonic() - start
     metrics = final_metrics(result)
     run.log_metrics({"train_seconds": seconds}, step=result.steps)

@@ -68,3 +68,13 @@ def _mlflow_env_restored():
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     assert os.environ.get("MLFLOW_TRACKING_URI") == before, "a test left MLFLOW_TRACKING_URI changed"
+
+
+@pytest.fixture
+def tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """One sqlite MLflow store for the session (creating one costs seconds; runs do not interfere), and no
+    kill hook (KD_TEST_STOP_AFTER_STEP) left set by an earlier test."""
+    uri = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("KD_TEST_STOP_AFTER_STEP", raising=False)
+    return uri

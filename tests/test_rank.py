@@ -22,14 +22,6 @@ TRAINING = {"max_steps": 3, "batch_size": 8, "grad_accum": 1, "lr": 1e-2}
 RESUME = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "checkpoint_every": 2, "warmup_ratio": 0.25}
 
 
-@pytest.fixture
-def tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One sqlite store for the module's runs (creating one costs seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow_rank.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv(STOP_ENV, raising=False)
-    return uri
-
 
 def _spec(objective: str, **extra) -> dict:
     return student(objective, datasets=["prefs"], training={**TRAINING, **extra.pop("training", {})}, **extra)

@@ -26,14 +26,6 @@ def rm(pairs: str = "all", **extra) -> dict:
             "pairs": pairs, **extra, "training": {**RM_TRAINING, **extra.pop("training", {})}}
 
 
-@pytest.fixture
-def tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One sqlite store for the session (creating one costs seconds); no kill hook left set."""
-    uri = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv(STOP_ENV, raising=False)
-    return uri
-
 
 def _records(ids_prompts: list[tuple[str, str]]) -> list[dict]:
     return [{"id": i, "prompt": [{"role": "user", "content": p}]} for i, p in ids_prompts]

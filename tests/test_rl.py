@@ -16,13 +16,6 @@ from kd.errors import KdError
 RM = {"rm": {"init": {"kind": "from_teacher", "teacher": "tiny", "layers": [0]}, "datasets": ["prefs"]}}
 
 
-@pytest.fixture
-def tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("KD_TEST_STOP_AFTER_STEP", raising=False)
-    return uri
-
 
 def rl_student(objective: str, **rl: Any) -> dict[str, Any]:
     spec = student(objective, training={"max_steps": 2, "batch_size": 4, "checkpoint_every": 10})

@@ -16,15 +16,6 @@ from kd.distill.student import init_student, kept_layers, read_info
 from kd.errors import KdError
 
 
-@pytest.fixture
-def tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One sqlite store for the session: creating one costs seconds, and runs do not interfere."""
-    uri = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("KD_TEST_STOP_AFTER_STEP", raising=False)
-    return uri
-
-
 def test_kept_layers() -> None:
     assert kept_layers(30, 5, None) == [0, 5, 10, 15, 20, 25, 29]  # the last layer is always kept
     assert kept_layers(30, 10, None) == [0, 10, 20, 29]

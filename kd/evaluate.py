@@ -281,7 +281,9 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
 def _device(spec: str) -> Any:
     import torch
 
-    return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else "cpu" if spec == "auto" else spec)
+    from kd.device import resolve_device
+
+    return torch.device(resolve_device(spec))
 
 
 def evaluate(params: Params, root: Path, log: Any = print) -> Run:

@@ -228,7 +228,7 @@ def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cach
 
     tok = AutoTokenizer.from_pretrained(root / tcfg.path, revision=tcfg.revision,
                                         trust_remote_code=tcfg.trust_remote_code)
-    identity = {**teacher_identity(cfg.teacher, tcfg, root), "dtype": tcfg.dtype}
+    identity = teacher_identity(cfg.teacher, tcfg, root)
     cache = FeatureCache((cache_dir or root / ".kd" / "cache") / "features")
     for line in iter_lines(path.read_bytes()):
         try:

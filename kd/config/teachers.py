@@ -25,7 +25,8 @@ class LocalTeacher(Strict):
     backend: Literal["local"]
     path: str = Field(description="model directory (safetensors + tokenizer), relative to the project root")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 (fastest on recent CPUs and on GPUs)")
+        "auto", description="auto = bfloat16 where the hardware computes it natively (CUDA; CPUs with AMX or "
+                            "AVX-512 BF16), else float32 (bf16 is emulated and ~6x slower on AVX2-only CPUs)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call; higher = faster, more memory")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")

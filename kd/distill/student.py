@@ -20,6 +20,7 @@ from typing import Any
 
 from kd.config import Params
 from kd.config.students import FromConfig, FromPretrained, FromTeacher, Init
+from kd.device import resolve_device, resolve_dtype
 from kd.errors import KdError
 from kd.records import replace_dir
 
@@ -54,14 +55,12 @@ def teacher_path(params: Params, teacher: str, root: Path) -> Path:
 
 def load_teacher(params: Params, teacher: str, root: Path, dtype: Any = None) -> tuple[Any, Any]:
     """A local teacher's model (eval mode, no gradients) and tokenizer, for online scoring."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = params.teachers[teacher]
     path = teacher_path(params, teacher, root)
     if dtype is None:
-        dtype = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[cfg.dtype]
+        dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     tok = AutoTokenizer.from_pretrained(path, **kw)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw).eval()

@@ -115,11 +115,9 @@ def reference_model(cfg: Student, params: Params, root: Path, name: str, dtype: 
 
 
 def _device(t: Any) -> str:
-    import torch
+    from kd.device import resolve_device
 
-    if t.device != "auto":
-        return t.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(t.device)
 
 
 def _kd_examples(name: str, cfg: Student, data: Data, tok: Any, params: Params, root: Path) -> list[loop.Example]:

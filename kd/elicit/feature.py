@@ -198,7 +198,7 @@ def elicit_features(name: str, cfg: Feature, teacher: Any, data_dir: Path, cache
     source_manifest, sources = read_dataset(data_dir / cfg.dataset)
     tok = _tokenizer(teacher)
     digest = tokenizer_digest(tok)
-    identity = {**teacher.identity, "dtype": teacher.cfg.dtype}
+    identity = teacher.identity  # names the resolved dtype the log-probabilities are computed in
     items, rejected = [], []
     for rec in sources:
         where = {"source_id": rec["id"], "source_dataset": cfg.dataset}

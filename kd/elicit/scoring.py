@@ -59,9 +59,8 @@ def role_identity(role: Role, params: Params, root: Path) -> dict[str, Any]:
         case "generate":
             return teacher_identity(role.teacher, params.teachers[role.teacher], root)
         case "loglik":
-            # log-probabilities depend on the dtype the model runs in, so it is part of the identity
-            cfg = params.teachers[role.teacher]
-            return {**teacher_identity(role.teacher, cfg, root), "dtype": cfg.dtype}
+            # a local teacher's identity names the dtype it runs in, on which log-probabilities depend
+            return teacher_identity(role.teacher, params.teachers[role.teacher], root)
         case "reward":
             return reward_identity(root / role.path)
     raise AssertionError(role.kind)
@@ -158,7 +157,7 @@ class LoglikScorer:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {**self.teacher.identity, "dtype": self.teacher.cfg.dtype}
+        return self.teacher.identity
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if not items:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import LocalTeacher as LocalConfig
+from kd.device import resolve_device, resolve_dtype_name
 from kd.errors import KdError
 
 DIGEST_MEMO = Path(".kd/digests.json")
@@ -78,18 +79,20 @@ class LocalTeacher:
                 raise KdError(f"teachers.{self.name}.path: {self.cfg.path} does not exist "
                               f"(the `teacher` stage builds the embedded one: `dvc repro teacher`)")
             self._identity = {"backend": "local", "model": self.path.name, "digest": directory_digest(self.path),
-                              "revision": self.cfg.revision}
+                              "revision": self.cfg.revision, "dtype": self.dtype_name}
         return self._identity
+
+    @property
+    def dtype_name(self) -> str:
+        """The precision the model runs in (`dtype: auto` resolved for this machine)."""
+        return resolve_dtype_name(self.cfg.dtype, resolve_device(self.cfg.device))
 
     def _load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[self.cfg.dtype]
+        device = resolve_device(self.cfg.device)
+        dtype = getattr(torch, self.dtype_name)
         kw = {"revision": self.cfg.revision, "trust_remote_code": self.cfg.trust_remote_code}
         self._tok = AutoTokenizer.from_pretrained(self.path, **kw)
         self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, use_safetensors=True, **kw)

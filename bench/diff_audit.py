@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from kd.lineage import identity  # noqa: E402
+from kd.provenance.lineage import identity  # noqa: E402
 
 TEACHER = '{"backend": "openai", "model": "teacher-m", "revision": null}'
 SI = "prompts/expansion/self_instruct.jinja"

@@ -3,13 +3,13 @@
 Speed is measured, not asserted (STYLE.md): every kd figure is printed next to a baseline run in the same
 process, on the same inputs, alternating sides so that drift on a shared machine hits both.
 
-  a. judge  the likelihood judge as the feedback stage runs it: `kd.elicit.judges.score_groups` through an
+  a. judge  the likelihood judge as the feedback stage runs it: `kd.runtime.judges.score_groups` through an
             Asker with a fresh RequestCache and `LoglikScorer` (length-sorted batches of 8, logits only from
             the earliest completion token on, one cache file per score), vs a per-candidate loop:
             `model(full ids).logits` -> log_softmax over the whole sequence -> mean over the completion
             tokens, one sequence at a time, and the same in batches of 8 in input order (no sorting).
             Embedded teacher, float32 on every side; the scores must agree within 1e-3.
-  b. dpo    `kd.distill.train.train_student` with objective dpo (the whole student stage: params, data
+  b. dpo    `kd.distill.students.train_student` with objective dpo (the whole student stage: params, data
             fingerprints, preflight, MLflow run, reference rebuilt from disk, TRL DPOTrainer, model dir,
             metrics and plots) vs bare TRL `DPOTrainer` on the same rows, model, reference and
             TrainingArguments; the per-step losses must agree.
@@ -110,9 +110,9 @@ def judge_groups(n: int) -> tuple[list[Any], bool, list[float]]:
     Returns:
         (groups, whether every rendered prompt equals the one stored in data/prefs, the stored scores).
     """
-    from kd.elicit.judges import Group
     from kd.prompts import load_prompt
     from kd.records import read_dataset
+    from kd.runtime.judges import Group
 
     prompt = load_prompt(ROOT, TEMPLATE, VARIABLES)
     seeds = [json.loads(line) for line in (ROOT / SEEDS).read_text().splitlines() if line.strip()]
@@ -162,12 +162,12 @@ def bench_judge(n_prompts: int, repeats: int, work: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.cache import RequestCache
+    from kd.cache.store import RequestCache
     from kd.config import LocalTeacher as LocalConfig
-    from kd.elicit.common import Asker
-    from kd.elicit.judges import score_groups
-    from kd.elicit.scoring import LoglikScorer
-    from kd.teachers.local import LocalTeacher
+    from kd.runtime.ask import Asker
+    from kd.runtime.judges import score_groups
+    from kd.runtime.local import LocalTeacher
+    from kd.runtime.scoring import LoglikScorer
 
     groups, prompts_match, stored = judge_groups(n_prompts)
     n = sum(len(g.texts) for g in groups)
@@ -273,9 +273,9 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
 
     from kd import tracking
     from kd.config import load_params
-    from kd.distill import trl_runs
+    from kd.distill import rank, trl_runs
     from kd.distill.rank import preflight
-    from kd.distill.train import train_student
+    from kd.distill.students import train_student
     from kd.records import read_dataset
 
     project = work / "project"
@@ -286,10 +286,10 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
     _, records = read_dataset(PREFS)
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
 
-    # kd's DPOTrainer is built inside kd.distill.rank; the benchmark adds the same clock to it at `_run`. The
+    # kd's DPOTrainer is built inside kd.distill.rank; the benchmark adds the same clock to it at `run_trainer`. The
     # only code kd adds inside the loop is its callback, whose cost is MLflow's log_metrics: timed separately.
     clock: dict[str, Any] = {}
-    run, log_metrics = trl_runs._run, tracking.Run.log_metrics
+    run, log_metrics = rank.run_trainer, tracking.Run.log_metrics
 
     def clocked_run(trainer: Any, ckpt_dir: Path) -> Any:
         trainer.add_callback(_clock(clock))
@@ -332,7 +332,7 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
         return out
 
     kept = len(preflight("bench_dpo", cfg, AutoTokenizer.from_pretrained(STUDENT), records))
-    kd_args = DPOConfig(**trl_runs._args(t, work / "kd-args", "cpu"), beta=cfg.rank.beta,
+    kd_args = DPOConfig(**trl_runs.trainer_args(t, work / "kd-args", "cpu"), beta=cfg.rank.beta,
                         loss_type=[cfg.rank.loss_type]).to_dict()
     own = bare_args().to_dict()
     expected = {"output_dir", "save_strategy", "save_steps", "save_total_limit", "logging_dir"}
@@ -341,18 +341,18 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
     def warm_up() -> None:
         """Untimed one-off costs a project pays once, not per run: importing mlflow and creating its database,
         the digest memo of the init directory, and building a DPOTrainer once (lazy imports, first allocations)."""
-        from kd.teachers.local import directory_digest
+        from kd.runtime.models import directory_digest
 
         tracking.start_run(project, params.project, "warm-up", {"warm_up": True}, []).end()
         directory_digest(project / "models/student_sft")
         bare_trainer({})
 
     warm_s, _, _ = timed(warm_up)
-    trl_runs._run, tracking.Run.log_metrics = clocked_run, clocked_log
+    rank.run_trainer, tracking.Run.log_metrics = clocked_run, clocked_log
     try:
         best, per_part = interleaved({"kd": kd, "bare": bare}, [None], repeats)
     finally:
-        trl_runs._run, tracking.Run.log_metrics = run, log_metrics
+        rank.run_trainer, tracking.Run.log_metrics = run, log_metrics
     results = {side: r[0] for side, r in per_part.items()}
     k, b = results["kd"], results["bare"]
     n = min(len(k["losses"]), len(b["losses"]))
@@ -387,7 +387,7 @@ def bench_dpo(steps: int, repeats: int, work: Path) -> dict[str, Any]:
 def inputs() -> dict[str, str]:
     """What the figures were measured on: the stages rebuild data/prefs and models/student_sft."""
     from kd.records import read_dataset
-    from kd.teachers.local import directory_digest
+    from kd.runtime.models import directory_digest
 
     return {"data/prefs": read_dataset(PREFS)[0]["fingerprint"], "models/student_sft": directory_digest(STUDENT),
             "models/teacher": directory_digest(TEACHER)}

@@ -38,12 +38,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # kd (also when not installed) and tests/fake_openai.py
 
-from kd.cache import RequestCache  # noqa: E402
+from kd.cache.store import RequestCache  # noqa: E402
 from kd.config import LocalTeacher as LocalConfig  # noqa: E402
 from kd.config import OpenAITeacher as OpenAIConfig  # noqa: E402
 from kd.config import Sampling  # noqa: E402
-from kd.elicit.common import Asker, Call  # noqa: E402
 from kd.prompts import load_prompt  # noqa: E402
+from kd.runtime.ask import Asker, Call  # noqa: E402
 
 TEMPLATE = "prompts/labeling/answer.jinja"
 VARIABLES = ("instruction", "category")  # what kd.elicit.labeling passes to its template
@@ -110,7 +110,7 @@ def bench_local(n: int, max_tokens: int, batch: int, repeats: int, work: Path) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.teachers.local import LocalTeacher
+    from kd.runtime.local import LocalTeacher
 
     rows = seed_rows()[:n]
     prompt = load_prompt(ROOT, TEMPLATE, VARIABLES)
@@ -253,7 +253,7 @@ def fake_server(latency_s: float, concurrency: int) -> Any:
 
 
 def bench_openai(n: int, concurrency: int, latency_s: float, repeats: int, work: Path) -> dict[str, Any]:
-    from kd.teachers.openai import OpenAITeacher
+    from kd.runtime.openai import OpenAITeacher
 
     try:
         import openai  # noqa: F401
@@ -322,7 +322,7 @@ EDIT_TO = ('{% block system %}{% include "prompts/common/persona.jinja" %}'
 def bench_edit(latency_s: float, work: Path) -> dict[str, Any]:
     from kd.config import Labeling, Source
     from kd.elicit.labeling import label
-    from kd.teachers.openai import OpenAITeacher
+    from kd.runtime.openai import OpenAITeacher
 
     project = work / "project"
     for d in ("prompts", "seeds"):

@@ -101,7 +101,7 @@ def side_kd(work: Path, device: str) -> dict[str, Any]:
 
     from kd.config.students import Divergence, Training
     from kd.distill import loop
-    from kd.elicit.feature import check_compatible, load_logits
+    from kd.runtime.logits import check_compatible, load_logits
 
     model, tok = student(work, device)
     store = load_logits(ROOT / "data" / "sft_logits")
@@ -164,8 +164,8 @@ def side_elicit(work: Path, device: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.distill.tokenize import encode
     from kd.elicit.feature import Item, score_batch
+    from kd.runtime.tokenize import encode
 
     tok = AutoTokenizer.from_pretrained(ROOT / "models" / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "teacher", dtype=torch.bfloat16).to(device).eval()
@@ -181,8 +181,8 @@ def prepare(work: Path, n: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kd.elicit.feature import load_logits
     from kd.records import read_dataset
+    from kd.runtime.logits import load_logits
 
     store = load_logits(ROOT / "data" / "sft_logits")
     _, rows = read_dataset(ROOT / "data" / "sft")

@@ -3,7 +3,7 @@
 Self-Instruct keeps a generated instruction only if its ROUGE-L F1 against every instruction kept so far is
 at most 0.7, computing each score with an O(len_a * len_b) dynamic-programming LCS in Python (the
 `rouge_score` package, over a process pool). The baseline here is that loop on one core: every candidate
-against every kept instruction, no early exit. kd (`kd.novelty.NoveltyIndex.admit`) bounds all kept
+against every kept instruction, no early exit. kd (`kd.runtime.novelty.NoveltyIndex.admit`) bounds all kept
 instructions at once from an inverted index and runs a bit-parallel LCS only where the bound can exceed
 the threshold.
 
@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.novelty import NoveltyIndex  # noqa: E402
+from kd.runtime.novelty import NoveltyIndex  # noqa: E402
 
 THRESHOLD = 0.7  # Self-Instruct's, and kd's default (params.yaml: novelty_threshold)
 

@@ -66,6 +66,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_json(path: Path, data: Any) -> None:
+    """A small JSON file (metrics, params summaries), written atomically with sorted keys."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
     """Move a fully written directory into place; the old one disappears only after the new one is whole."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +158,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
+    return rows
+
+
+def seed_id(row: dict[str, Any]) -> str:
+    """A seed row's id: its `id` field, else a hash of its content."""
+    return str(row["id"]) if "id" in row else sha256_text(str(sorted(row.items())))[:16]
+
+
+def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Seed rows, each checked for the fields a method needs (a bad line names file and line)."""
+    rows = read_jsonl(root / file)
+    if not rows:
+        raise KdError(f"{file}: no seed records")
+    seen: set[str] = set()
+    for n, row in enumerate(rows, 1):
+        for f in required:
+            if not isinstance(row.get(f), str) or not row[f].strip():
+                raise KdError(f"{file}: record {n} ({row.get('id', 'no id')}): needs a non-empty string `{f}`")
+        sid = seed_id(row)
+        if sid in seen:
+            raise KdError(f"{file}: record {n}: duplicate id '{sid}'")
+        seen.add(sid)
     return rows
 
 

@@ -11,18 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kd.secrets import REDACTED, is_secret_key, looks_secret
+
 MAX_PARAM_CHARS = 6000  # MLflow truncates longer values with a warning; we cut them ourselves, visibly
 MAX_DIGEST_CHARS = 36  # MLflow rejects longer dataset digests
-REDACTED = "***"
-# The last key part: `api_key`, `secret`, `password`, `token` or `*_token` (but not `max_tokens`).
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|(^|[_-])token)$", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S{16,})")
 
 
 def tracking_uri(root: Path) -> str:
@@ -61,7 +58,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 def redact(flat: dict[str, str]) -> dict[str, str]:
     """Replace values whose key names a secret, or that look like a key themselves, by `***`."""
-    return {k: REDACTED if _SECRET_KEY.search(k.rsplit(".", 1)[-1]) or _SECRET_VALUE.search(v) else v
+    return {k: REDACTED if is_secret_key(k.rsplit(".", 1)[-1]) or looks_secret(v) else v
             for k, v in flat.items()}
 
 

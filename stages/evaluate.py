@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from kd.config import load_params
-from kd.evaluate import evaluate, summary
-from kd.report import log_mlflow, write_reports
+from kd.evaluation.evaluate import evaluate, summary
+from kd.evaluation.report import log_mlflow, write_reports
 from kd.stage import run
 
 

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 from kd.elicit.build import build_dataset
+from kd.elicit.expansion import expand
 from kd.stage import dataset_argv, run
 
 
 def main() -> str:
     args = dataset_argv(__doc__)
-    return build_dataset(args.name, "expansion", Path("."))
+    return build_dataset(args.name, "expansion", expand, Path("."))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from kd.elicit.build import build_dataset
+from kd.elicit.feature import build_features
 from kd.stage import dataset_argv, run
 
 
 def main() -> str:
     args = dataset_argv(__doc__)
-    return build_dataset(args.name, "feature", Path("."))
+    return build_features(args.name, Path("."))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ metrics/ and plots/."""
 import argparse
 from pathlib import Path
 
+from kd.distill.reward import train_reward_model
 from kd.stage import run
 
 
@@ -11,8 +12,6 @@ def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", help="the reward model: a key of `reward_models` in params.yaml")
     args = parser.parse_args()
-    from kd.distill.reward import train_reward_model
-
     return train_reward_model(args.name, Path("."))
 
 

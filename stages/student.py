@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from kd.distill.students import train_student
 from kd.stage import run
 
 
@@ -10,8 +11,6 @@ def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", help="the student: a key of `students` in params.yaml")
     args = parser.parse_args()
-    from kd.distill.train import train_student
-
     return train_student(args.name, Path("."))
 
 

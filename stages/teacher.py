@@ -4,14 +4,13 @@ import time
 from pathlib import Path
 
 from kd.config import load_params
+from kd.runtime.embedded import materialize_gguf
 from kd.stage import run
 
 
 def main() -> str:
     start = time.monotonic()
     cfg = load_params(Path(".")).embedded_teacher
-    from kd.teachers.embedded import materialize_gguf
-
     info = materialize_gguf(cfg.package, cfg.file, Path(cfg.out), cfg.dtype)
     return (f"teacher: {info['source']} -> {cfg.out} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']}) "
             f"in {time.monotonic() - start:.0f} s")

@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def copy_project(dst: Path) -> Path:
-    """The parts of the repository a build reads, copied so tests can edit them freely."""
-    for d in ("prompts", "seeds", "stages"):
-        shutil.copytree(REPO / d, dst / d)
+    """The parts of the repository a build reads (kd's own code too: dvc.yaml lists it as deps), copied so tests
+    can edit them freely."""
+    for d in ("prompts", "seeds", "stages", "kd"):
+        shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO / f, dst / f)
     return dst

@@ -50,18 +50,10 @@ def make_project(root: Path, url: str, datasets: dict[str, dict[str, Any]], pric
                "timeout_s": 5, "max_attempts": 2, "backoff_s": 0.01, **({"price": price} if price else {})}
     (root / "params.yaml").write_text(yaml.safe_dump({"project": "kd-test", "teachers": {"fake": teacher},
                                                       "datasets": datasets}, sort_keys=False))
-    stages = {}
-    for name, ds in datasets.items():
-        templates = [ds["template"]] if "template" in ds else [ds["question_template"], ds["answer_template"]]
-        if any("explain" in t or "answer" in t for t in templates):
-            templates.append("prompts/common/persona.jinja")
-        seeds = [s["seeds"] for s in ds.get("inputs", []) if "seeds" in s] + [ds[k] for k in ("topics", "attributes") if k in ds]
-        ups = [f"data/{s['dataset']}" for s in ds.get("inputs", []) if "dataset" in s]
-        stages[name] = {"cmd": f"python stages/{ds['method']}.py {name}",
-                        "deps": [f"stages/{ds['method']}.py", *templates, *seeds, *ups],
-                        "params": [f"datasets.{name}", "teachers.fake"], "outs": [f"data/{name}"],
-                        "metrics": [{f"metrics/{name}.json": {"cache": False}}]}
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    from kd.config import load_params
+    from kd.pipeline.spec import dvc_yaml
+
+    (root / "dvc.yaml").write_text(dvc_yaml(load_params(root), root))
     (root / ".gitignore").write_text(".kd/\n")
     sh(root, "git", "init", "-q")
     sh(root, "git", "config", "user.email", "test@example.com")
@@ -102,7 +94,7 @@ def edit_template(root: Path, path: str = EXPLAIN) -> None:
 
 def kd(root: Path, *args: str) -> tuple[int, str]:
     """Run the `kd` CLI in this process (no interpreter start-up); returns (exit code, stdout + stderr)."""
-    from kd.cli import main
+    from kd.cli.main import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

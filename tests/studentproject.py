@@ -57,7 +57,7 @@ def make_student_project(root: Path, teacher_dir: Path, students: dict[str, Any]
     from kd.config import Feature
     from kd.config import LocalTeacher as LocalConfig
     from kd.elicit.feature import elicit_features
-    from kd.teachers.local import LocalTeacher
+    from kd.runtime.local import LocalTeacher
 
     (root / "seeds").mkdir(parents=True)
     (root / "seeds" / "q.jsonl").write_text("")

@@ -44,7 +44,7 @@ def test_a_random_final_record_reaches_its_seeds_with_hashes_that_git_confirms(h
 
 
 def test_template_versions_name_the_last_commit_that_had_them(history):
-    from kd.revisions import resolve_rev, template_origin
+    from kd.provenance.revisions import resolve_rev, template_origin
 
     root = history["root"]
     old = git_sha256(root, "HEAD~1", EXPLAIN)
@@ -69,7 +69,7 @@ def write_model(path: Path, datasets: list[dict[str, str]], run_id: str | None, 
     (path / "kd_model.json").write_text(json.dumps({
         "name": path.name, "objective": "sft", "init": {"kind": "from_teacher", "teacher": "smollm2", "every": 5},
         "datasets": datasets, "logits": None, "params": {"training": {"epochs": 1}}, "git_commit": "0" * 40,
-        "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "metrics": {"train_loss": 1.25}}))
+        "mlflow": {"run_id": run_id, "tracking_uri": uri}, "metrics": {"train_loss": 1.25}}))
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
-from kd.cache import RequestCache, request_key
+from kd.cache.store import RequestCache, request_key
 
 
 def request(**over) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 from fake_openai import FakeOpenAI
 from kdproject import commit, kd, labeling, make_project, repro, sh
 
-from kd.cache_share import push
+from kd.cache.share import push
 
 N = 8
 

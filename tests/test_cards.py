@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kdproject import EXPLAIN, QA_LIMIT, shared_history
 
-from kd.cards import render_card
+from kd.provenance.cards import render_card
 
 
 @pytest.fixture(scope="module")

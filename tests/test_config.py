@@ -120,7 +120,7 @@ def test_check_reports_missing_dvc_dep(project):
     (project / "dvc.yaml").write_text(dvc)
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2
-    assert "stages.topics_qa.deps lacks prompts/common/persona.jinja" in r.stderr
+    assert "dvc.yaml: stage topics_qa: deps lacks prompts/common/persona.jinja" in r.stderr
 
 
 def test_gpu_profile_validates(tmp_path):
@@ -145,7 +145,7 @@ def test_check_reports_missing_student_dep(project):
     (project / "dvc.yaml").write_text(dvc[:i] + dvc[i:].replace("      - data/sft_logits\n", "", 1))
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "stages.student_fkl.deps lacks data/sft_logits" in r.stderr
+    assert "dvc.yaml: stage student_fkl: deps lacks data/sft_logits" in r.stderr
 
 
 def test_check_survives_an_empty_outs_list(project):
@@ -154,4 +154,4 @@ def test_check_survives_an_empty_outs_list(project):
     (project / "dvc.yaml").write_text(dvc)
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "stages.sft_logits.outs lacks data/sft_logits" in r.stderr
+    assert "dvc.yaml: stage sft_logits: outs lacks data/sft_logits" in r.stderr

@@ -16,8 +16,9 @@ from conftest import REPO, copy_project
 
 from kd.config import load_params
 from kd.errors import KdError
-from kd.evaluate import METRICS, contains_match, evaluate, exact_match, normalise, summary, token_kl
-from kd.report import write_reports
+from kd.evaluation.evaluate import contains_match, evaluate, exact_match, normalise, summary, token_kl
+from kd.evaluation.report import write_reports
+from kd.evaluation.results import METRICS
 
 FP = {"sft": "ab" * 32, "sft_logits": "cd" * 32}
 EVAL_IDS = ("eval-001", "eval-004", "eval-013", "eval-023")  # 3 short references, 1 long (code)
@@ -25,7 +26,7 @@ EVAL_IDS = ("eval-001", "eval-004", "eval-013", "eval-023")  # 3 short reference
 
 def _student_dir(src: Path, out: Path, name: str) -> None:
     shutil.copytree(src, out)
-    info = {"name": name, "objective": "kd", "init": "from_teacher", "params": {},
+    info = {"name": name, "objective": "kd", "init": {"kind": "from_teacher"}, "params": {},
             "datasets": [{"name": "sft", "fingerprint": FP["sft"]}],
             "logits": {"name": "sft_logits", "fingerprint": FP["sft_logits"]},
             "git_commit": "0123456789abcdef0123", "mlflow": {"run_id": f"run-{name}", "tracking_uri": "sqlite:///x.db"},
@@ -193,7 +194,8 @@ def _reward_dir(tiny_model_dir: Path, out: Path) -> None:
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    info = {"name": out.name, "objective": "reward", "metrics": RM_METRICS}
+    info = {"name": out.name, "kind": "reward_model", "section": "reward_models", "objective": "bradley_terry",
+            "init": {"kind": "from_pretrained", "path": str(tiny_model_dir)}, "datasets": [], "metrics": RM_METRICS}
     (out / "kd_model.json").write_text(json.dumps(info, indent=2))
 
 
@@ -240,7 +242,7 @@ def test_feedback_adds_its_keys_and_changes_nothing_else(project, result, fb_res
 
 
 def test_mean_reward_is_the_reward_scorers_mean(project, fb_result):
-    from kd.elicit.scoring import RewardScorer
+    from kd.runtime.scoring import RewardScorer
 
     run, _ = fb_result
     m = json.loads((project / "reports_fb/metrics.json").read_text())
@@ -256,7 +258,7 @@ def test_mean_reward_is_the_reward_scorers_mean(project, fb_result):
 
 
 def test_feedback_section_in_report_and_mlflow_keys(project, fb_result):
-    from kd.report import metrics_for_mlflow
+    from kd.evaluation.report import metrics_for_mlflow
 
     run, logs = fb_result
     text = (project / "reports_fb/report.md").read_text()
@@ -273,7 +275,7 @@ def test_feedback_section_in_report_and_mlflow_keys(project, fb_result):
 def test_rerun_asks_the_judge_and_reward_model_nothing_new(project, fb_params, fb_result):
     from dataclasses import replace
 
-    from kd.eval_feedback import add_feedback, reward_model_info
+    from kd.evaluation.feedback import add_feedback, reward_model_info
 
     run, _ = fb_result
     # the same answers, as a second `evaluate` generates them (greedy), before any feedback figure
@@ -308,8 +310,8 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
     from fake_openai import FakeOpenAI
 
     from kd.config import Judge, OpenAITeacher
-    from kd.eval_feedback import add_feedback
-    from kd.evaluate import EvalPrompt, ModelResult, Output, Run
+    from kd.evaluation.evaluate import EvalPrompt, ModelResult, Output, Run
+    from kd.evaluation.feedback import add_feedback
 
     pairs = [("win 1", "lose 1"), ("win 2", "lose 2"), ("lose 3", "win 3"), ("even 4", "even four"),
              ("biased 5", "biased five"), ("garbage 6", "fine 6"), ("same", "same")]
@@ -349,7 +351,7 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
 
 
 def test_feedback_config_mistakes_fail_before_generating(project, fb_params):
-    from kd.eval_feedback import check
+    from kd.evaluation.feedback import check
 
     params = load_params(project, fb_params)
     ev = params.evaluation

@@ -9,12 +9,14 @@ import pytest
 import torch
 import yaml
 
+from kd.cache.features import FeatureCache
 from kd.config import Feature
 from kd.config import LocalTeacher as LocalConfig
-from kd.elicit.feature import FeatureCache, check_compatible, elicit_features, load_logits
+from kd.elicit.feature import elicit_features
 from kd.errors import KdError
 from kd.records import read_jsonl, write_dataset
-from kd.teachers.local import LocalTeacher
+from kd.runtime.local import LocalTeacher
+from kd.runtime.logits import check_compatible, load_logits
 
 
 def conv(i: int, answer: str, question: str = "") -> dict:
@@ -77,7 +79,7 @@ def test_stored_topk_equals_direct_forward(built: dict, tmp_path: Path, tiny_mod
 def test_rows_align_with_completion_tokens(built: dict, tmp_path: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from kd.distill.tokenize import encode
+    from kd.runtime.tokenize import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     store = load_logits(tmp_path / "data" / "logits")
@@ -143,7 +145,7 @@ def test_compact_storage(built: dict, tmp_path: Path) -> None:
 
 
 def test_stage_summary_line(project: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd.elicit.build import build_dataset
+    from kd.elicit.feature import build_features
 
     monkeypatch.chdir(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -151,8 +153,8 @@ def test_stage_summary_line(project: Path, tiny_model_dir: Path, monkeypatch: py
     params["datasets"]["sft_logits"].update(max_length=96, batch_size=4)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     write_dataset(project / "data" / "sft", "sft", "labeling", RECORDS, [], {}, None)
-    line = build_dataset("sft_logits", "feature", project)
+    line = build_features("sft_logits", project)
     assert line.startswith("sft_logits: 4 records (0 cached, 4 new, 1 rejected) in ")
-    assert build_dataset("sft_logits", "feature", project).startswith("sft_logits: 4 records (4 cached, 0 new")
+    assert build_features("sft_logits", project).startswith("sft_logits: 4 records (4 cached, 0 new")
     metrics = json.loads((project / "metrics" / "sft_logits.json").read_text())
     assert metrics["records"] == 4 and metrics["bytes_per_token"] <= 300

@@ -16,12 +16,13 @@ from conftest import copy_project
 from fake_openai import FakeOpenAI
 
 from kd.config import load_params
-from kd.elicit import judges
 from kd.elicit.build import build_dataset
-from kd.elicit.judges import parse_rubric, parse_verdict
+from kd.elicit.feedback import feedback
 from kd.errors import KdError
 from kd.prompts import declared_variables, load_prompt
 from kd.records import read_jsonl
+from kd.runtime import judges
+from kd.runtime.judges import parse_rubric, parse_verdict
 
 ASPECTS = ["helpfulness", "honesty"]
 
@@ -77,7 +78,7 @@ def scripted_rubric(messages: list[dict[str, Any]]) -> str:
 
 def build(root: Path, monkeypatch: pytest.MonkeyPatch, name: str = "prefs") -> str:
     monkeypatch.chdir(root)  # the teacher digest memo lives under the working directory
-    return build_dataset(name, "feedback", root)
+    return build_dataset(name, "feedback", feedback, root)
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -216,7 +217,7 @@ def test_rubric_preferences_are_trl_dpo_shaped(tmp_path: Path, tiny_model_dir: P
 
 def test_editing_the_judge_template_asks_only_the_judge_again(tmp_path: Path, tiny_model_dir: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd.diff import diff, sides
+    from kd.provenance.diff import diff, sides
 
     with FakeOpenAI(answer=scripted_rubric) as server:
         root = make_project(tmp_path, tiny_model_dir, rubric_judge(), server.url)
@@ -304,7 +305,7 @@ def test_likelihood_judge_scores_mean_token_logprob(tmp_path: Path, tiny_model_d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.distill.tokenize import encode
+    from kd.runtime.tokenize import encode
 
     root = make_project(tmp_path, tiny_model_dir, {"teacher": "tiny", "kind": "likelihood", "batch_size": 3})
     line = build(root, monkeypatch)
@@ -351,8 +352,8 @@ def test_choice_scores_are_the_first_answer_tokens_log_probabilities(tiny_model_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kd.config import LocalTeacher as LocalConfig
-    from kd.elicit.scoring import LoglikScorer
-    from kd.teachers.local import LocalTeacher
+    from kd.runtime.local import LocalTeacher
+    from kd.runtime.scoring import LoglikScorer
 
     teacher = LocalTeacher("tiny", LocalConfig(backend="local", path=str(tiny_model_dir), dtype="float32"), Path("."))
     messages = [[{"role": "user", "content": "Which is better, A or B?" + " really" * i}] for i in range(3)]
@@ -389,9 +390,9 @@ class ScriptedScorer:
 
 @pytest.mark.parametrize("biased", [False, True])
 def test_logprob_verdict_is_the_most_likely_answer_in_both_orders(tmp_path: Path, biased: bool) -> None:
-    from kd.cache import RequestCache
+    from kd.cache.store import RequestCache
     from kd.config import Judge
-    from kd.elicit.common import Asker
+    from kd.runtime.ask import Asker
 
     root = copy_project(tmp_path / "project")
     cfg = Judge(teacher="t", kind="pairwise", template="prompts/feedback/pairwise.jinja", verdict="logprob")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.cache import request_key
+from kd.cache.store import request_key
 from kd.config import LocalTeacher as LocalConfig
-from kd.teachers.local import LocalTeacher, directory_digest
+from kd.runtime.local import LocalTeacher
+from kd.runtime.models import directory_digest
 
 
 def items(teacher: LocalTeacher, texts: list[str], temperature: float = 1.0, max_tokens: int = 6,

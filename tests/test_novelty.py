@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kd.novelty import NoveltyIndex, lcs_length, rouge_l, words
+from kd.runtime.novelty import NoveltyIndex, lcs_length, rouge_l, words
 
 
 def lcs_dp(a: list, b: list) -> int:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from fake_openai import FakeOpenAI, default_answer
 
-from kd.cache import request_key
+from kd.cache.store import request_key
 from kd.config import OpenAITeacher as OpenAIConfig
 from kd.config import Sampling
 from kd.errors import KdError, TeacherError
-from kd.teachers.openai import OpenAITeacher, _retry_after
+from kd.runtime.openai import OpenAITeacher, _retry_after
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,6 +168,7 @@ def test_length_finish_comes_back_as_length() -> None:
 
 def test_length_finish_becomes_a_truncated_rejection_in_labeling(tmp_path: Path) -> None:
     from kd.elicit.build import build_dataset
+    from kd.elicit.labeling import label
 
     for d in ("prompts", "seeds"):
         shutil.copytree(REPO / d, tmp_path / d)
@@ -178,7 +179,7 @@ def test_length_finish_becomes_a_truncated_rejection_in_labeling(tmp_path: Path)
                    "template": "prompts/labeling/answer.jinja", "sampling": {"max_tokens": 32}}
         params = {"teachers": {"fake": teacher}, "datasets": {"qa": dataset}}
         (tmp_path / "params.yaml").write_text(json.dumps(params), encoding="utf-8")  # JSON is YAML
-        line = build_dataset("qa", "labeling", tmp_path)
+        line = build_dataset("qa", "labeling", label, tmp_path)
     assert server.received == 4
     assert "3 records" in line and "1 rejected" in line
     records = (tmp_path / "data/qa/records.jsonl").read_text().splitlines()

@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO
 
 from kd.config import load_params
-from kd.elicit.build import files_read
 from kd.errors import KdError
+from kd.pipeline.spec import dataset_reads
 from kd.prompts import declared_variables, load_prompt
 
 
@@ -24,8 +24,8 @@ def test_every_shipped_template_declares_exactly_what_it_uses():
     # load_prompt raises if a template uses an undeclared variable or declares one its method lacks
     params = load_params(REPO)
     used = set()
-    for cfg in params.datasets.values():
-        used |= set(files_read(cfg, params, REPO)["templates"])
+    for name, cfg in params.datasets.items():
+        used |= set(dataset_reads(name, cfg, params, REPO)["templates"])
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "prompts").rglob("*.jinja")}
     # the plain alternative to explain.jinja, and the text judges (the default recipe judges by likelihood);
     # tests/test_feedback.py loads the judge templates with their method's variables

@@ -13,7 +13,7 @@ from studentproject import PREFS, make_student_project, student
 
 from kd.config import load_params
 from kd.distill.loop import STOP_ENV, TrainingStopped
-from kd.distill.train import train_student
+from kd.distill.students import train_student
 from kd.errors import KdError
 
 # Every step sees all eight preference records; three steps at a high lr move the margin clearly.
@@ -29,7 +29,7 @@ def _spec(objective: str, **extra) -> dict:
 
 def _init(root: Path):
     from kd.config.students import FromTeacher
-    from kd.distill.student import init_student
+    from kd.runtime.init import init_student
 
     return init_student(FromTeacher(kind="from_teacher", teacher="tiny", layers=[0]), load_params(root), root)
 
@@ -37,7 +37,7 @@ def _init(root: Path):
 def _margin(model, tok, normalise: bool) -> float:
     """Mean over the training prefs of log p(chosen) − log p(rejected) (per token with `normalise`)."""
     from kd.distill.preference import sequence_logprobs
-    from kd.distill.tokenize import encode
+    from kd.runtime.tokenize import encode
 
     out = []
     for r in PREFS:
@@ -124,11 +124,12 @@ def test_rrhf_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir: Path, 
 
 
 def test_params_and_dvc_stage_know_rank_students(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from kd.distill.train import dvc_stage
+    from kd.pipeline.spec import student_stage
 
     root = make_student_project(tmp_path / "ok", tiny_model_dir, {"s": _spec("dpo")}, logits=False)
-    stage = dvc_stage("s", load_params(root), root)
-    assert {"kd/distill/rank.py", "data/prefs", str(tiny_model_dir)} <= set(stage["deps"])
+    params = load_params(root)
+    stage = student_stage("s", params.students["s"], params, root).as_dvc()
+    assert {"stages/student.py", "data/prefs", str(tiny_model_dir)} <= set(stage["deps"])
     assert stage["params"] == ["students.s", "teachers.tiny.path"]
     # DPO on prompt + completion data: there is no pair to prefer
     bad = make_student_project(tmp_path / "bad", tiny_model_dir, {"s": student("dpo")}, logits=False)

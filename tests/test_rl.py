@@ -60,7 +60,7 @@ class Spy:
 
 
 def _train(root: Path, monkeypatch: pytest.MonkeyPatch) -> Spy:
-    from kd.distill.train import train_student
+    from kd.distill.students import train_student
 
     spy = Spy(monkeypatch)
     monkeypatch.chdir(root)
@@ -81,7 +81,7 @@ def test_grpo_with_a_reward_model_keeps_a_frozen_reference(tmp_path: Path, tiny_
                                                           tracking: str) -> None:
     from safetensors.torch import load_file
 
-    from kd.distill.train import reference_model
+    from kd.runtime.init import frozen_init
 
     root = make_student_project(tmp_path, tiny_model_dir, {"s": rl_student("grpo", reward_model="rm", beta=0.1)},
                                 logits=False, reward_models=RM)
@@ -90,7 +90,7 @@ def test_grpo_with_a_reward_model_keeps_a_frozen_reference(tmp_path: Path, tiny_
     _trained_outputs(root, spy)
     assert "kl" in spy.result.history[0] and "rewards/reward_model/mean" in spy.result.history[0]
     params = load_params(root)
-    init = reference_model(params.students["s"], params, root, "s").state_dict()
+    init = frozen_init(params.students["s"].init, params, root, None, 0, "students.s.init").state_dict()
     ref, trained = spy.trainer.ref_model, load_file(root / "models" / "s" / "model.safetensors")
     # regression guard: TRL rebuilds the reference from config._name_or_path, which for a from_teacher student is
     # the two-layer teacher, not the one-layer init
@@ -112,9 +112,9 @@ def test_rloo_with_the_teacher_likelihood(tmp_path: Path, tiny_model_dir: Path, 
 
 def test_rewards_are_the_scores_kd_reports(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
     from kd.distill.rl import likelihood_reward, model_reward
-    from kd.distill.student import load_teacher
-    from kd.elicit.scoring import SCORE_DIGITS, LoglikScorer, RewardScorer, load_reward_model
-    from kd.teachers.local import LocalTeacher
+    from kd.runtime.local import LocalTeacher
+    from kd.runtime.models import load_teacher
+    from kd.runtime.scoring import SCORE_DIGITS, LoglikScorer, RewardScorer, load_reward_model
 
     root = make_student_project(tmp_path, tiny_model_dir, {}, logits=False)
     monkeypatch.chdir(root)
@@ -143,7 +143,7 @@ def test_missing_reward_model_dir_and_bad_batch_are_kd_errors(tmp_path: Path, ti
     odd = rl_student("rloo", teacher="tiny", num_generations=3)  # 4 completions a step: no whole groups of 3
     root = make_student_project(tmp_path, tiny_model_dir, {"s": spec, "odd": odd}, logits=False, reward_models=RM)
     monkeypatch.chdir(root)
-    from kd.distill.train import train_student
+    from kd.distill.students import train_student
 
     with pytest.raises(KdError, match=r"students\.s\.rl\.reward_model: models/rm does not exist"):
         train_student("s", root)

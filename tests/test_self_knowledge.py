@@ -17,7 +17,7 @@ from fake_openai import FakeOpenAI
 
 from kd.config import load_params
 from kd.elicit.build import build_dataset
-from kd.elicit.self_knowledge import final_answer
+from kd.elicit.self_knowledge import final_answer, self_knowledge
 from kd.errors import KdError
 from kd.records import read_jsonl
 
@@ -53,7 +53,7 @@ def make_project(tmp: Path, dataset: dict[str, Any], url: str = "http://127.0.0.
 
 def build(root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(root)
-    return build_dataset("round1", "self_knowledge", root)
+    return build_dataset("round1", "self_knowledge", self_knowledge, root)
 
 
 def load(root: Path, file: str = "records.jsonl") -> list[dict[str, Any]]:
@@ -150,7 +150,7 @@ def test_reward_threshold_with_a_reward_model(tmp_path: Path, tiny_model_dir: Pa
         LlamaForSequenceClassification,
     )
 
-    from kd.distill.tokenize import encode
+    from kd.runtime.tokenize import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = LlamaConfig.from_pretrained(tiny_model_dir, num_labels=1)

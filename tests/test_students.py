@@ -12,8 +12,9 @@ from studentproject import make_student_project, student
 
 from kd.config import load_params
 from kd.config.students import FromConfig, FromPretrained, FromTeacher
-from kd.distill.student import init_student, kept_layers, read_info
 from kd.errors import KdError
+from kd.runtime.init import init_student, kept_layers
+from kd.runtime.models import read_info
 
 
 def test_kept_layers() -> None:
@@ -74,7 +75,7 @@ def test_from_pretrained_loads_a_local_directory(tmp_path: Path, tiny_model_dir:
 
 
 def _train(root: Path, name: str) -> str:
-    from kd.distill.train import train_student
+    from kd.distill.students import train_student
 
     return train_student(name, root)
 
@@ -129,7 +130,7 @@ def test_model_dir_names_fingerprints_and_mlflow_run(tmp_path: Path, tiny_model_
     out = root / "models" / "s"
     assert {"model.safetensors", "tokenizer.json", "config.json", "kd_model.json", "README.md"} <= {
         p.name for p in out.iterdir()}
-    info, card = read_info(out), (out / "README.md").read_text()
+    info, card = read_info(out).model_dump(), (out / "README.md").read_text()
     fingerprints = {n: json.loads((root / "data" / n / "manifest.json").read_text())["fingerprint"]
                     for n in ("sft", "sft_logits")}
     assert info["datasets"] == [{"name": "sft", "fingerprint": fingerprints["sft"]}]
@@ -166,13 +167,14 @@ def test_logits_from_another_tokenizer_are_refused(tmp_path: Path, tiny_model_di
 
 
 def test_dvc_stage_lists_what_the_student_reads(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from kd.distill.train import dvc_stage
+    from kd.pipeline.spec import student_stage
 
     spec = student("kd", logits="sft_logits", hidden={"teacher": "tiny", "pairs": [[0, 1]]})
     root = make_student_project(tmp_path, tiny_model_dir, {"s": spec}, logits=False)
-    stage = dvc_stage("s", load_params(root), root)
+    params = load_params(root)
+    stage = student_stage("s", params.students["s"], params, root).as_dvc()
     assert stage["cmd"] == "python stages/student.py s"
-    assert {"data/sft", "data/sft_logits", str(tiny_model_dir), "kd/distill/loop.py"} <= set(stage["deps"])
+    assert {"stages/student.py", "data/sft", "data/sft_logits", str(tiny_model_dir)} <= set(stage["deps"])
     # a teacher's batch_size or device does not change the student: only its path (and dtype when run online)
     assert stage["params"] == ["students.s", "teachers.tiny.path", "teachers.tiny.dtype"]
     assert stage["outs"] == ["models/s"]

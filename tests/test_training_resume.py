@@ -11,7 +11,7 @@ import pytest
 from studentproject import make_student_project, student
 
 from kd.distill.loop import STOP_ENV, TrainingStopped, step_batches
-from kd.distill.train import train_student
+from kd.distill.students import train_student
 
 # Two records a micro-batch, two micro-batches a step: six records make 1.5 steps an epoch, so the run
 # crosses epoch boundaries mid-step and resumes mid-epoch; checkpoints at steps 2 and 4 of 6.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,13 @@ from kd.config.errors import format_errors
 from kd.config.students import RL, Evaluation, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
 from kd.errors import KdError
+from kd.secrets import is_secret_key, looks_secret
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_teachers",
            "load_params"]
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|token)$", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S{16,})")
 
 
 class Params(Strict):
@@ -53,10 +51,10 @@ class Params(Strict):
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
         for path, key, value in _walk(data, ()):
-            if isinstance(key, str) and _SECRET_KEY.search(key) and value not in (None, ""):
+            if isinstance(key, str) and is_secret_key(key) and value not in (None, ""):
                 raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
                               f"environment variable and name it with `api_key_env`")
-            if isinstance(value, str) and _SECRET_VALUE.search(value):
+            if isinstance(value, str) and looks_secret(value):
                 raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
                               f"environment variable and name it with `api_key_env`")
         return data

@@ -1,1 +1,1 @@
-"""Distillation (survey §3.2): tokenisation shared by every objective, divergence losses, training."""
+"""Distillation (survey §3.2): students and reward models trained by one envelope, one loop and the losses."""

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd.records import canonical_json, sha256_text
+from kd.paths import CHECKPOINTS_DIR
+from kd.records import atomic_write_text, canonical_json, sha256_text
 
-CHECKPOINTS_DIR = Path(".kd/checkpoints")
 RUN_FILE = "run.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -129,8 +129,6 @@ def remembered_run(ckpt_dir: Path) -> str | None:
 
 
 def remember_run(ckpt_dir: Path, run_id: str) -> None:
-    from kd.records import atomic_write_text
-
     atomic_write_text(ckpt_dir / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
 
 

@@ -1,10 +1,12 @@
-"""kd's own training loop: token-level distillation from stored top-k teacher logits, cross-entropy on the
-teacher's completions, and an optional hidden-state term from a teacher run online.
+"""kd's own training loop, and the token-level objective it runs: distillation from stored top-k teacher logits,
+cross-entropy on the teacher's completions, and an optional hidden-state term from a teacher run online.
 
 Small on purpose (a reader follows one optimiser step top to bottom): AdamW, linear warmup and decay,
-gradient accumulation with the loss averaged over every completion token of the optimiser step, gradient
-clipping at 1.0 (as transformers' Trainer does). Data order is a pure function of (seed, epoch), so a
-resumed run sees exactly the batches an uninterrupted one would, and CPU runs are bit-reproducible.
+gradient accumulation with the loss averaged over the step's examples by the objective's weight (completion
+tokens here, prompts for the rank objectives of kd.distill.rank), gradient clipping at 1.0 (as transformers'
+Trainer does). An objective gives the loop only its loss on a micro-batch. Data order is a pure function of
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would, and CPU runs are
+bit-reproducible.
 
 References: DistillKit (offline top-k logits); Hinton et al. 2015 (soft targets mixed with hard labels);
 FitNets / DistilBERT (hidden-state hints).
@@ -19,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from kd.config.students import Divergence, Hidden, Training
 from kd.distill import checkpoint
+from kd.distill.losses import hidden_loss, topk_divergence
 from kd.errors import KdError
 
 STOP_ENV = "KD_TEST_STOP_AFTER_STEP"  # tests: raise after this many optimiser steps, as a kill would
@@ -38,20 +43,32 @@ def check_stop(done: int) -> None:
 
 
 @dataclass
-class Example:
-    """One training sequence: token ids, where the completion starts, and the teacher's top-k for it."""
-
-    ids: list[int]
-    start: int
-    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail_logprob [C])
-
-
-@dataclass
 class Result:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimiser step
     steps: int = 0
     tokens: int = 0
     resumed_from: int = 0
+
+
+def _as_logged(sums: dict[str, float], weight: float) -> dict[str, float]:
+    return sums
+
+
+@dataclass
+class Objective:
+    """What an objective gives the loop.
+
+    `loss(micro_batch, step_weight)` returns the micro-batch's share of the step loss (a scalar tensor; the step
+    loss is the mean over the step's examples, each counted `weight(example)` times) and metric parts that the
+    loop adds up over the micro-batches (a `tokens` part counts the tokens trained on). `summarise(sums,
+    step_weight)` turns the summed parts into the step's logged metrics.
+    """
+
+    name: str
+    loss: Callable[[list[Any], float], tuple[Any, dict[str, float]]]
+    weight: Callable[[Any], float]
+    modules: dict[str, Any] = field(default_factory=dict)  # trained with the model (hidden-state projections)
+    summarise: Callable[[dict[str, float], float], dict[str, float]] = _as_logged
 
 
 def plan(n_examples: int, t: Training) -> tuple[int, int]:
@@ -88,6 +105,70 @@ def lr_lambda(total: int, warmup_ratio: float) -> Callable[[int], float]:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total - step) / max(1, total - warmup))
     return f
+
+
+def train(model: Any, examples: list[Any], t: Training, objective: Objective, ckpt_dir: Path,
+          on_step: Callable[[dict[str, float]], None]) -> Result:
+    """Train `model` in place on `examples` with `objective`.
+
+    Args:
+        ckpt_dir: resume from its latest checkpoint if any; write one every `checkpoint_every` steps.
+        on_step: receives each new step's metrics (MLflow logging); steps before a resume were logged already.
+    """
+    import torch
+
+    torch.manual_seed(t.seed)
+    _, total = plan(len(examples), t)
+    modules = {"model": model} | objective.modules
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, t.warmup_ratio))
+    result = Result()
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        state = checkpoint.load(last, modules, optimizer, scheduler)
+        result.history, result.resumed_from = state["history"], state["step"]
+        result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
+    model.train()
+    bar = tqdm(total=total, initial=result.resumed_from, desc=objective.name, unit="step", dynamic_ncols=True)
+    for step in range(result.resumed_from, total):
+        check_stop(step)
+        micro = [[examples[i] for i in idx] for idx in step_batches(step, len(examples), t)]
+        weight = sum(objective.weight(e) for b in micro for e in b)  # the step's loss is a mean over this
+        loss_sum, sums = 0.0, {}
+        for batch in micro:
+            loss, parts = objective.loss(batch, weight)
+            loss.backward()
+            loss_sum += loss.item()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        result.tokens += int(sums.pop("tokens", 0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": step + 1, "loss": loss_sum, **objective.summarise(sums, weight),
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
+        result.history.append(metrics)
+        if (step + 1) % t.log_every == 0 or step + 1 == total:
+            on_step(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
+            checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
+    bar.close()
+    model.eval()
+    result.steps = total
+    return result
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids, where the completion starts, and the teacher's top-k for it."""
+
+    ids: list[int]
+    start: int
+    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail_logprob [C])
 
 
 def _collate(batch: list[Example], pad: int, device: Any) -> dict[str, Any]:
@@ -136,8 +217,6 @@ class HiddenTerm:
     def __call__(self, student_hidden: tuple[Any, ...], ids: Any, mask: Any) -> Any:
         import torch
 
-        from kd.distill.losses import hidden_loss
-
         with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's autograd graph
             t_hidden = self.teacher(input_ids=ids.to(self.teacher.device), attention_mask=mask.to(self.teacher.device),
                                     output_hidden_states=True).hidden_states
@@ -147,83 +226,37 @@ class HiddenTerm:
         return torch.stack(terms).mean()
 
 
-def train(model: Any, examples: list[Example], t: Training, kd: Divergence | None, hidden: HiddenTerm | None,
-          pad_id: int, ckpt_dir: Path, on_step: Callable[[dict[str, float]], None]) -> Result:
-    """Train `model` in place; with `kd` the loss mixes top-k divergence and CE, without it it is CE (SFT).
-
-    Args:
-        examples: every Example must carry `teacher` when `kd` is given.
-        ckpt_dir: resume from its latest checkpoint if any; write one every `checkpoint_every` steps.
-        on_step: receives each new step's metrics (MLflow logging); steps before a resume were logged already.
-    """
-    import torch
+def token_objective(model: Any, kd: Divergence | None, hidden: HiddenTerm | None, pad_id: int,
+                    grad_accum: int) -> Objective:
+    """Per completion token: cross-entropy on the teacher's token mixed with a divergence to the stored teacher
+    top-k (`kd`; without it, plain SFT), plus an optional hidden-state term (a mean over micro-batches).
+    Examples are `Example`s, carrying `teacher` when `kd` is given."""
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from kd.distill.losses import topk_divergence
-
-    device = next(model.parameters()).device
-    torch.manual_seed(t.seed)
-    _, total = plan(len(examples), t)
-    modules = {"model": model} | ({"hidden": hidden.projections} if hidden else {})
-    params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, t.warmup_ratio))
-    result = Result()
-    last = checkpoint.latest(ckpt_dir)
-    if last is not None:
-        state = checkpoint.load(last, modules, optimizer, scheduler)
-        result.history, result.resumed_from = state["history"], state["step"]
-        result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
     w = kd.ce_weight if kd else 1.0
     base, head = model.base_model, model.get_output_embeddings()
-    model.train()
-    bar = tqdm(total=total, initial=result.resumed_from, desc="train", unit="step", dynamic_ncols=True)
-    for step in range(result.resumed_from, total):
-        check_stop(step)
-        micro = [[examples[i] for i in idx] for idx in step_batches(step, len(examples), t)]
-        n_tokens = sum(len(e.ids) - e.start for b in micro for e in b)  # the step's loss is a mean over these
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
-        for batch in micro:
-            b = _collate(batch, pad_id, device)
-            out = base(input_ids=b["ids"], attention_mask=b["mask"], output_hidden_states=hidden is not None)
-            # Logits only where a completion token is predicted: [N, V], never [B, L, V].
-            logits = head(out.last_hidden_state[b["rows"], b["pos"]]).float()
-            ce = F.cross_entropy(logits, b["targets"], reduction="none")
-            loss_tok = ce * w
-            if kd is not None:
-                div = topk_divergence(logits, b["topk_ids"], b["topk_logprobs"], b["tail"], kd.divergence,
-                                      kd.beta, kd.temperature)
-                loss_tok = loss_tok + (1 - w) * div
-                sums["kd"] += div.detach().sum().item() / n_tokens
-            loss = loss_tok.sum() / n_tokens
-            sums["ce"] += ce.detach().sum().item() / n_tokens
-            if hidden is not None:
-                h = hidden(out.hidden_states, b["ids"], b["mask"]) / len(micro)
-                sums["hidden"] += h.item()
-                loss = loss + hidden.cfg.weight * h
-            loss.backward()
-            sums["loss"] += loss.item()
-            result.tokens += int(b["mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": step + 1, "loss": sums["loss"], "ce": sums["ce"], "grad_norm": float(grad_norm),
-                   "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
-        if kd is not None:
-            metrics["kd"] = sums["kd"]
-        if hidden is not None:
-            metrics["hidden"] = sums["hidden"]
-        result.history.append(metrics)
-        if (step + 1) % t.log_every == 0 or step + 1 == total:
-            on_step(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}")
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
-            checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
-    bar.close()
-    model.eval()
-    result.steps = total
-    return result
+    device = next(model.parameters()).device
 
+    def loss(batch: list[Example], n_tokens: float) -> tuple[Any, dict[str, float]]:
+        b = _collate(batch, pad_id, device)
+        out = base(input_ids=b["ids"], attention_mask=b["mask"], output_hidden_states=hidden is not None)
+        # Logits only where a completion token is predicted: [N, V], never [B, L, V].
+        logits = head(out.last_hidden_state[b["rows"], b["pos"]]).float()
+        ce = F.cross_entropy(logits, b["targets"], reduction="none")
+        parts = {"tokens": float(b["mask"].sum())}
+        loss_tok = ce * w
+        if kd is not None:
+            div = topk_divergence(logits, b["topk_ids"], b["topk_logprobs"], b["tail"], kd.divergence,
+                                  kd.beta, kd.temperature)
+            loss_tok = loss_tok + (1 - w) * div
+            parts["kd"] = div.detach().sum().item() / n_tokens
+        total = loss_tok.sum() / n_tokens
+        parts["ce"] = ce.detach().sum().item() / n_tokens
+        if hidden is not None:
+            h = hidden(out.hidden_states, b["ids"], b["mask"]) / grad_accum
+            parts["hidden"] = h.item()
+            total = total + hidden.cfg.weight * h
+        return total, parts
+
+    return Objective("train", loss, weight=lambda e: len(e.ids) - e.start,
+                     modules={"hidden": hidden.projections} if hidden else {})

@@ -4,8 +4,8 @@ The student usually starts from an SFT student and learns from the teacher's ran
 
 - `dpo`: TRL's DPOTrainer on each record's (chosen, rejected) pair, against an explicit frozen reference, the
   student's initialisation built again from disk (a copy of the model being trained would move with it).
-- `rrhf`, `pro`: kd's own loop over each record's whole ranked `candidates` list, with the losses of
-  `kd.distill.preference`. Same schedule, data order, checkpoints and exact resume as `kd.distill.loop`.
+- `rrhf`, `pro`: kd's own loop (kd.distill.loop) over each record's whole ranked `candidates` list; this module
+  gives it only the loss, from `kd.distill.preference`, averaged over the step's prompts.
 
 References: Rafailov et al. 2023, "Direct Preference Optimization", https://arxiv.org/abs/2305.18290;
 Yuan et al. 2023 (RRHF), https://arxiv.org/abs/2304.05302; Song et al. 2023 (PRO), https://arxiv.org/abs/2306.17492
@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import Params, Student
-from kd.distill import checkpoint, loop
-from kd.distill.loop import Result
+from kd.distill import loop
+from kd.distill.loop import Objective, Result
+from kd.distill.preference import pro_loss, rrhf_loss, sequence_logprobs
+from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
 from kd.errors import KdError
+from kd.runtime.init import frozen_init
+from kd.runtime.tokenize import encode
 
 
 @dataclass
@@ -40,8 +44,6 @@ def _ranked(record: dict[str, Any], tok: Any, max_length: int, pair: bool = Fals
     A candidate with no completion token left within `max_length` is dropped; a record left with fewer than
     two (nothing to rank) is None.
     """
-    from kd.distill.tokenize import encode
-
     cands = record.get("candidates")
     if pair or not cands:
         cands = [{"completion": record["chosen"], "score": record["score_chosen"]},
@@ -80,7 +82,7 @@ def train_rank(name: str, cfg: Student, params: Params, root: Path, model: Any, 
     if cfg.objective == "dpo":
         return _dpo(name, cfg, params, root, model, tok, [r for r, _ in kept], ckpt_dir, device, on_step)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return _rank_loop(cfg, model, [x for _, x in kept], pad_id, ckpt_dir, on_step)
+    return loop.train(model, [x for _, x in kept], cfg.training, rank_objective(cfg, model, pad_id), ckpt_dir, on_step)
 
 
 def _dpo(name: str, cfg: Student, params: Params, root: Path, model: Any, tok: Any, records: list[dict[str, Any]],
@@ -90,18 +92,16 @@ def _dpo(name: str, cfg: Student, params: Params, root: Path, model: Any, tok: A
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from kd.distill.train import reference_model
-    from kd.distill.trl_runs import _args, _callback, _run
-
     t = cfg.training
     # `records` hold only pairs with both answers within max_length, as for rrhf/pro (TRL itself drops only a
     # prompt that fills max_length, and would train on a pair whose answer is cut away entirely).
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
-    ref = reference_model(cfg, params, root, name, dtype=next(model.parameters()).dtype).to(device)
-    args = DPOConfig(**_args(t, ckpt_dir, device), beta=cfg.rank.beta, loss_type=[cfg.rank.loss_type])
+    ref = frozen_init(cfg.init, params, root, dtype=next(model.parameters()).dtype, seed=t.seed,
+                      key=f"students.{name}.init").to(device)
+    args = DPOConfig(**trainer_args(t, ckpt_dir, device), beta=cfg.rank.beta, loss_type=[cfg.rank.loss_type])
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[_callback(on_step)])
-    return _run(trainer, ckpt_dir)
+                         processing_class=tok, callbacks=[step_callback(on_step)])
+    return run_trainer(trainer, ckpt_dir)
 
 
 def _collate(batch: list[Ranked], pad: int, device: Any) -> dict[str, Any]:
@@ -136,71 +136,32 @@ def _ranking_stats(r: Any, scores: Any, mask: Any, counts: list[int]) -> tuple[f
     return margin, int(right.sum()), int(ordered.sum())
 
 
-def _rank_loop(cfg: Student, model: Any, examples: list[Ranked], pad_id: int, ckpt_dir: Path,
-               on_step: Callable[[dict[str, float]], None]) -> Result:
-    """RRHF or PRO: AdamW, linear warmup/decay, grad accumulation, checkpoints, exact resume (as loop.train).
-
-    The step loss is the mean over the step's prompts of the per-prompt loss; `margin` is the mean of
-    r(best) − r(worst) and `rank_acc` the fraction of differently-scored candidate pairs the policy orders
-    like the scores, r being the (length-normalised, with `rank.length_normalise`) sequence log-probability.
-    """
+def rank_objective(cfg: Student, model: Any, pad_id: int) -> Objective:
+    """RRHF or PRO for kd's loop: the step loss is the mean over the step's prompts of the per-prompt loss;
+    `margin` is the mean of r(best) − r(worst) and `rank_acc` the fraction of differently-scored candidate pairs
+    the policy orders like the scores, r being the (length-normalised, with `rank.length_normalise`) sequence
+    log-probability."""
     import torch
-    from tqdm.auto import tqdm
 
-    from kd.distill.preference import pro_loss, rrhf_loss, sequence_logprobs
-
-    t, rank = cfg.training, cfg.rank
+    rank = cfg.rank
     device = next(model.parameters()).device
-    torch.manual_seed(t.seed)
-    _, total = loop.plan(len(examples), t)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(total, t.warmup_ratio))
-    result = Result()
-    last = checkpoint.latest(ckpt_dir)
-    if last is not None:
-        state = checkpoint.load(last, {"model": model}, optimizer, scheduler)
-        result.history, result.resumed_from = state["history"], state["step"]
-        result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
-    model.train()
-    bar = tqdm(total=total, initial=result.resumed_from, desc=cfg.objective, unit="step", dynamic_ncols=True)
-    for step in range(result.resumed_from, total):
-        loop.check_stop(step)
-        micro = [[examples[i] for i in idx] for idx in loop.step_batches(step, len(examples), t)]
-        n_prompts = sum(len(b) for b in micro)
-        loss_sum = margin_sum = 0.0
-        right = pairs = 0
-        for batch in micro:
-            b = _collate(batch, pad_id, device)
-            total_lp = sequence_logprobs(model, b["ids"], b["attn"], b["comp"], length_normalise=False)
-            mean_lp = total_lp / b["comp"][:, 1:].sum(-1).clamp_min(1)  # per-token mean: RRHF's SFT term
-            per_prompt = [list(x.split(b["counts"])) for x in (total_lp, mean_lp)]
-            total_lp, mean_lp = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in per_prompt)
-            r = mean_lp if rank.length_normalise else total_lp
-            if cfg.objective == "rrhf":
-                loss = rrhf_loss(r, b["scores"], sft_nll=-mean_lp[:, 0], mask=b["mask"], rank_weight=rank.rank_weight)
-            else:
-                loss = pro_loss(r, b["scores"] if rank.score_weighted else None, mask=b["mask"])
-            loss = loss * len(batch) / n_prompts  # each loss is a mean over its prompts
-            loss.backward()
-            loss_sum += loss.item()
-            m, ok, n = _ranking_stats(r.detach(), b["scores"], b["mask"], b["counts"])
-            margin_sum, right, pairs = margin_sum + m, right + ok, pairs + n
-            result.tokens += int(b["attn"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": step + 1, "loss": loss_sum, "margin": margin_sum / n_prompts,
-                   "rank_acc": right / pairs if pairs else 0.0, "grad_norm": float(grad_norm),
-                   "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
-        result.history.append(metrics)
-        if (step + 1) % t.log_every == 0 or step + 1 == total:
-            on_step(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
-            checkpoint.save(ckpt_dir, step + 1, {"model": model}, optimizer, scheduler, result.history)
-    bar.close()
-    model.eval()
-    result.steps = total
-    return result
+
+    def loss(batch: list[Ranked], n_prompts: float) -> tuple[Any, dict[str, float]]:
+        b = _collate(batch, pad_id, device)
+        total_lp = sequence_logprobs(model, b["ids"], b["attn"], b["comp"], length_normalise=False)
+        mean_lp = total_lp / b["comp"][:, 1:].sum(-1).clamp_min(1)  # per-token mean: RRHF's SFT term
+        per_prompt = [list(x.split(b["counts"])) for x in (total_lp, mean_lp)]
+        total_lp, mean_lp = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in per_prompt)
+        r = mean_lp if rank.length_normalise else total_lp
+        if cfg.objective == "rrhf":
+            value = rrhf_loss(r, b["scores"], sft_nll=-mean_lp[:, 0], mask=b["mask"], rank_weight=rank.rank_weight)
+        else:
+            value = pro_loss(r, b["scores"] if rank.score_weighted else None, mask=b["mask"])
+        margin, right, pairs = _ranking_stats(r.detach(), b["scores"], b["mask"], b["counts"])
+        return value * len(batch) / n_prompts, {"margin": margin, "right": right, "pairs": pairs,
+                                                 "tokens": float(b["attn"].sum())}
+
+    def summarise(sums: dict[str, float], n_prompts: float) -> dict[str, float]:
+        return {"margin": sums["margin"] / n_prompts, "rank_acc": sums["right"] / sums["pairs"] if sums["pairs"] else 0.0}
+
+    return Objective(cfg.objective, loss, weight=lambda _: 1, summarise=summarise)

@@ -3,7 +3,7 @@
 `train_reward_model` is the whole `reward_models.<name>` stage. The feedback records are split by prompt into
 trained and held-out ones (a stable hash, so the split never moves between runs); each record gives one pair
 (`best_worst`) or every differently-scored pair of its candidates (`all`). Training pairs are tokenised here
-with `kd.distill.tokenize.encode`, and the held-out accuracy is computed by `kd.elicit.scoring.RewardScorer`
+with `kd.runtime.tokenize.encode`, and the held-out accuracy is computed by `kd.runtime.scoring.RewardScorer`
 itself, so training, metrics, self-knowledge filtering and evaluation all see the same token ids and read the
 same logit. Checkpoints, resume and the MLflow run work exactly as for students.
 
@@ -15,16 +15,20 @@ https://arxiv.org/abs/2203.02155
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kd.config import Params, load_params
 from kd.config.students import FromPretrained, RewardModel
-from kd.distill import checkpoint
+from kd.distill import envelope
+from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
 from kd.errors import KdError
-from kd.records import canonical_json, read_dataset, sha256_text
+from kd.paths import under
+from kd.records import canonical_json, sha256_text
+from kd.runtime.init import init_student
+from kd.runtime.scoring import RewardScorer
+from kd.runtime.tokenize import encode
 
 OBJECTIVE = "bradley_terry"
 
@@ -49,17 +53,11 @@ def reward_config(params: Params, name: str) -> RewardModel:
 def load_records(name: str, cfg: RewardModel, root: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Records of every feedback dataset in order (a record listed twice counts once), and the datasets'
     {name, path, fingerprint}."""
-    records, seen, refs = [], set(), []
-    for ds in cfg.datasets:
-        manifest, rows = read_dataset(root / "data" / ds)
-        refs.append({"name": ds, "path": str(root / "data" / ds), "fingerprint": manifest["fingerprint"]})
-        for r in rows:
-            if not all(k in r for k in ("prompt", "chosen", "rejected")):
-                raise KdError(f"reward_models.{name}.datasets: record {r.get('id', '?')[:12]} of '{ds}' has no "
-                              f"prompt/chosen/rejected; a reward model trains on feedback records")
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
+    records, refs = envelope.read_training_data(root, cfg.datasets)
+    for r in records:
+        if not all(k in r for k in ("prompt", "chosen", "rejected")):
+            raise KdError(f"reward_models.{name}.datasets: record {r.get('id', '?')[:12]} has no prompt/chosen/rejected; "
+                          f"a reward model trains on feedback records")
     return records, refs
 
 
@@ -129,8 +127,6 @@ def make_pairs(records: list[dict[str, Any]], how: str, key: str = "reward_model
 
 def _ids(tok: Any, prompt: list[dict[str, Any]], text: str) -> list[int]:
     """Token ids exactly as RewardScorer feeds them: prompt + assistant turn through the chat template."""
-    from kd.distill.tokenize import encode
-
     return encode(tok, {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]}, 10**9)[0]
 
 
@@ -152,12 +148,9 @@ def score_pairs(model: Any, tok: Any, pairs: list[Pair], batch_size: int) -> lis
     The model must be on the CPU in float32, as RewardScorer loads a saved one; each distinct completion is
     scored once.
     """
-    from kd.elicit.scoring import RewardScorer
-
-    scorer = RewardScorer(Path("."), batch_size)
-    # RewardScorer loads lazily from a directory; handing it the trained model runs exactly the code that later
-    # scores the saved directory (same tokenisation, padding, batching and rounding).
-    scorer._model, scorer._tok = model, tok
+    # Handing RewardScorer the trained model runs exactly the code that later scores the saved directory (same
+    # tokenisation, padding, batching and rounding).
+    scorer = RewardScorer(Path("."), batch_size, loaded=(model, tok))
     items: dict[str, dict[str, Any]] = {}
     keys = []
     for p in pairs:
@@ -187,8 +180,6 @@ def init_reward_model(cfg: RewardModel, params: Params, root: Path, name: str, d
     """
     import torch
 
-    from kd.distill.student import init_student
-
     dtype = dtype or torch.float32
     key = f"reward_models.{name}.init"
     seed = cfg.training.seed
@@ -208,7 +199,7 @@ def init_reward_model(cfg: RewardModel, params: Params, root: Path, name: str, d
 def _from_pretrained(init: FromPretrained, root: Path, dtype: Any, key: str) -> tuple[Any, Any, bool]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    local = Path(init.path) if Path(init.path).is_absolute() else root / init.path
+    local = under(root, init.path)
     where = str(local) if local.is_dir() else init.path  # else a hub id; needs the network
     kw = {"revision": init.revision, "trust_remote_code": init.trust_remote_code}
     try:
@@ -260,8 +251,6 @@ def _train(model: Any, tok: Any, rows: list[dict[str, list[int]]], cfg: RewardMo
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from kd.distill.trl_runs import _args, _callback, _run
-
     # RewardTrainer's own token count starts again at 0 on resume (it is not in the checkpoint); the Trainer's
     # `num_input_tokens_seen` counts the same non-padding tokens and is restored with the trainer state. The
     # Trainer logs its speed (`train_runtime`, ...) next to it: wall-clock noise, dropped.
@@ -272,10 +261,10 @@ def _train(model: Any, tok: Any, rows: list[dict[str, list[int]]], cfg: RewardMo
 
     # Rows arrive as `chosen_ids`/`rejected_ids`, so TRL tokenises nothing and trains on the very ids
     # RewardScorer reads; none exceeds max_length, so its length filter drops nothing either.
-    args = RewardConfig(**_args(cfg.training, ckpt_dir, device), include_num_input_tokens_seen="non_padding")
+    args = RewardConfig(**trainer_args(cfg.training, ckpt_dir, device), include_num_input_tokens_seen="non_padding")
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                            callbacks=[_callback(lambda m: on_step(tokens(m)))])
-    result = _run(trainer, ckpt_dir)
+                            callbacks=[step_callback(lambda m: on_step(tokens(m)))])
+    result = run_trainer(trainer, ckpt_dir)
     result.history = [tokens(h) for h in result.history]
     result.tokens = int(result.history[-1].get("tokens", 0)) if result.history else 0
     return result
@@ -285,27 +274,15 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
     """Build `models/<name>/`, `metrics/<name>.json`, `plots/<name>.csv`; return the summary line."""
     import torch
 
-    from kd import tracking
-    from kd.distill.student import save_model
-    from kd.distill.train import _device, _init_digest, final_metrics, write_outputs
-
-    start = time.monotonic()
     params = load_params(root)
     cfg = reward_config(params, name)
     t = cfg.training
     records, refs = load_records(name, cfg, root)
     if not records:
-        raise KdError(f"reward_models.{name}.datasets: {', '.join(cfg.datasets)} hold no records")
+        raise envelope.no_records("reward_models", name, cfg.datasets)
     trained, held = split(records, cfg.held_out, f"reward_models.{name}.datasets")
-    rm_params = cfg.model_dump(mode="json")
-    digest = checkpoint.run_hash(rm_params, {d["name"]: d["fingerprint"] for d in refs}, None,
-                                 _init_digest(cfg, params, root))
-    ckpt_dir = checkpoint.checkpoint_dir(root, name, digest)
-    checkpoint.prune_others(ckpt_dir)
-    device = _device(t)
-    dtype = getattr(torch, t.dtype)
-    torch.manual_seed(t.seed)
-    model, tok = init_reward_model(cfg, params, root, name, dtype=dtype)
+    job = envelope.prepare(name, "reward_models", cfg, params, root, refs)
+    model, tok = init_reward_model(cfg, params, root, name, dtype=job.dtype)
 
     # Everything a user can get wrong is checked before an MLflow run exists (no FAILED runs for typos).
     key = f"reward_models.{name}.pairs"
@@ -316,67 +293,21 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
         raise KdError(f"reward_models.{name}.training.max_length: no training pair fits in {t.max_length} tokens "
                       f"({len(candidates[0])} pairs from {len(trained)} records)")
 
-    run = tracking.start_run(root, params.project, name, {"reward_model": {"name": name, **rm_params}}, refs,
-                             run_id=checkpoint.remembered_run(ckpt_dir))
-    checkpoint.remember_run(ckpt_dir, run.run_id)
+    run = job.start_run()
 
     def on_step(metrics: dict[str, float]) -> None:
         run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
     with run.failing():
-        result = _train(model.to(device), tok, rows, cfg, ckpt_dir, device, on_step)
+        result = _train(model.to(job.device), tok, rows, cfg, job.ckpt_dir, job.device, on_step)
         model.to("cpu", torch.float32)  # as RewardScorer loads the saved weights (bf16 -> fp32 -> bf16 is exact)
         accuracy, margin = pair_metrics(score_pairs(model, tok, held_pairs, t.batch_size))
         accuracy_train, _ = pair_metrics(score_pairs(model, tok, train_pairs, t.batch_size))
-        model.to(dtype)
-    seconds = time.monotonic() - start
-    metrics = {**final_metrics(result), "accuracy": accuracy, "accuracy_train": accuracy_train,
-               "margin_held_out": margin, "pairs_train": len(train_pairs), "pairs_held_out": len(held_pairs),
-               "pairs_too_long": too_long}
-    run.log_metrics({"train_seconds": seconds, **{k: v for k, v in metrics.items()
-                                                  if k.startswith(("accuracy", "margin")) and v is not None}},
-                    step=result.steps)
-    info = {
-        "name": name, "kind": "reward_model", "objective": OBJECTIVE, "section": "reward_models",
-        "init": cfg.init.model_dump(mode="json"),
-        "datasets": [{"name": d["name"], "fingerprint": d["fingerprint"]} for d in refs], "logits": None,
-        "params": rm_params, "git_commit": tracking.git_commit(root),
-        "mlflow": {"run_id": run.run_id, "tracking_uri": tracking.configured_uri(), "experiment": params.project},
-        # the same two facts flat, as `kd audit` reads them
-        "mlflow_run_id": run.run_id, "mlflow_tracking_uri": tracking.configured_uri(),
-        "metrics": metrics, "held_out": sorted(r["id"] for r in held),
-    }
-    save_model(model, tok, root / "models" / name, info)
-    write_outputs(root, name, metrics, result.history)
-    run.end()
-    checkpoint.clear(ckpt_dir)
-    first, last = (result.history[0]["loss"], result.history[-1]["loss"]) if result.history else (float("nan"),) * 2
-    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+        model.to(job.dtype)
+    extra = {"accuracy": accuracy, "accuracy_train": accuracy_train, "margin_held_out": margin,
+             "pairs_train": len(train_pairs), "pairs_held_out": len(held_pairs), "pairs_too_long": too_long}
     acc = f"{accuracy:.2f}" if accuracy is not None else "n/a"
-    return (f"{name}: {result.steps} steps on {len(train_pairs)} pairs, loss {first:.2f} -> {last:.2f}, held-out "
-            f"accuracy {acc} on {len(held_pairs)} pairs in {seconds:.0f} s{resumed} (mlflow run {run.run_id[:6]})")
-
-
-def reward_dvc_stage(name: str, params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """The dvc.yaml stage that builds `reward_models.<name>`: exactly the code, data, models and keys it reads."""
-    cfg = reward_config(params, name)
-    code = ["stages/reward_model.py", "kd/distill/reward.py", "kd/distill/student.py", "kd/distill/tokenize.py",
-            "kd/distill/trl_runs.py", "kd/distill/train.py", "kd/elicit/scoring.py"]
-    teacher = getattr(cfg.init, "teacher", None)
-    if teacher is not None:
-        models = [params.teachers[teacher].path]
-    else:
-        # A student or reward model of this project is a dep even before it is built; another local directory
-        # when it exists; a hub id is not a file.
-        path = cfg.init.path.rstrip("/")
-        built_here = path.startswith("models/") and path.removeprefix("models/") in {*params.students,
-                                                                                     *params.reward_models}
-        models = [path] if built_here or (root / path).is_dir() else []
-    return {
-        "cmd": f"python stages/reward_model.py {name}",
-        "deps": code + [f"data/{d}" for d in cfg.datasets] + models,
-        "params": [f"reward_models.{name}", *([f"teachers.{teacher}.path"] if teacher else [])],
-        "outs": [f"models/{name}"],
-        "metrics": [{f"metrics/{name}.json": {"cache": False}}],
-        "plots": [{f"plots/{name}.csv": {"cache": False, "x": "step", "y": "loss"}}],
-    }
+    return job.finish(run, model, tok, result, OBJECTIVE, f"held-out accuracy {acc} on {len(held_pairs)} pairs",
+                      on=f" on {len(train_pairs)} pairs", extra=extra,
+                      logged={k: v for k, v in extra.items() if k.startswith(("accuracy", "margin")) and v is not None},
+                      held_out=sorted(r["id"] for r in held))

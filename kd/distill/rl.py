@@ -5,8 +5,8 @@ completion is its reward against the others of its group (GRPO: group-normalised
 a KL penalty `rl.beta` holds the policy near its initialisation.
 
 The reward is kd's own scorer, not TRL's tokenisation of it: a reward model scores prompt + completion exactly
-as `kd.elicit.scoring.RewardScorer` does (self-knowledge's filter, evaluation), the teacher's likelihood exactly
-as the `likelihood` judge does (`LoglikScorer`). Both go through `kd.distill.tokenize.encode`, so the number the
+as `kd.runtime.scoring.RewardScorer` does (self-knowledge's filter, evaluation), the teacher's likelihood exactly
+as the `likelihood` judge does (`LoglikScorer`). Both go through `kd.runtime.tokenize.encode`, so the number the
 student is trained to raise is the number kd reports.
 
 References: Shao et al. 2024, DeepSeekMath (GRPO), https://arxiv.org/abs/2402.03300; Ahmadian et al. 2024,
@@ -24,23 +24,23 @@ from typing import Any
 
 from kd.config import Params, Student
 from kd.distill.loop import Result
-from kd.distill.trl_runs import _args, _callback, _run
+from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
 from kd.errors import KdError
+from kd.paths import MODELS_DIR
+from kd.runtime.models import load_teacher
+from kd.runtime.scoring import load_reward_model, mean_logprobs, reward_scores
+from kd.runtime.tokenize import encode, record_prompt
 
 Reward = Callable[..., list[float]]  # TRL's reward_funcs protocol: f(prompts, completions, **kw) -> one per pair
 
 
 def _encoded(tok: Any, prompts: list[list[dict]], completions: list[list[dict]]) -> list[tuple[list[int], int]]:
-    from kd.distill.tokenize import encode
-
     # No length cut: a score of a cut-off text would judge another text (completions are max_new_tokens long).
     return [encode(tok, {"prompt": p, "completion": c}, 10**9) for p, c in zip(prompts, completions, strict=True)]
 
 
 def model_reward(model: Any, tok: Any, batch_size: int) -> Reward:
-    """A reward model's scalar (`kd.elicit.scoring.reward_scores`) for each conversational prompt + completion."""
-    from kd.elicit.scoring import reward_scores
-
+    """A reward model's scalar (`kd.runtime.scoring.reward_scores`) for each conversational prompt + completion."""
     def reward_model(prompts: list[list[dict]], completions: list[list[dict]], **_: Any) -> list[float]:
         rows = [ids for ids, _ in _encoded(tok, prompts, completions)]
         return [s for i in range(0, len(rows), batch_size) for s in reward_scores(model, rows[i:i + batch_size])]
@@ -49,9 +49,7 @@ def model_reward(model: Any, tok: Any, batch_size: int) -> Reward:
 
 
 def likelihood_reward(model: Any, tok: Any, batch_size: int) -> Reward:
-    """The teacher's mean token log-probability of each completion (`kd.elicit.scoring.mean_logprobs`)."""
-    from kd.elicit.scoring import mean_logprobs
-
+    """The teacher's mean token log-probability of each completion (`kd.runtime.scoring.mean_logprobs`)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def teacher_likelihood(prompts: list[list[dict]], completions: list[list[dict]], **_: Any) -> list[float]:
@@ -64,12 +62,9 @@ def likelihood_reward(model: Any, tok: Any, batch_size: int) -> Reward:
 
 def make_reward(name: str, cfg: Student, params: Params, root: Path, device: str) -> Reward:
     """The reward `students.<name>.rl` declares, its model loaded onto `device`, frozen."""
-    from kd.distill.student import load_teacher
-    from kd.elicit.scoring import load_reward_model
-
     rl, bs = cfg.rl, cfg.training.batch_size
     if rl.reward_model is not None:
-        path = root / "models" / rl.reward_model
+        path = root / MODELS_DIR / rl.reward_model
         if not path.is_dir():
             raise KdError(f"students.{name}.rl.reward_model: models/{rl.reward_model} does not exist "
                           f"(train it first: `dvc repro {rl.reward_model}`)")
@@ -84,7 +79,7 @@ def prompts(records: list[dict[str, Any]], tok: Any, max_length: int, max_new_to
     `max_length` (TRL's RL trainers cut no prompt: a longer one would overrun what training.max_length allows)."""
     out, seen = [], set()
     for r in records:
-        prompt = r["prompt"] if "prompt" in r else r["messages"][:-1]
+        prompt = record_prompt(r)
         key = json.dumps(prompt, sort_keys=True)
         if key in seen:
             continue
@@ -112,7 +107,7 @@ def check_batches(name: str, cfg: Student, n_prompts: int) -> None:
 def preflight(name: str, cfg: Student, root: Path, tok: Any, records: list[dict[str, Any]]) -> list[list[dict]]:
     """Every user mistake this objective can hit, before any run starts; returns the prompts to train on."""
     rl, t = cfg.rl, cfg.training
-    if rl.reward_model is not None and not (root / "models" / rl.reward_model).is_dir():
+    if rl.reward_model is not None and not (root / MODELS_DIR / rl.reward_model).is_dir():
         raise KdError(f"students.{name}.rl.reward_model: models/{rl.reward_model} does not exist "
                       f"(train it first: `dvc repro {rl.reward_model}`)")
     rows = prompts(records, tok, t.max_length, rl.max_new_tokens)
@@ -148,7 +143,7 @@ def train_rl(name: str, cfg: Student, params: Params, root: Path, model: Any, to
     rows = preflight(name, cfg, root, tok, records)
     reward = make_reward(name, cfg, params, root, device)
     # TRL's RL configs take no max_length (nor max_prompt_length in 1.16): prompts() applied it above.
-    args = {k: v for k, v in _args(t, ckpt_dir, device).items() if k != "max_length"}
+    args = {k: v for k, v in trainer_args(t, ckpt_dir, device).items() if k != "max_length"}
     args |= dict(num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens,
                  temperature=rl.temperature, beta=rl.beta, disable_dropout=True, use_vllm=False)
     original_name = model.config._name_or_path
@@ -161,7 +156,7 @@ def train_rl(name: str, cfg: Student, params: Params, root: Path, model: Any, to
         model.config._name_or_path = original_name  # the student's config.json must not name a checkpoint dir
     if trainer.ref_model is not None:
         trainer.ref_model.eval().requires_grad_(False)
-    return _run(trainer, ckpt_dir)
+    return run_trainer(trainer, ckpt_dir)
 
 
 def _trainer(objective: str, model: Any, tok: Any, reward: Reward, args: dict[str, Any], data: Any,
@@ -169,7 +164,7 @@ def _trainer(objective: str, model: Any, tok: Any, reward: Reward, args: dict[st
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     kw = dict(model=model, reward_funcs=reward, train_dataset=data, processing_class=tok,
-              callbacks=[_callback(on_step)])
+              callbacks=[step_callback(on_step)])
     match objective:
         case "grpo":
             return GRPOTrainer(args=GRPOConfig(**args), **kw)

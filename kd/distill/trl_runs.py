@@ -19,16 +19,10 @@ from typing import Any
 
 from kd.config.students import OnPolicy, Training
 from kd.distill.loop import Result, check_stop
+from kd.runtime.tokenize import split_record
 
 
-def _pair(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(prompt, completion) messages of a record in either conversational shape."""
-    if "prompt" in record:
-        return record["prompt"], record["completion"]
-    return record["messages"][:-1], record["messages"][-1:]
-
-
-def _callback(on_step: Callable[[dict[str, float]], None]) -> Any:
+def step_callback(on_step: Callable[[dict[str, float]], None]) -> Any:
     from transformers import TrainerCallback
 
     class KdCallback(TrainerCallback):
@@ -57,7 +51,7 @@ def _metrics(step: int, logs: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def _args(t: Training, ckpt_dir: Path, device: str) -> dict[str, Any]:
+def trainer_args(t: Training, ckpt_dir: Path, device: str) -> dict[str, Any]:
     """TrainingArguments shared by both objectives, from `training:`."""
     return dict(
         output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -79,7 +73,7 @@ def _resume_point(ckpt_dir: Path) -> str | None:
     return last if last and (Path(last) / "trainer_state.json").is_file() else None
 
 
-def _run(trainer: Any, ckpt_dir: Path) -> Result:
+def run_trainer(trainer: Any, ckpt_dir: Path) -> Result:
     resume = _resume_point(ckpt_dir)
     trainer.train(resume_from_checkpoint=resume)
     history = [_metrics(h["step"], h) for h in trainer.state.log_history if "loss" in h]
@@ -98,11 +92,11 @@ def train_sft(model: Any, tok: Any, records: list[dict[str, Any]], t: Training, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [dict(zip(("prompt", "completion"), _pair(r), strict=True)) for r in records]
-    args = SFTConfig(**_args(t, ckpt_dir, device), completion_only_loss=True, packing=False)
+    rows = [dict(zip(("prompt", "completion"), split_record(r), strict=True)) for r in records]
+    args = SFTConfig(**trainer_args(t, ckpt_dir, device), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=[_callback(on_step)])
-    return _run(trainer, ckpt_dir)
+                         callbacks=[step_callback(on_step)])
+    return run_trainer(trainer, ckpt_dir)
 
 
 def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, Any]], t: Training, op: OnPolicy,
@@ -115,9 +109,9 @@ def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, 
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    rows = [{"messages": p + c} for p, c in map(_pair, records)]
-    args = GKDConfig(**_args(t, ckpt_dir, device), lmbda=op.lmbda, beta=op.beta, temperature=op.temperature,
+    rows = [{"messages": p + c} for p, c in map(split_record, records)]
+    args = GKDConfig(**trainer_args(t, ckpt_dir, device), lmbda=op.lmbda, beta=op.beta, temperature=op.temperature,
                      max_new_tokens=op.max_new_tokens, seq_kd=False, disable_dropout=True)
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[_callback(on_step)])
-    return _run(trainer, ckpt_dir)
+                         processing_class=tok, callbacks=[step_callback(on_step)])
+    return run_trainer(trainer, ckpt_dir)

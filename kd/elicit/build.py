@@ -1,44 +1,42 @@
-"""Build one generated dataset: params -> method -> records -> atomic dataset + metrics."""
+"""Build one dataset: params -> method -> records -> atomic dataset + card + metrics.
+
+A generation method is a function `method(name, cfg, root, data_dir, askers) -> (records, rejected, templates)`
+with one Asker per role (kd.runtime.roles); its stage script passes it here. The build runs it twice: once
+against stand-in teachers for the forecast it prints first, then for real.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kd.cache import DEFAULT_DIR, RequestCache
-from kd.config import (
-    Curation,
-    Expansion,
-    Feature,
-    Feedback,
-    Labeling,
-    Params,
-    SelfKnowledge,
-    dataset_config,
-    dataset_teachers,
-    load_params,
-)
-from kd.elicit.common import Asker, Summary, Totals
-from kd.elicit.scoring import Role, make_backends, roles
-from kd.prompts import load_prompt
-from kd.records import MANIFEST_FILE, atomic_write_text, write_dataset
+from kd.cache.store import RequestCache
+from kd.config import Params, dataset_config, load_params
+from kd.elicit.common import Summary
+from kd.paths import CACHE_DIR, DATA_DIR, METRICS_DIR
+from kd.provenance.cards import render_card
+from kd.provenance.forecast import cost_of, forecast, money
+from kd.records import MANIFEST_FILE, write_dataset, write_json
+from kd.runtime.ask import Asker, Totals
+from kd.runtime.roles import Role, make_backends, roles
+
+Method = Callable[[str, Any, Path, Path, dict[str, Asker]], tuple[list[dict], list[dict], dict[str, str]]]
 
 
-def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path | None = None,
+def build_dataset(name: str, method: str, run_method: Method, root: Path = Path("."), data_dir: Path | None = None,
                   metrics_dir: Path | None = None, cache_dir: Path | None = None) -> str:
-    """Generate `datasets.<name>` and return the summary line. Nothing is written unless it all succeeds.
+    """Generate `datasets.<name>` (whose `method` must be `method`) with `run_method`; return the summary line.
+    Nothing is written unless it all succeeds.
 
     Prints the forecast first (what will reach the teacher, tokens, cost), so a surprise can be stopped.
     """
-    from kd.cards import render_card
-    from kd.forecast import forecast, money
-
     summary = Summary()
     params = load_params(root)
     cfg = dataset_config(params, name, method)
-    data_dir = data_dir or root / "data"
-    cache = RequestCache(cache_dir or root / DEFAULT_DIR)
+    data_dir = data_dir or root / DATA_DIR
+    cache = RequestCache(cache_dir or root / CACHE_DIR)
 
     rs = roles(cfg)  # feedback and self-knowledge ask a generator and a judge; the others one teacher
 
@@ -48,9 +46,6 @@ def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path
     print(forecast(name, params, root, cache, run, data_dir).line(), flush=True)
     backends = make_backends(rs, params, root)
     askers = {role: Asker(b, cache, name if len(rs) == 1 else f"{name} {role}") for role, b in backends.items()}
-    if cfg.method == "feature":
-        return _build_features(name, cfg, params, backends["teacher"], askers["teacher"], data_dir,
-                               metrics_dir or root / "metrics", summary)
     records, rejected, templates = run(askers)
     totals = Totals.of(list(askers.values()))
     # deterministic figures (every request that built the dataset) go to metrics and the card
@@ -63,7 +58,7 @@ def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path
             seed_rows.setdefault(s["file"], set()).add(s["id"])
 
     def card(manifest: dict) -> str:
-        return render_card(manifest, [_parent(data_dir, p) for p in parents], totals.usage, money(cost),
+        return render_card(manifest, [parent_ref(data_dir, p) for p in parents], totals.usage, money(cost),
                            {f: len(ids) for f, ids in seed_rows.items()})
 
     identity = backends["teacher"].identity if "teacher" in rs else {r: b.identity for r, b in backends.items()}
@@ -77,7 +72,7 @@ def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path
         **totals.usage,
         **({"cost": cost} if cost is not None else {}),  # unknown without a price: no number rather than 0
     }
-    atomic_write_text((metrics_dir or root / "metrics") / f"{name}.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json((metrics_dir or root / METRICS_DIR) / f"{name}.json", metrics)
     # what this run paid for (new requests only) varies run to run, so it goes to stdout, not to metrics
     paid = totals.new_usage
     paid_cost = _cost(params, rs, askers, "new_usage")
@@ -88,8 +83,6 @@ def build_dataset(name: str, method: str, root: Path = Path("."), data_dir: Path
 
 def _cost(params: Params, rs: dict[str, Role], askers: dict[str, Asker], usage: str) -> float | None:
     """Price of every role's usage (`usage` or `new_usage`); None when any teacher's price is unknown."""
-    from kd.forecast import cost_of
-
     total = 0.0
     for name, role in rs.items():
         if role.teacher is None:
@@ -102,109 +95,7 @@ def _cost(params: Params, rs: dict[str, Role], askers: dict[str, Asker], usage: 
     return total
 
 
-def run_method(name: str, cfg: Labeling | Expansion | Curation | Feedback | SelfKnowledge, root: Path,
-               data_dir: Path, askers: dict[str, Asker]) -> tuple[list, list, dict]:
-    """(records, rejected, templates) of one generation method; the build and its forecast both call it.
-
-    `askers` holds one Asker per role of `kd.elicit.scoring.roles(cfg)`.
-    """
-    match cfg.method:
-        case "labeling":
-            from kd.elicit.labeling import label
-
-            return label(name, cfg, root, data_dir, askers["teacher"])
-        case "expansion":
-            from kd.elicit.expansion import expand
-
-            return expand(name, cfg, root, askers["teacher"])
-        case "curation":
-            from kd.elicit.curation import curate
-
-            return curate(name, cfg, root, askers["teacher"])
-        case "feedback":
-            from kd.elicit.feedback import feedback
-
-            return feedback(name, cfg, root, data_dir, askers)
-        case "self_knowledge":
-            from kd.elicit.self_knowledge import self_knowledge
-
-            return self_knowledge(name, cfg, root, data_dir, askers)
-    raise AssertionError(cfg.method)
-
-
-def _build_features(name: str, cfg: Feature, params: Params, teacher: Any, asker: Asker, data_dir: Path,
-                    metrics_dir: Path, summary: Summary) -> str:
-    """A feature dataset: white-box, so no requests; it has its own cache and writes logits next to records."""
-    from kd.cards import render_card
-    from kd.elicit.feature import elicit_features
-    from kd.forecast import cost_of, money
-
-    def card(manifest: dict) -> str:
-        usage = {"prompt_tokens": manifest["tokens"], "completion_tokens": 0}  # scored by forward passes
-        return render_card(manifest, [_parent(data_dir, cfg.dataset)], usage,
-                           money(cost_of(params, cfg.teacher, manifest["tokens"], 0)))
-
-    result = elicit_features(name, cfg, teacher, data_dir, asker.cache.dir / "features", card=card)
-    asker.cached, asker.new = result["cached"], result["new"]
-    manifest = result["manifest"]
-    metrics = {
-        "records": manifest["records"],
-        "rejected": sum(manifest["rejected"].values()),
-        "rejected_by_reason": manifest["rejected"],
-        **{k: manifest[k] for k in ("tokens", "completion_tokens", "bytes_per_token", "top_k")},
-    }
-    atomic_write_text(metrics_dir / f"{name}.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return summary.line(name, manifest, asker)
-
-
-def _parent(data_dir: Path, name: str) -> dict:
+def parent_ref(data_dir: Path, name: str) -> dict:
     path = data_dir / name / MANIFEST_FILE
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {"name": name, "fingerprint": manifest.get("fingerprint"), "records": manifest.get("records")}
-
-
-def files_read(cfg: Labeling | Expansion | Curation | Feature | Feedback | SelfKnowledge, params: Params,
-               root: Path) -> dict[str, list[str]]:
-    """What a generation stage reads, by kind: its dvc.yaml stage must list these as deps and params.
-
-    Loading the templates also checks them (syntax, sandbox-safe includes, declared variables).
-    """
-    from kd.elicit import curation, expansion, feedback, judges, labeling
-
-    match cfg.method:
-        case "labeling":
-            templates = [(cfg.template, labeling.VARIABLES)]
-            seeds = [s.seeds for s in cfg.inputs if s.seeds]
-            datasets = [s.dataset for s in cfg.inputs if s.dataset]
-        case "expansion":
-            templates = [(cfg.template, expansion.SELF_INSTRUCT_VARIABLES)]
-            templates += [(t, expansion.EVOL_VARIABLES) for t in (cfg.evol.templates if cfg.evol else [])]
-            seeds, datasets = [cfg.seeds], []
-        case "curation":
-            templates = [(cfg.question_template, curation.QUESTION_VARIABLES),
-                         (cfg.answer_template, curation.ANSWER_VARIABLES)]
-            seeds, datasets = [cfg.topics, cfg.attributes], []
-        case "feature":
-            templates, seeds, datasets = [], [], [cfg.dataset]
-        case "feedback" | "self_knowledge":
-            templates = [(cfg.template, feedback.VARIABLES)]
-            if cfg.judge is not None and cfg.judge.template is not None:
-                templates.append((cfg.judge.template, judges.RUBRIC_VARIABLES if cfg.judge.kind == "rubric"
-                                  else judges.PAIRWISE_VARIABLES))
-            seeds = [s.seeds for s in cfg.inputs if s.seeds]
-            datasets = [s.dataset for s in cfg.inputs if s.dataset]
-    paths: list[str] = []
-    for path, variables in templates:
-        prompt = load_prompt(root, path, variables)
-        paths += [prompt.path, *prompt.includes]
-    keys = sorted(set(dataset_teachers(cfg).values()))  # a generator and its judge may be one teacher
-    models = [params.teachers[k].path for k in keys if params.teachers[k].backend == "local"]
-    if getattr(cfg, "reward_model", None) is not None:
-        models.append(cfg.reward_model)
-    return {
-        "templates": sorted(set(paths)),
-        "seeds": sorted(set(seeds)),
-        "datasets": [f"data/{d}" for d in sorted(set(datasets))],
-        "teacher": models,
-        "params": [f"teachers.{k}" for k in keys],
-    }

@@ -1,134 +1,24 @@
-"""What every elicitation method shares: seeds, requests through the cache, verdicts, provenance, summary."""
+"""What the elicitation methods share: inputs from seeds or datasets, record provenance, the closing summary,
+and reading one instruction out of a teacher's answer."""
 
 from __future__ import annotations
 
 import re
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.cache import RequestCache, request_key
-from kd.config import Sampling, Source
+from kd.config import Source
 from kd.errors import KdError
-from kd.prompts import Prompt
-from kd.records import read_dataset, read_jsonl, sha256_text
-from kd.teachers import Teacher
-
-
-@dataclass(frozen=True)
-class Call:
-    """One teacher request and the template that rendered it (None: a white-box scoring request)."""
-
-    key: str
-    request: dict[str, Any]
-    prompt: Prompt | None
-
-
-@dataclass
-class Asker:
-    """Sends requests to a teacher through the request cache and counts what was cached and what was new."""
-
-    teacher: Teacher
-    cache: RequestCache
-    label: str
-    cached: int = 0
-    new: int = 0
-    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-    new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})  # paid for now
-
-    def call(self, prompt: Prompt, sampling: Sampling, sample_index: int = 0, **variables: Any) -> Call:
-        request = {
-            "backend": self.teacher.identity["backend"],
-            "teacher": self.teacher.identity,
-            "messages": prompt.render(**variables),
-            "sampling": sampling.model_dump(),
-            "sample_index": sample_index,
-            "response_format": None,
-        }
-        return Call(request_key(request), request, prompt)
-
-    def ask(self, calls: list[Call]) -> dict[str, dict[str, Any]]:
-        """Answers for every call: from the cache when present, else from the teacher (persisted on arrival)."""
-        from tqdm import tqdm
-
-        unique = {c.key: c for c in calls}
-        answers: dict[str, dict[str, Any]] = {}
-        misses = []
-        for key, c in unique.items():
-            hit = self.cache.get(key)
-            if hit is None:
-                misses.append((key, c.request))
-            else:
-                answers[key] = hit
-        self.cached += len(unique) - len(misses)
-        if misses:
-            bar = tqdm(total=len(misses), desc=f"{self.label}: teacher", unit="req", file=sys.stderr,
-                       disable=None, dynamic_ncols=True)
-
-            def on_result(key: str, response: dict[str, Any]) -> None:
-                self.cache.put(key, unique[key].request, response)
-                answers[key] = response
-                self.new += 1
-                for k, v in response["usage"].items():
-                    self.new_usage[k] = self.new_usage.get(k, 0) + v
-                bar.update(1)
-
-            try:
-                self.teacher.generate(misses, on_result)
-            finally:
-                bar.close()
-        for key in unique:
-            for k, v in answers[key]["usage"].items():
-                self.usage[k] = self.usage.get(k, 0) + v
-        return answers
-
-
-def verdict(response: dict[str, Any], allow_truncated: bool) -> str | None:
-    """Why an answer cannot be used as is, or None. Failures are rejections, never records."""
-    finish = response["finish_reason"]
-    if finish == "length" and not allow_truncated:
-        return "truncated"
-    if finish not in ("stop", "length"):
-        return f"finish_reason:{finish}"
-    if not response["text"].strip():
-        return "empty"
-    return None
-
-
-def request_provenance(call: Call, response: dict[str, Any]) -> dict[str, Any]:
-    if call.prompt is None:  # white-box scoring (kd.elicit.scoring): no template, no sampling
-        return {"key": call.key, "kind": call.request["kind"], "teacher": call.request["teacher"],
-                "sample_index": 0, "usage": response["usage"], "finish_reason": response["finish_reason"]}
-    return {
-        "key": call.key,
-        "template": call.prompt.provenance(),
-        "teacher": call.request["teacher"],
-        "sampling": call.request["sampling"],
-        "sample_index": call.request["sample_index"],
-        "usage": response["usage"],
-        "finish_reason": response["finish_reason"],
-    }
+from kd.records import load_seeds, read_dataset, seed_id
+from kd.runtime.ask import Asker, Totals
 
 
 def provenance(method: str, dataset: str, requests: list[dict[str, Any]], parents: list[dict[str, str]],
                seeds: list[dict[str, str]], filters: list[dict[str, Any]]) -> dict[str, Any]:
     return {"method": method, "stage": dataset, "requests": requests, "parents": parents, "seeds": seeds,
             "filters": filters}
-
-
-def rejection(reason: str, call: Call | None, response: dict[str, Any] | None, **context: Any) -> dict[str, Any]:
-    """A rejected answer with its reason and enough context to find out why."""
-    row: dict[str, Any] = {"reason": reason, **context}
-    if call is not None:
-        row["request_key"] = call.key
-        if call.prompt is not None:
-            row["template"] = call.prompt.path
-    if response is not None:
-        row["text"] = response["text"]
-        row["finish_reason"] = response["finish_reason"]
-    return row
 
 
 @dataclass(frozen=True)
@@ -140,27 +30,6 @@ class Input:
     is_seed: bool
     category: str = ""
     reference: str = ""
-
-
-def seed_id(row: dict[str, Any]) -> str:
-    return str(row["id"]) if "id" in row else sha256_text(str(sorted(row.items())))[:16]
-
-
-def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Seed rows, each checked for the fields a method needs (a bad line names file and line)."""
-    rows = read_jsonl(root / file)
-    if not rows:
-        raise KdError(f"{file}: no seed records")
-    seen: set[str] = set()
-    for n, row in enumerate(rows, 1):
-        for f in required:
-            if not isinstance(row.get(f), str) or not row[f].strip():
-                raise KdError(f"{file}: record {n} ({row.get('id', 'no id')}): needs a non-empty string `{f}`")
-        sid = seed_id(row)
-        if sid in seen:
-            raise KdError(f"{file}: record {n}: duplicate id '{sid}'")
-        seen.add(sid)
-    return rows
 
 
 def user_text(record: dict[str, Any]) -> str:
@@ -185,26 +54,6 @@ def load_inputs(root: Path, source: Source, data_dir: Path) -> list[Input]:
         inputs = [Input(user_text(r), {"dataset": source.dataset, "id": r["id"]}, False,
                         str(r.get("category", ""))) for r in records]
     return inputs[: source.limit] if source.limit else inputs
-
-
-@dataclass
-class Totals:
-    """Requests and tokens of several askers together (a generator and a judge), for summary and metrics."""
-
-    cached: int = 0
-    new: int = 0
-    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-    new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-
-    @classmethod
-    def of(cls, askers: list[Asker]) -> Totals:
-        t = cls()
-        for a in askers:
-            t.cached, t.new = t.cached + a.cached, t.new + a.new
-            for total, part in ((t.usage, a.usage), (t.new_usage, a.new_usage)):
-                for k, v in part.items():
-                    total[k] = total.get(k, 0) + v
-        return t
 
 
 class Summary:

@@ -14,24 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import Curation
-from kd.elicit.common import (
-    Asker,
-    clean_instruction,
-    load_seeds,
-    provenance,
-    rejection,
-    request_provenance,
-    seed_id,
-    verdict,
-)
+from kd.elicit.common import clean_instruction, provenance
 from kd.prompts import load_prompt
+from kd.records import load_seeds, seed_id
+from kd.runtime.ask import Asker, rejection, request_provenance, verdict
 
 QUESTION_VARIABLES = ("topic", "domain", "attribute")
 ANSWER_VARIABLES = ("question", "topic", "domain")
 
 
-def curate(name: str, cfg: Curation, root: Path, asker: Asker) -> tuple[list[dict], list[dict], dict]:
+def curate(name: str, cfg: Curation, root: Path, data_dir: Path,
+           askers: dict[str, Asker]) -> tuple[list[dict], list[dict], dict]:
     """Return (records, rejected, templates): prompt/completion records grounded in topic seeds."""
+    asker = askers["teacher"]
     q_prompt = load_prompt(root, cfg.question_template, QUESTION_VARIABLES)
     a_prompt = load_prompt(root, cfg.answer_template, ANSWER_VARIABLES)
     topics = load_seeds(root, cfg.topics, ("topic",))

@@ -16,19 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import Expansion
-from kd.elicit.common import (
-    Asker,
-    clean_instruction,
-    load_seeds,
-    provenance,
-    rejection,
-    request_provenance,
-    seed_id,
-    verdict,
-)
-from kd.novelty import NoveltyIndex
+from kd.elicit.common import clean_instruction, provenance
 from kd.prompts import load_prompt
-from kd.records import content_id
+from kd.records import content_id, load_seeds, seed_id
+from kd.runtime.ask import Asker, rejection, request_provenance, verdict
+from kd.runtime.novelty import NoveltyIndex
 
 SELF_INSTRUCT_VARIABLES = ("demos",)
 EVOL_VARIABLES = ("instruction", "category")
@@ -40,8 +32,10 @@ def _record(name: str, text: str, category: str, req: dict, parents: list, seeds
             "provenance": provenance("expansion", name, [req], parents=parents, seeds=seeds, filters=filters)}
 
 
-def expand(name: str, cfg: Expansion, root: Path, asker: Asker) -> tuple[list[dict], list[dict], dict]:
+def expand(name: str, cfg: Expansion, root: Path, data_dir: Path,
+           askers: dict[str, Asker]) -> tuple[list[dict], list[dict], dict]:
     """Return (records, rejected, templates): new instructions as TRL prompt-only records."""
+    asker = askers["teacher"]
     prompt = load_prompt(root, cfg.template, SELF_INSTRUCT_VARIABLES)
     evol_prompts = [load_prompt(root, t, EVOL_VARIABLES) for t in (cfg.evol.templates if cfg.evol else [])]
     seeds = load_seeds(root, cfg.seeds, ("instruction",))

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import Feedback
-from kd.elicit import judges
-from kd.elicit.common import Asker, Call, load_inputs, provenance, rejection, request_provenance, verdict
+from kd.elicit.common import load_inputs, provenance
 from kd.prompts import load_prompt
+from kd.runtime import judges
+from kd.runtime.ask import Asker, Call, rejection, request_provenance, verdict
 
 VARIABLES = ("instruction", "category")  # the generator's template, as labeling's
 

@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import Labeling
-from kd.elicit.common import Asker, load_inputs, provenance, rejection, request_provenance, verdict
+from kd.elicit.common import load_inputs, provenance
 from kd.prompts import load_prompt
+from kd.runtime.ask import Asker, rejection, request_provenance, verdict
 
 VARIABLES = ("instruction", "category")
 
 
-def label(name: str, cfg: Labeling, root: Path, data_dir: Path, asker: Asker) -> tuple[list[dict], list[dict], dict]:
+def label(name: str, cfg: Labeling, root: Path, data_dir: Path,
+          askers: dict[str, Asker]) -> tuple[list[dict], list[dict], dict]:
     """Return (records, rejected, templates) for the dataset `name`."""
+    asker = askers["teacher"]
     prompt = load_prompt(root, cfg.template, VARIABLES)
     inputs = [x for src in cfg.inputs for x in load_inputs(root, src, data_dir)]
     calls = [(x, s, asker.call(prompt, cfg.sampling, s, instruction=x.text, category=x.category))

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import SelfKnowledge
-from kd.elicit import judges
-from kd.elicit.common import Asker, load_inputs, provenance, rejection, request_provenance
+from kd.elicit.common import load_inputs, provenance
 from kd.elicit.feedback import assistant, origin_of, prompt_messages, sample_candidates
 from kd.prompts import load_prompt
+from kd.runtime import judges
+from kd.runtime.ask import Asker, rejection, request_provenance
 
 VARIABLES = ("instruction", "category")
 REWARD_MAX_LENGTH = 2048  # tokens of prompt + sample a reward model scores; longer samples are rejected

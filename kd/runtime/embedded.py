@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import KdError
+from kd.records import replace_dir
 
 
 def materialize_gguf(package: str, file: str, out: Path, dtype: str) -> dict[str, Any]:
@@ -46,8 +47,6 @@ def materialize_gguf(package: str, file: str, out: Path, dtype: str) -> dict[str
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        from kd.records import replace_dir
-
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

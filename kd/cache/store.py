@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd.paths import CACHE_DIR
 from kd.records import canonical_json, sha256_text
 
 CACHE_FORMAT = 1
-DEFAULT_DIR = Path(".kd/cache")
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -40,7 +40,7 @@ class CacheStats:
 class RequestCache:
     """Answers by request key. `get` verifies an entry; `put` persists one atomically."""
 
-    def __init__(self, directory: Path | str = DEFAULT_DIR) -> None:
+    def __init__(self, directory: Path | str = CACHE_DIR) -> None:
         self.dir = Path(directory)
         self.stats = CacheStats()
 
@@ -55,7 +55,7 @@ class RequestCache:
         except FileNotFoundError:
             self.stats.misses += 1
             return None
-        problem = _check(raw, key)
+        problem = check_entry(raw, key)
         if problem:
             self.stats.corrupted.append(key)
             self.stats.misses += 1
@@ -72,7 +72,7 @@ class RequestCache:
         if not path.exists():
             return None
         raw = path.read_bytes()
-        return None if _check(raw, key) else json.loads(raw)
+        return None if check_entry(raw, key) else json.loads(raw)
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
         """Persist one answer now (temporary file + rename); safe under concurrent writers."""
@@ -91,8 +91,8 @@ class RequestCache:
         self.stats.written += 1
 
 
-def _check(raw: bytes, key: str) -> str | None:
-    """Why an entry cannot be trusted, or None."""
+def check_entry(raw: bytes, key: str) -> str | None:
+    """Why an entry cannot be trusted for `key`, or None."""
     try:
         entry = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):

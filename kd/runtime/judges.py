@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kd.config import Judge
-from kd.elicit.common import Asker, rejection, request_provenance, verdict
-from kd.elicit.scoring import SCORE_DIGITS, choice_call, score_call
 from kd.prompts import Prompt, load_prompt
+from kd.runtime.ask import Asker, rejection, request_provenance, verdict
+from kd.runtime.scoring import SCORE_DIGITS, choice_call, score_call
 
 RUBRIC_VARIABLES = ("instruction", "response", "aspects", "low", "high", "allow_prose")
 PAIRWISE_VARIABLES = ("instruction", "response_a", "response_b", "allow_prose")

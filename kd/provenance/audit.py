@@ -11,13 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kd.cache import RequestCache
+from kd.cache.store import RequestCache
 from kd.errors import KdError
-from kd.lineage import find_by_id, loads
-from kd.records import MANIFEST_FILE, RECORDS_FILE, read_jsonl
-from kd.revisions import git, resolve_rev, template_origin
+from kd.paths import CACHE_DIR, DATA_DIR, MODELS_DIR
+from kd.provenance.lineage import find_by_id, loads
+from kd.provenance.revisions import git, resolve_rev, template_origin
+from kd.records import MANIFEST_FILE, RECORDS_FILE, read_jsonl, seed_id
+from kd.runtime.models import INFO_FILE, ModelInfo, read_info
 
-MODEL_FILE = "kd_model.json"
 MAX_DESCENDANTS = 100  # records followed downstream when asking which models learned from a record
 
 
@@ -26,7 +27,7 @@ class _Project:
 
     def __init__(self, root: Path, data_dir: Path) -> None:
         self.root, self.data_dir = root, data_dir
-        self.cache = RequestCache(root / ".kd" / "cache")
+        self.cache = RequestCache(root / CACHE_DIR)
         self._bytes: dict[str, bytes] = {}
         self._seeds: dict[str, dict[str, dict[str, Any]]] = {}
         self._seed_bytes: dict[str, bytes] = {}
@@ -45,21 +46,19 @@ class _Project:
         path = self.data_dir / dataset / MANIFEST_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
-    def seed(self, file: str, seed_id: str) -> dict[str, Any] | None:
+    def seed(self, file: str, sid: str) -> dict[str, Any] | None:
         """Today's row of a seed file, found by searching for its id before parsing the whole file."""
-        from kd.elicit.common import seed_id as id_of
-
         path = self.root / file
         if not path.is_file():
             return None
         if file not in self._seeds:
             if file not in self._seed_bytes:
                 self._seed_bytes[file] = path.read_bytes()
-            hit = [r for r in find_by_id(self._seed_bytes[file], seed_id) if id_of(r) == seed_id]
+            hit = [r for r in find_by_id(self._seed_bytes[file], sid) if seed_id(r) == sid]
             if hit:
                 return hit[0]
-            self._seeds[file] = {id_of(r): r for r in read_jsonl(path)}  # ids derived from content: parse all
-        return self._seeds[file].get(seed_id)
+            self._seeds[file] = {seed_id(r): r for r in read_jsonl(path)}  # ids derived from content: parse all
+        return self._seeds[file].get(sid)
 
     def template(self, path: str, sha256: str) -> dict[str, Any]:
         if (path, sha256) not in self._origins:
@@ -85,7 +84,7 @@ def find_record(project: _Project, prefix: str) -> tuple[str, dict[str, Any]]:
 
 
 def audit_record(root: Path, prefix: str, data_dir: Path | None = None, models_dir: Path | None = None) -> dict[str, Any]:
-    project = _Project(root, data_dir or root / "data")
+    project = _Project(root, data_dir or root / DATA_DIR)
     dataset, record = find_record(project, prefix)
     seen: set[tuple[str, str]] = set()
     tree = _step(project, dataset, record, seen)
@@ -94,7 +93,7 @@ def audit_record(root: Path, prefix: str, data_dir: Path | None = None, models_d
     return {"dataset": dataset, "id": record["id"], "lineage": tree,
             "seeds": [{"file": f, "id": i} for f, i in seeds],
             "descendants": [{"dataset": d, "id": i} for d, i in descendants],
-            "models": _models_using(project, models_dir or root / "models", {dataset} | {d for d, _ in descendants})}
+            "models": _models_using(project, models_dir or root / MODELS_DIR, {dataset} | {d for d, _ in descendants})}
 
 
 def _step(project: _Project, dataset: str, record: dict[str, Any], seen: set[tuple[str, str]]) -> dict[str, Any]:
@@ -125,7 +124,7 @@ def _request(project: _Project, r: dict[str, Any]) -> dict[str, Any]:
     entry = project.cache.get_entry(r.get("key", ""))
     return {
         "key": r.get("key"),
-        "kind": r.get("kind"),  # "loglik"/"reward": a white-box score (kd.elicit.scoring), rendered by no template
+        "kind": r.get("kind"),  # "loglik"/"reward": a white-box score (kd.runtime.scoring), rendered by no template
         "template": project.template(t.get("path", ""), t.get("sha256", "")) if t else None,
         "includes": [project.template(p, h) for p, h in sorted((t.get("includes") or {}).items())],
         "teacher": r.get("teacher"), "sampling": r.get("sampling"), "sample_index": r.get("sample_index"),
@@ -165,12 +164,12 @@ def _descendants(project: _Project, dataset: str, record_id: str) -> list[tuple[
 
 def _models_using(project: _Project, models_dir: Path, datasets: set[str]) -> list[dict[str, Any]]:
     out = []
-    for meta_path in sorted(models_dir.glob(f"*/{MODEL_FILE}")):
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        used = [d for d in (meta.get("datasets") or []) + [meta.get("logits")] if d and d.get("name") in datasets]
+    for meta_path in sorted(models_dir.glob(f"*/{INFO_FILE}")):
+        info = read_info(meta_path.parent)
+        used = [d for d in [*info.datasets, info.logits] if d is not None and d.name in datasets]
         if used:
             out.append({"model": str(meta_path.parent.relative_to(project.root)) if meta_path.is_relative_to(project.root)
-                        else str(meta_path.parent), "via": [_fingerprint_check(project, d) for d in used]})
+                        else str(meta_path.parent), "via": [_fingerprint_check(project, d.model_dump()) for d in used]})
     return out
 
 
@@ -183,25 +182,22 @@ def _fingerprint_check(project: _Project, ref: dict[str, Any]) -> dict[str, Any]
 
 def audit_model(root: Path, model_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """What `models/<name>/kd_model.json` says, checked against today's manifests, git and MLflow."""
-    path = model_dir / MODEL_FILE
-    if not path.is_file():
-        raise KdError(f"{model_dir}: no {MODEL_FILE} (is it a kd student directory? build it with `dvc repro`)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    project = _Project(root, data_dir or root / "data")
-    commit = meta.get("git_commit")
+    info: ModelInfo = read_info(model_dir)
+    project = _Project(root, data_dir or root / DATA_DIR)
+    commit = info.git_commit
     try:
         known = bool(commit) and resolve_rev(root, commit) is not None
     except KdError:
         known = False
     return {
-        "model": str(model_dir), "name": meta.get("name"), "objective": meta.get("objective"),
-        "init": meta.get("init"), "params": meta.get("params"),
-        "datasets": [_fingerprint_check(project, d) for d in meta.get("datasets") or []],
-        "logits": _fingerprint_check(project, meta["logits"]) if meta.get("logits") else None,
+        "model": str(model_dir), "name": info.name, "objective": info.objective,
+        "init": info.init, "params": info.params,
+        "datasets": [_fingerprint_check(project, d.model_dump()) for d in info.datasets],
+        "logits": _fingerprint_check(project, info.logits.model_dump()) if info.logits else None,
         "git_commit": {"commit": commit, "in_repository": known,
                        "subject": git(root, "log", "-1", "--format=%s", commit).decode().strip() if known else None},
-        "metrics": meta.get("metrics"),
-        "mlflow": mlflow_run(root, meta.get("mlflow_tracking_uri"), meta.get("mlflow_run_id")),
+        "metrics": info.metrics,
+        "mlflow": mlflow_run(root, info.mlflow.tracking_uri, info.mlflow.run_id),
     }
 
 

@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd.eval_feedback import REWARD_MAX_LENGTH, REWARD_ROW
-from kd.evaluate import BASELINE, METRICS, ModelResult, Run, exact_match
-from kd.records import atomic_write_text, replace_dir
+from kd.evaluation.evaluate import exact_match
+from kd.evaluation.results import BASELINE, METRICS, REWARD_MAX_LENGTH, REWARD_ROW, ModelResult, Run
+from kd.paths import DATA_DIR, PLOTS_DIR
+from kd.records import MANIFEST_FILE, atomic_write_text, replace_dir
+from kd.tracking import start_run
 
 LABELS = {
     "kl": "KL(teacher‖model) ↓",
@@ -65,7 +67,7 @@ def training_curves(run: Run, root: Path) -> dict[str, Path]:
     for r in run.results:
         if r.kind == "student":
             for ext in CURVE_EXTS:
-                src = root / "plots" / f"{r.name}{ext}"
+                src = root / PLOTS_DIR / f"{r.name}{ext}"
                 if src.is_file():
                     found[f"train_{r.name}{ext}"] = src
     return found
@@ -158,7 +160,7 @@ def _datasets(run: Run, root: Path) -> list[list[str]]:
             seen.setdefault((d["name"], d["fingerprint"]), []).append(r.name)
     rows = []
     for (name, fp), users in sorted(seen.items()):
-        manifest = root / "data" / name / "manifest.json"
+        manifest = root / DATA_DIR / name / MANIFEST_FILE
         if not manifest.is_file():
             current = "not built here"
         else:
@@ -321,8 +323,6 @@ def metrics_for_mlflow(run: Run) -> dict[str, float]:
 def log_mlflow(run: Run, root: Path, project: str, section: dict[str, Any]) -> str:
     """One MLflow run for the evaluation: its params, the prompts as its input (by sha256), the training runs
     of the students it judged, and every metric; returns the run id."""
-    from kd.tracking import start_run
-
     models = {r.name: {"mlflow_run_id": (r.about.get("mlflow") or {}).get("run_id"),
                        "git_commit": r.about.get("git_commit")} for r in run.results if r.kind == "student"}
     prompts = {"name": "eval_prompts", "path": str(root / run.prompts_path), "fingerprint": run.prompts_sha256}

@@ -1,103 +1,21 @@
-"""Who answers a dataset's requests, by role, and the two white-box scorers that answer like teachers.
-
-A method with one teacher has one role, `teacher`. Feedback and self-knowledge have a `generator` and a
-`judge`; a judge is a teacher generating text (rubric, pairwise, self-judge), the teacher's log-likelihood of
-a candidate (`loglik`), or a reward model's score (`reward`). The scorers implement the teacher protocol
-(kd.teachers) and their answers are request-cache entries like any other — a request dict with `"kind":
-"loglik"` or `"reward"` — so there is one cache, one count of cached/new, and a rerun scores nothing twice.
+"""White-box scorers that answer like teachers: a teacher's log-likelihood of a completion (`loglik`), its
+choice among short options (`choice`), and a reward model's scalar (`reward`). Their answers are request-cache
+entries (requests with `"kind"`), so kd.runtime.ask counts and caches them like any teacher's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from kd.cache import request_key
-from kd.config import Params
-from kd.elicit.common import Asker, Call
+from kd.cache.store import request_key
 from kd.errors import KdError
-from kd.teachers import Teacher, make_teacher, teacher_identity
+from kd.runtime.ask import Asker, Call
+from kd.runtime.local import LocalTeacher
+from kd.runtime.models import directory_digest
+from kd.runtime.tokenize import encode
 
 SCORE_DIGITS = 6  # scores are rounded so float noise below this never changes a record's bytes
-
-
-@dataclass(frozen=True)
-class Role:
-    """One source of answers for a dataset: a teacher key (or a reward model directory) and how it answers."""
-
-    teacher: str | None
-    kind: Literal["generate", "loglik", "reward"]
-    path: str | None = None  # reward model directory, relative to the project root
-    batch_size: int = 8
-
-
-def roles(cfg: Any) -> dict[str, Role]:
-    """Role name -> Role for a dataset config (`teacher` for the single-teacher methods)."""
-    match cfg.method:
-        case "feedback":
-            return {"generator": Role(cfg.generator, "generate"), "judge": _judge_role(cfg.judge)}
-        case "self_knowledge":
-            out = {"generator": Role(cfg.generator, "generate")}
-            if cfg.judge is not None:
-                out["judge"] = _judge_role(cfg.judge)
-            elif cfg.reward_model is not None:
-                out["judge"] = Role(None, "reward", cfg.reward_model)
-            return out
-    return {"teacher": Role(cfg.teacher, "generate")}
-
-
-def _judge_role(judge: Any) -> Role:
-    if judge.kind == "likelihood" or judge.verdict == "logprob":  # white-box: log-probabilities, not text
-        return Role(judge.teacher, "loglik", batch_size=judge.batch_size)
-    return Role(judge.teacher, "generate")
-
-
-def role_identity(role: Role, params: Params, root: Path) -> dict[str, Any]:
-    """What the cache key and provenance record about a role, without loading any weights."""
-    match role.kind:
-        case "generate":
-            return teacher_identity(role.teacher, params.teachers[role.teacher], root)
-        case "loglik":
-            # a local teacher's identity names the dtype it runs in, on which log-probabilities depend
-            return teacher_identity(role.teacher, params.teachers[role.teacher], root)
-        case "reward":
-            return reward_identity(root / role.path)
-    raise AssertionError(role.kind)
-
-
-def reward_identity(path: Path) -> dict[str, Any]:
-    from kd.teachers.local import directory_digest
-
-    if not path.is_dir():
-        raise KdError(f"reward_model: {path} does not exist (train it first: `dvc repro {path.name}`)")
-    return {"backend": "reward_model", "model": path.name, "digest": directory_digest(path)}
-
-
-def judge_backend(judge: Any, params: Params, root: Path) -> Teacher:
-    """The backend a judge asks: the teacher generating text, or its log-likelihood scorer (white-box)."""
-    return make_backends({"judge": _judge_role(judge)}, params, root)["judge"]
-
-
-def make_backends(rs: dict[str, Role], params: Params, root: Path) -> dict[str, Teacher]:
-    """A backend per role; roles on the same teacher share one instance, so its weights load once."""
-    teachers: dict[str, Teacher] = {}
-
-    def teacher(key: str) -> Teacher:
-        if key not in teachers:
-            teachers[key] = make_teacher(key, params.teachers[key], root)
-        return teachers[key]
-
-    out: dict[str, Teacher] = {}
-    for name, role in rs.items():
-        match role.kind:
-            case "generate":
-                out[name] = teacher(role.teacher)
-            case "loglik":
-                out[name] = LoglikScorer(teacher(role.teacher), role.batch_size)
-            case "reward":
-                out[name] = RewardScorer(root / role.path, role.batch_size)
-    return out
 
 
 def score_call(asker: Asker, kind: str, prompt: list[dict[str, str]], completion: str, max_length: int) -> Call:
@@ -110,8 +28,6 @@ def score_call(asker: Asker, kind: str, prompt: list[dict[str, str]], completion
 
 def _encode_all(tok: Any, items: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, tuple[list[int], int]], list]:
     """Token ids (chat template, teacher-forced) and completion start per key; over-long ones set aside."""
-    from kd.distill.tokenize import encode
-
     encoded, too_long = {}, []
     for key, req in items:
         record = {"prompt": req["messages"], "completion": [{"role": "assistant", "content": req["completion"]}]}
@@ -147,11 +63,11 @@ def _too_long(n: int) -> dict[str, Any]:
 class LoglikScorer:
     """The teacher's mean token log-probability of a completion after its prompt (length-normalised).
 
-    Teacher-forced through the chat template (kd.distill.tokenize.encode, as students are trained), batched
+    Teacher-forced through the chat template (kd.runtime.tokenize.encode, as students are trained), batched
     with right padding, log_softmax in float32 whatever dtype the model runs in.
     """
 
-    def __init__(self, teacher: Any, batch_size: int) -> None:
+    def __init__(self, teacher: LocalTeacher, batch_size: int) -> None:
         self.teacher, self.batch_size = teacher, batch_size
         self.name = teacher.name
 
@@ -162,10 +78,7 @@ class LoglikScorer:
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if not items:
             return
-        # LocalTeacher loads lazily and has no public accessor; scoring, like feature elicitation, is white-box.
-        if self.teacher._model is None:
-            self.teacher._load()
-        model, tok = self.teacher._model, self.teacher._tok
+        model, tok = self.teacher.loaded()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         choices = [(k, r) for k, r in items if r.get("kind") == "choice"]
         if choices:
@@ -179,13 +92,10 @@ class LoglikScorer:
                 on_result(key, {"text": "", "finish_reason": "stop", "score": round(mean, SCORE_DIGITS),
                                 "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})
 
-
     def _choose(self, model: Any, tok: Any, pad: int, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         """`choice` requests: the log-probability of each option's first token where the assistant's answer
         begins, from one forward pass of the prompt (the options must start with different tokens)."""
         import torch
-
-        from kd.distill.tokenize import encode
 
         encoded: dict[str, tuple[list[int], int]] = {}
         firsts: dict[str, list[int]] = {}
@@ -229,7 +139,7 @@ def mean_logprobs(model: Any, rows: list[tuple[list[int], int]], pad: int, devic
     reward in training is the score the judge gives.
 
     Args:
-        rows: (token ids, completion start) per sequence, as `kd.distill.tokenize.encode` returns them.
+        rows: (token ids, completion start) per sequence, as `kd.runtime.tokenize.encode` returns them.
     """
     import torch
 
@@ -275,15 +185,24 @@ def reward_scores(model: Any, rows: list[list[int]]) -> list[float]:
         return model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, 0].float().tolist()
 
 
+def reward_identity(path: Path) -> dict[str, Any]:
+    """A reward model directory's identity (it answers `reward` requests like a teacher)."""
+    if not path.is_dir():
+        raise KdError(f"reward_model: {path} does not exist (train it first: `dvc repro {path.name}`)")
+    return {"backend": "reward_model", "model": path.name, "digest": directory_digest(path)}
+
+
 class RewardScorer:
     """A reward model directory (AutoModelForSequenceClassification, num_labels=1): its scalar on the
     prompt + completion conversation, as TRL's RewardTrainer trains it."""
 
-    def __init__(self, path: Path, batch_size: int) -> None:
+    def __init__(self, path: Path, batch_size: int, loaded: tuple[Any, Any] | None = None) -> None:
+        """`loaded`: an in-memory (model, tokenizer) to score with instead of loading `path` (a reward model
+        being trained, scored by exactly the code that later scores its saved directory)."""
         self.path, self.batch_size = path, batch_size
         self.name = path.name
         self._identity: dict[str, Any] | None = None
-        self._model = self._tok = None
+        self._model, self._tok = loaded or (None, None)
 
     @property
     def identity(self) -> dict[str, Any]:

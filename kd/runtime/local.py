@@ -6,59 +6,15 @@ so its answer does not depend on which other requests share its batch or on the 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from kd.config import LocalTeacher as LocalConfig
-from kd.device import resolve_device, resolve_dtype_name
 from kd.errors import KdError
-
-DIGEST_MEMO = Path(".kd/digests.json")
-_MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
-_PROVENANCE_FILES = ("README.md", "kd_model.json")  # kd.distill.student.CARD_FILE, INFO_FILE
-
-
-def directory_digest(path: Path) -> str:
-    """sha256 over the weights, config and tokenizer files of a model directory.
-
-    kd's own provenance files (the `README.md` card, `kd_model.json`) are left out: they name the git commit and
-    MLflow run, so a byte-identical model rebuilt elsewhere would otherwise get another identity, and a student
-    used as a generator would draw different samples (sampling is seeded from the request key).
-
-    Hashing gigabytes on every stage start is wasteful, so digests are memoised by (path, size, mtime).
-    """
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES
-                   and p.name not in _PROVENANCE_FILES)
-    if not files:
-        raise KdError(f"{path}: no model files (expected safetensors, config.json and tokenizer files)")
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo_key = str(path.resolve())
-    try:
-        memo = json.loads(DIGEST_MEMO.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo.get(memo_key, {}).get("stamp") == stamp:
-        return memo[memo_key]["digest"]
-    h = hashlib.sha256()
-    for p in files:
-        fh = hashlib.sha256()
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                fh.update(chunk)
-        h.update(f"{p.name}:{fh.hexdigest()}\n".encode())
-    digest = h.hexdigest()
-    memo[memo_key] = {"stamp": stamp, "digest": digest}
-    try:
-        DIGEST_MEMO.parent.mkdir(parents=True, exist_ok=True)
-        tmp = DIGEST_MEMO.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, DIGEST_MEMO)
-    except OSError:
-        pass  # the memo only saves time
-    return digest
+from kd.paths import under
+from kd.runtime.device import resolve_device, resolve_dtype_name
+from kd.runtime.models import directory_digest, load_causal_lm
 
 
 def seed_of(key: str) -> int:
@@ -66,11 +22,20 @@ def seed_of(key: str) -> int:
 
 
 class LocalTeacher:
+    """A local model directory answering requests in-process; also the white-box view of a teacher (its
+    tokenizer, weights and vocabulary) that scorers and feature elicitation read."""
+
     def __init__(self, name: str, cfg: LocalConfig, root: Path) -> None:
         self.name, self.cfg = name, cfg
-        self.path = (root / cfg.path) if not Path(cfg.path).is_absolute() else Path(cfg.path)
+        self.path = under(root, cfg.path)
+        self.device = resolve_device(cfg.device)
         self._identity: dict[str, Any] | None = None
         self._model = self._tok = None
+
+    @property
+    def dtype_name(self) -> str:
+        """The precision the model runs in (`dtype: auto` resolved for this machine)."""
+        return resolve_dtype_name(self.cfg.dtype, self.device)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -82,29 +47,34 @@ class LocalTeacher:
                               "revision": self.cfg.revision, "dtype": self.dtype_name}
         return self._identity
 
-    @property
-    def dtype_name(self) -> str:
-        """The precision the model runs in (`dtype: auto` resolved for this machine)."""
-        return resolve_dtype_name(self.cfg.dtype, resolve_device(self.cfg.device))
+    def tokenizer(self) -> Any:
+        """The tokenizer alone (0.3 s), enough to compute cache keys; the weights (seconds) load on demand."""
+        if self._tok is None:
+            from transformers import AutoTokenizer
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+            self._tok = AutoTokenizer.from_pretrained(self.path, revision=self.cfg.revision,
+                                                      trust_remote_code=self.cfg.trust_remote_code)
+        return self._tok
 
-        device = resolve_device(self.cfg.device)
-        dtype = getattr(torch, self.dtype_name)
-        kw = {"revision": self.cfg.revision, "trust_remote_code": self.cfg.trust_remote_code}
-        self._tok = AutoTokenizer.from_pretrained(self.path, **kw)
-        self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, use_safetensors=True, **kw)
-        self._model.to(device).eval()
-        self.device = torch.device(device)
+    def loaded(self) -> tuple[Any, Any]:
+        """(model on its device, in eval mode; tokenizer), loaded on first use."""
+        if self._model is None:
+            self._model, self._tok = load_causal_lm(self.path, self.cfg)
+            self._model.to(self.device)
+        return self._model, self._tok
+
+    def vocab_size(self) -> int:
+        """The logits' width, which may exceed the tokenizer's length (embedding rows padded for speed)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.path, revision=self.cfg.revision,
+                                            trust_remote_code=self.cfg.trust_remote_code)
+        return max(len(self.tokenizer()), int(getattr(config.get_text_config(), "vocab_size", 0) or 0))
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if not items:
             return
-        if self._model is None:
-            self._load()
-        tok = self._tok
+        tok = self.loaded()[1]
         prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
                    for k, r in items}
         # One generate() call takes one set of sampling params; within a group, similar lengths share a batch
@@ -150,7 +120,7 @@ def eos_ids(model: Any, tok: Any) -> set[int]:
 
 def generate_ids(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, device: Any,
                  stop: list[str] | tuple[str, ...] = (), processors: Any = None) -> list[tuple[list[int], bool]]:
-    """One left-padded generate() call (greedy unless `processors` sample); shared with kd.evaluate.
+    """One left-padded generate() call (greedy unless `processors` sample); shared with kd.evaluation.evaluate.
 
     Returns:
         per prompt, its new token ids up to and including the first end-of-turn id, and whether it ended

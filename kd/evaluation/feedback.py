@@ -4,7 +4,7 @@
   model's answer to every held-out prompt, the prompt + answer read through its chat template as it was
   trained; a model's figure is the mean over its answers. How far to trust those numbers is the reward
   model's own held-out pair accuracy, read from its kd_model.json (chance = 0.5).
-- Win rate: the pairwise judge (kd.elicit.judges and its template) compares each student's answer with the
+- Win rate: the pairwise judge (kd.runtime.judges and its template) compares each student's answer with the
   `against` model's (default: the untrained baseline) on the same prompt, asked in both orders (A/B swapped).
   Two agreeing verdicts are a win or a loss; two ties, or verdicts that follow the position, are a tie; a pair
   with any unusable verdict (unparseable, cut off) is counted apart as unparseable and is not in the rate:
@@ -20,78 +20,30 @@ position swap); Ouyang et al. 2022, "Training language models to follow instruct
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kd.cache.store import RequestCache
 from kd.config import Judge, Params
 from kd.errors import KdError
-
-if TYPE_CHECKING:
-    from kd.elicit.common import Asker
-    from kd.elicit.judges import Judged
-    from kd.evaluate import Run
-    from kd.prompts import Prompt
-
-# The metrics.json row of the reward model's own figures (held-out pair accuracy); a student may not take it.
-REWARD_ROW = "reward_model"
-# Tokens of prompt + answer the reward model reads (as kd.elicit.self_knowledge); a longer answer is left out of
-# the mean and counted, never cut (a score of half an answer would judge another text).
-REWARD_MAX_LENGTH = 2048
-DIGITS = 4  # as the other metrics
-
-
-@dataclass(frozen=True)
-class RewardModelInfo:
-    """A reward model as its stage described it: held-out pair accuracy and how many pairs that is over."""
-
-    name: str
-    accuracy: float
-    pairs_held_out: int
-    accuracy_train: float | None
-
-    def metrics(self) -> dict[str, float]:
-        train = {} if self.accuracy_train is None else {"accuracy_train": round(self.accuracy_train, DIGITS)}
-        return {"accuracy": round(self.accuracy, DIGITS), "pairs_held_out": self.pairs_held_out, **train}
-
-
-@dataclass
-class WinRate:
-    """One student's pairwise record against the `against` model, one entry per prompt."""
-
-    wins: int = 0
-    ties: int = 0  # including `inconsistent` and `identical`
-    losses: int = 0
-    unparseable: int = 0  # not in `judged`: a failed verdict is neither a win nor a loss
-    inconsistent: int = 0  # the two orders disagreed (the judge followed the position)
-    identical: int = 0  # the same text: a tie, never asked
-
-    @property
-    def judged(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    @property
-    def rate(self) -> float | None:
-        return (self.wins + 0.5 * self.ties) / self.judged if self.judged else None
-
-    def metrics(self) -> dict[str, float | int]:
-        rate = {} if self.rate is None else {"win_rate": round(self.rate, DIGITS)}
-        return {**rate, "wins": self.wins, "ties": self.ties, "losses": self.losses,
-                "unparseable": self.unparseable, "inconsistent": self.inconsistent}
-
-
-@dataclass
-class Feedback:
-    """Everything the reward model and the judge added to a Run (the figures are also in each row's metrics)."""
-
-    reward_model: RewardModelInfo | None = None
-    rewards: dict[str, tuple[float | None, int]] = field(default_factory=dict)  # model -> (mean, answers scored)
-    against: str | None = None  # the row name the students were judged against
-    judge: Judge | None = None
-    template: Prompt | None = None
-    win_rates: dict[str, WinRate] = field(default_factory=dict)
-    requests: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> (cached, new): stdout/MLflow only
+from kd.evaluation.results import (
+    BASELINE,
+    DIGITS,
+    REWARD_MAX_LENGTH,
+    REWARD_ROW,
+    Feedback,
+    RewardModelInfo,
+    Run,
+    WinRate,
+)
+from kd.paths import CACHE_DIR, MODELS_DIR
+from kd.prompts import Prompt
+from kd.runtime import judges
+from kd.runtime.ask import Asker
+from kd.runtime.judges import Group, Judged, score_groups
+from kd.runtime.models import INFO_FILE, read_info
+from kd.runtime.roles import judge_backend
+from kd.runtime.scoring import RewardScorer
 
 
 def reward_model_info(params: Params, root: Path, name: str) -> RewardModelInfo:
@@ -100,11 +52,11 @@ def reward_model_info(params: Params, root: Path, name: str) -> RewardModelInfo:
     Raises:
         KdError: the model is not built, or its kd_model.json lacks the held-out accuracy.
     """
-    path = root / "models" / name / "kd_model.json"
+    path = root / MODELS_DIR / name / INFO_FILE
     if not path.is_file():
-        raise KdError(f"evaluation.reward_model: models/{name} is not built (no kd_model.json); "
+        raise KdError(f"evaluation.reward_model: models/{name} is not built (no {INFO_FILE}); "
                       f"build it first: `dvc repro {name}`")
-    m = json.loads(path.read_text(encoding="utf-8")).get("metrics") or {}
+    m = read_info(path.parent).metrics
     if not isinstance(m.get("accuracy"), (int, float)) or not isinstance(m.get("pairs_held_out"), int):
         raise KdError(f"evaluation.reward_model: {path} has no metrics.accuracy / metrics.pairs_held_out "
                       f"(rebuild it: `dvc repro {name}`)")
@@ -131,8 +83,6 @@ def check(params: Params, root: Path, rows: set[str]) -> RewardModelInfo | None:
 
 def mean_rewards(run: Run, asker: Asker) -> dict[str, tuple[float | None, int]]:
     """Each model's mean reward over its answers (rounded), and how many answers were scored."""
-    from kd.elicit.judges import Group, score_groups
-
     groups = [Group(p.instruction, p.messages, [r.outputs[i].text for r in run.results],
                     {"file": run.prompts_path, "id": p.id}) for i, p in enumerate(run.prompts)]
     judged = score_groups(asker, "reward", groups, REWARD_MAX_LENGTH)
@@ -151,7 +101,7 @@ def tally(results: list[Judged | None]) -> WinRate:
         if j is None:
             w.ties += 1
             w.identical += 1
-        elif j.failure is not None:  # kd.elicit.judges: some order's verdict was unusable
+        elif j.failure is not None:  # kd.runtime.judges: some order's verdict was unusable
             w.unparseable += 1
         elif j.scores[0] > j.scores[1]:
             w.wins += 1
@@ -168,8 +118,6 @@ def win_rates(run: Run, cfg: Judge, against: str, root: Path, asker: Asker) -> t
 
     All pairs go to the judge in one request list, so a batched teacher answers them together.
     """
-    from kd.elicit import judges
-
     opponent = next(r for r in run.results if r.name == against)
     plan: dict[str, list[int | None]] = {}  # student -> per prompt: index into `groups`, None if identical
     groups: list[judges.Group] = []
@@ -192,18 +140,11 @@ def win_rates(run: Run, cfg: Judge, against: str, root: Path, asker: Asker) -> t
 def add_feedback(run: Run, params: Params, root: Path, info: RewardModelInfo | None, log: Any = print) -> None:
     """Score the run's answers with `evaluation.reward_model` and judge them with `evaluation.judge`; the
     figures go to `run.feedback` and into each row's metrics (so metrics.json and MLflow carry them)."""
-    from kd.cache import DEFAULT_DIR, RequestCache
-    from kd.elicit.common import Asker
-    from kd.elicit.scoring import judge_backend
-    from kd.evaluate import BASELINE
-
     cfg = params.evaluation
-    cache = RequestCache(root / DEFAULT_DIR)
+    cache = RequestCache(root / CACHE_DIR)
     fb = Feedback(reward_model=info)
     if cfg.reward_model is not None:
-        from kd.elicit.scoring import RewardScorer
-
-        asker = Asker(RewardScorer(root / "models" / cfg.reward_model, cfg.batch_size), cache, "evaluate reward")
+        asker = Asker(RewardScorer(root / MODELS_DIR / cfg.reward_model, cfg.batch_size), cache, "evaluate reward")
         fb.rewards = mean_rewards(run, asker)
         fb.requests["reward"] = (asker.cached, asker.new)
         for r in run.results:

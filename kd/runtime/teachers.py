@@ -14,6 +14,9 @@ from typing import Any, Protocol
 
 from kd.config import LocalTeacher as LocalConfig
 from kd.config import OpenAITeacher as OpenAIConfig
+from kd.runtime.local import LocalTeacher
+from kd.runtime.openai import OpenAITeacher
+from kd.runtime.openai import identity as openai_identity
 
 Response = dict[str, Any]
 Item = tuple[str, dict[str, Any]]
@@ -32,12 +35,8 @@ def make_teacher(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> Teac
     """The backend named by `cfg.backend` (a closed choice)."""
     match cfg.backend:
         case "local":
-            from kd.teachers.local import LocalTeacher
-
             return LocalTeacher(name, cfg, root)
         case "openai":
-            from kd.teachers.openai import OpenAITeacher
-
             return OpenAITeacher(name, cfg)
     raise AssertionError(cfg.backend)
 
@@ -46,11 +45,7 @@ def teacher_identity(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> 
     """A teacher's identity without loading its weights or reading its API key (for forecasts)."""
     match cfg.backend:
         case "local":
-            from kd.teachers.local import LocalTeacher
-
             return LocalTeacher(name, cfg, root).identity
         case "openai":
-            from kd.teachers.openai import identity
-
-            return identity(cfg)
+            return openai_identity(cfg)
     raise AssertionError(cfg.backend)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.cache import DEFAULT_DIR, RequestCache, _check
+from kd.cache.store import RequestCache, check_entry
 from kd.errors import KdError
+from kd.paths import CACHE_DIR
 
 PREFIX = "kd-cache/v1"
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.json$")
@@ -72,13 +73,13 @@ def _local_keys(cache: RequestCache) -> dict[str, Path]:
 def push(root: Path, remote: str | None = None, jobs: int = 8) -> Transfer:
     """Upload every verified local entry the remote lacks; a damaged local entry is reported, not sent."""
     fs, base, label = _remote(root, remote)
-    cache = RequestCache(root / DEFAULT_DIR)
+    cache = RequestCache(root / CACHE_DIR)
     there = _remote_keys(fs, base)
     local = _local_keys(cache)
     result = Transfer(label, already=len(local.keys() & there.keys()))
     todo = []
     for key in sorted(local.keys() - there.keys()):
-        if problem := _check(local[key].read_bytes(), key):
+        if problem := check_entry(local[key].read_bytes(), key):
             result.rejected.append((key, f"local entry damaged: {problem}; `kd cache verify --fix`"))
         else:
             todo.append(key)
@@ -96,14 +97,14 @@ def pull(root: Path, remote: str | None = None, jobs: int = 8) -> Transfer:
     """Download every remote entry this cache lacks, verify it, and install it atomically; never
     overwrite a local entry (the local answer is the one local datasets were built from)."""
     fs, base, label = _remote(root, remote)
-    cache = RequestCache(root / DEFAULT_DIR)
+    cache = RequestCache(root / CACHE_DIR)
     there = _remote_keys(fs, base)
     local = _local_keys(cache)
     result = Transfer(label, already=len(there.keys() & local.keys()))
 
     def download(key: str) -> str | None:
         raw = fs.cat_file(there[key])
-        if problem := _check(raw, key):
+        if problem := check_entry(raw, key):
             return problem
         path = cache.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,18 +7,17 @@ from today's upstream data.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kd.cache import DEFAULT_DIR, RequestCache
+from kd.cache.store import RequestCache
 from kd.config import load_params
+from kd.elicit import curation, expansion, feedback, labeling, self_knowledge
+from kd.elicit.build import Method
 from kd.errors import KdError
-from kd.forecast import forecast, money
-
-STAGE_CMD = re.compile(r"stages/(labeling|expansion|curation|feature|feedback|self_knowledge)\.py\s+(\S+)")
+from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
+from kd.pipeline.spec import Stage, stages
+from kd.provenance.forecast import forecast, money
 
 
 def stale_stages(root: Path) -> dict[str, list[str]]:
@@ -44,15 +43,25 @@ def stale_stages(root: Path) -> dict[str, list[str]]:
     return out
 
 
-def _graph(root: Path) -> dict[str, dict[str, Any]]:
-    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    graph = {}
-    for name, stage in (spec.get("stages") or {}).items():
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs") or []]
-        deps = [str(d) for d in stage.get("deps") or []]
-        m = STAGE_CMD.search(str(stage.get("cmd", "")))
-        graph[name] = {"outs": [str(o) for o in outs], "deps": deps, "dataset": m.group(2) if m else None}
-    return graph
+def method(name: str) -> Method:
+    """The generation method a dataset's `method:` names (what its stage script passes to the build)."""
+    match name:
+        case "labeling":
+            return labeling.label
+        case "expansion":
+            return expansion.expand
+        case "curation":
+            return curation.curate
+        case "feedback":
+            return feedback.feedback
+        case "self_knowledge":
+            return self_knowledge.self_knowledge
+    raise AssertionError(name)
+
+
+def _graph(graph: list[Stage]) -> dict[str, dict[str, Any]]:
+    return {s.name: {"outs": s.outs, "deps": s.deps, "dataset": s.builds if s.kind == "dataset" else None}
+            for s in graph}
 
 
 def _downstream(graph: dict[str, dict[str, Any]], stale: set[str]) -> dict[str, str]:
@@ -73,17 +82,15 @@ def _downstream(graph: dict[str, dict[str, Any]], stale: set[str]) -> dict[str, 
 
 def status(root: Path) -> dict[str, Any]:
     """Forecasts for every generation stage that `dvc repro` would run, in dvc.yaml order."""
-    from kd.elicit.build import run_method
-
-    if not (root / "dvc.yaml").is_file():
-        raise KdError(f"{root.resolve()}: no dvc.yaml")
+    if not (root / DVC_FILE).is_file():
+        raise KdError(f"{root.resolve()}: no {DVC_FILE}")
     params = load_params(root)
-    graph = _graph(root)
+    graph = _graph(stages(params, root))
     stale = stale_stages(root)
     later = _downstream(graph, set(stale))
-    cache = RequestCache(root / DEFAULT_DIR)
-    data_dir = root / "data"
-    stages = []
+    cache = RequestCache(root / CACHE_DIR)
+    data_dir = root / DATA_DIR
+    rows = []
     for name, st in graph.items():
         if name not in stale and name not in later:
             continue
@@ -92,14 +99,15 @@ def status(root: Path) -> dict[str, Any]:
             ds = st["dataset"]
             cfg = params.datasets[ds]
             fc = forecast(ds, params, root, cache,
-                          lambda askers, ds=ds, cfg=cfg: run_method(ds, cfg, root, data_dir, askers), data_dir)
+                          None if cfg.method == "feature" else
+                          lambda askers, ds=ds, cfg=cfg: method(cfg.method)(ds, cfg, root, data_dir, askers), data_dir)
             if name in later:
                 fc.approximate = True
                 fc.notes.append(f"made from today's inputs; upstream {later[name]} will change them")
             row["forecast"] = fc.as_dict()
-        stages.append(row)
-    totals = _totals([s["forecast"] for s in stages if "forecast" in s])
-    return {"stages": stages, "total": totals}
+        rows.append(row)
+    totals = _totals([s["forecast"] for s in rows if "forecast" in s])
+    return {"stages": rows, "total": totals}
 
 
 def _totals(forecasts: list[dict[str, Any]]) -> dict[str, Any]:

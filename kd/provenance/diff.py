@@ -3,7 +3,7 @@ two directories.
 
 Fast at scale because most records do not change: byte-identical lines are set aside with one set
 operation and never parsed; only the lines that differ are parsed and matched by input identity
-(kd.lineage), so the cost is one pass over the bytes plus work proportional to the change.
+(kd.provenance.lineage), so the cost is one pass over the bytes plus work proportional to the change.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.cache import RequestCache
+from kd.cache.store import RequestCache
 from kd.errors import KdError
-from kd.lineage import (
+from kd.paths import CACHE_DIR, DATA_DIR
+from kd.provenance.lineage import (
     causes,
     content_text,
     describe,
@@ -31,8 +32,8 @@ from kd.lineage import (
     raw_parent,
     unified,
 )
+from kd.provenance.revisions import Snapshot, resolve_rev, text_with_sha
 from kd.records import MANIFEST_FILE, RECORDS_FILE, canonical_json, sha256_text
-from kd.revisions import Snapshot, resolve_rev, text_with_sha
 
 PROVENANCE_SAMPLE = 1000  # records with new provenance only whose changed fields are itemised
 _KEY = re.compile(rb'"key": ?"([0-9a-f]{64})"')  # request keys, read without parsing the line
@@ -100,7 +101,7 @@ def sides(root: Path, target: str, rev_a: str | None, rev_b: str | None) -> tupl
         return (Side(Snapshot(a.parent), "", a.name, str(target)), Side(Snapshot(b.parent), "", b.name, str(rev_a)))
     path = Path(target)
     if not path.is_absolute() and not (root / path).exists() and len(path.parts) == 1:
-        path = Path("data") / path  # a bare dataset name
+        path = DATA_DIR / path  # a bare dataset name
     try:
         rel = (root / path).resolve().relative_to(root.resolve())
     except ValueError:
@@ -257,7 +258,7 @@ def _diff(a: Side, b: Side, root: Path, examples: int, cache_dir: Path | None) -
     requests_changed = sum(_request_keys(ro) != _request_keys(rn) for _, ro, rn in changed)
     requests_changed += _restamped_requests(p, keys_a, keys_b)
     del la, lb
-    cache = RequestCache(cache_dir or root / ".kd" / "cache")
+    cache = RequestCache(cache_dir or root / CACHE_DIR)
     by_new = {rn["id"]: (ro, rn) for _, ro, rn in changed}
     return {
         "dataset": b.name if mb is not None else a.name,

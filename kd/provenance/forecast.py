@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd.cache.features import FeatureCache, feature_key
 from kd.config import Params, Price
-from kd.lineage import iter_lines, loads
+from kd.errors import KdError
+from kd.paths import CACHE_DIR, under
+from kd.provenance.lineage import iter_lines, loads
+from kd.runtime.ask import Asker
+from kd.runtime.local import LocalTeacher
+from kd.runtime.roles import role_identity, roles
+from kd.runtime.tokenize import encode
 
 MARK = "kdforecastplaceholder"  # one token no seed or template contains; survives novelty and word filters
 DEFAULT_CHARS_PER_TOKEN = 4.0
@@ -33,7 +40,7 @@ class _Blind:
 
 
 class _StandIn:
-    """A Teacher (kd.teachers protocol) that answers nothing: it records requests and returns placeholders."""
+    """A Teacher (kd.runtime.teachers protocol) that answers nothing: it records requests and returns placeholders."""
 
     name = "forecast"
 
@@ -49,7 +56,7 @@ class _StandIn:
         self.blind.handed_out = True
         for key, request in items:
             self.asked.append(request)
-            # no "score": judges treat a placeholder as unscored (kd.elicit.judges)
+            # no "score": judges treat a placeholder as unscored (kd.runtime.judges)
             on_result(key, {"text": _placeholder(key), "finish_reason": "stop",
                             "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
 
@@ -125,11 +132,8 @@ def cost_of(params: Params, teacher: str, prompt_tokens: float, completion_token
 
 
 def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_dir: Path) -> Forecast:
-    """Run `run(askers)` (the method, one Asker per role of kd.elicit.scoring.roles) against stand-in
+    """Run `run(askers)` (the method, one Asker per role of kd.runtime.scoring.roles) against stand-in
     teachers and the read-only cache; see the module doc."""
-    from kd.elicit.common import Asker
-    from kd.elicit.scoring import role_identity, roles
-
     cfg = params.datasets[name]
     if cfg.method == "feature":
         return feature_forecast(name, params, root, data_dir, getattr(cache, "dir", None))
@@ -210,26 +214,18 @@ def _tokenizer_ratio(params: Params, teacher: str | None, root: Path) -> float:
 def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cache_dir: Path | None) -> Forecast:
     """Feature datasets score every record of their input dataset with the local teacher, one forward pass
     each. Exact: the same cache keys the feature stage computes (the teacher's tokenizer through
-    kd.distill.tokenize.encode), looked up in its cache; tokens are the real token counts."""
+    kd.runtime.tokenize.encode), looked up in its cache; tokens are the real token counts."""
     cfg = params.datasets[name]
     tcfg = params.teachers[cfg.teacher]
     path = data_dir / cfg.dataset / "records.jsonl"
     fc = Forecast(name, "feature", cfg.teacher)
-    if not path.is_file() or not (root / tcfg.path).is_dir():
+    if not path.is_file() or not under(root, tcfg.path).is_dir():
         fc.approximate = True
         fc.notes.append(f"data/{cfg.dataset} or {tcfg.path} is not built yet")
         return fc
-    from transformers import AutoTokenizer
-
-    from kd.distill.tokenize import encode
-    from kd.elicit.feature import FeatureCache, feature_key
-    from kd.errors import KdError
-    from kd.teachers import teacher_identity
-
-    tok = AutoTokenizer.from_pretrained(root / tcfg.path, revision=tcfg.revision,
-                                        trust_remote_code=tcfg.trust_remote_code)
-    identity = teacher_identity(cfg.teacher, tcfg, root)
-    cache = FeatureCache((cache_dir or root / ".kd" / "cache") / "features")
+    teacher = LocalTeacher(cfg.teacher, tcfg, root)
+    tok, identity = teacher.tokenizer(), teacher.identity
+    cache = FeatureCache.within(cache_dir or root / CACHE_DIR)
     for line in iter_lines(path.read_bytes()):
         try:
             ids, start = encode(tok, loads(line), cfg.max_length)

@@ -1,8 +1,5 @@
-"""Student models: initialisation from params (`init:`) and the model-directory format kd writes.
-
-A model directory `models/<name>/` holds safetensors weights, the tokenizer, `kd_model.json` (what made the
-model: datasets and their fingerprints, logits, params, git commit, MLflow run, final metrics) and a
-`README.md` model card that says the same in words (DESIGN.md §5).
+"""Student initialisation from params (`init:`): a subset of a teacher's layers, a fresh architecture on the
+teacher's tokenizer, or a local model directory.
 
 References: DistilBERT (Sanh et al., 2019) and Minitron (Muralidharan et al., 2024) initialise a student from
 a subset of the teacher's layers.
@@ -11,21 +8,16 @@ a subset of the teacher's layers.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kd.config import Params
 from kd.config.students import FromConfig, FromPretrained, FromTeacher, Init
-from kd.device import resolve_device, resolve_dtype
 from kd.errors import KdError
-from kd.records import replace_dir
+from kd.paths import under
+from kd.runtime.models import directory_digest, load_teacher, teacher_path
 
-INFO_FILE = "kd_model.json"
-CARD_FILE = "README.md"
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
@@ -42,30 +34,6 @@ def kept_layers(num_layers: int, every: int, layers: list[int] | None, key: str 
     if kept[-1] != num_layers - 1:
         kept.append(num_layers - 1)  # the last layer feeds the final norm and head; keeping it matters most
     return kept
-
-
-def teacher_path(params: Params, teacher: str, root: Path) -> Path:
-    """The directory of a local teacher, checked to exist (the `teacher` stage builds the embedded one)."""
-    cfg = params.teachers[teacher]
-    path = Path(cfg.path) if Path(cfg.path).is_absolute() else root / cfg.path
-    if not path.is_dir():
-        raise KdError(f"teachers.{teacher}.path: {cfg.path} does not exist (`dvc repro teacher` builds the embedded one)")
-    return path
-
-
-def load_teacher(params: Params, teacher: str, root: Path, dtype: Any = None) -> tuple[Any, Any]:
-    """A local teacher's model (eval mode, no gradients) and tokenizer, for online scoring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cfg = params.teachers[teacher]
-    path = teacher_path(params, teacher, root)
-    if dtype is None:
-        dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw).eval()
-    model.requires_grad_(False)
-    return model, tok
 
 
 def init_student(cfg: Init, params: Params, root: Path, dtype: Any = None, seed: int = 0,
@@ -146,7 +114,7 @@ def _from_config(cfg: FromConfig, params: Params, root: Path, dtype: Any, seed: 
 def _from_pretrained(cfg: FromPretrained, root: Path, dtype: Any, key: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(cfg.path) if Path(cfg.path).is_absolute() else root / cfg.path
+    local = under(root, cfg.path)
     where = str(local) if local.is_dir() else cfg.path  # else a hub id; needs the network
     kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
@@ -157,75 +125,19 @@ def _from_pretrained(cfg: FromPretrained, root: Path, dtype: Any, key: str) -> t
     return model.eval(), tok
 
 
-def describe_init(init: dict[str, Any]) -> str:
-    """`from_teacher (teacher smollm2, every 10)`: an `init:` section in words."""
-    rest = ", ".join(f"{k} {v}" for k, v in init.items() if k != "kind" and v is not None)
-    return f"`{init.get('kind')}` ({rest})" if rest else f"`{init.get('kind')}`"
+def init_digest(init: Init, params: Params, root: Path) -> str | None:
+    """What the init weights come from, for a training run's checkpoint hash (a rebuilt teacher must not resume).
+
+    None for a hub id (no local directory to hash)."""
+    if isinstance(init, FromTeacher | FromConfig):
+        return directory_digest(teacher_path(params, init.teacher, root))
+    path = under(root, init.path)
+    return directory_digest(path) if path.is_dir() else None
 
 
-def model_card(info: dict[str, Any]) -> str:
-    """A README.md naming what made the model: datasets with fingerprints, objective, params, commit, run.
-
-    `info["section"]` names the params section of the model (default `students`; `reward_models`).
-    """
-    datasets = "\n".join(f"| `{d['name']}` | `{d['fingerprint']}` |" for d in info.get("datasets", []))
-    logits = info.get("logits")
-    mlflow = info.get("mlflow") or {}
-    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted((info.get("metrics") or {}).items()))
-    return f"""---
-library_name: transformers
-tags: [kd, distillation]
----
-# {info['name']}
-
-Distilled by kd with objective **{info['objective']}**, initialised {describe_init(info['init'])}.
-
-## Training data
-| dataset | fingerprint (sha256 over record ids) |
-|---|---|
-{datasets}
-
-Teacher logits: {f"`{logits['name']}` (fingerprint `{logits['fingerprint']}`)" if logits else "none"}
-
-## Provenance
-- git commit: `{info.get('git_commit', 'unknown')}`
-- MLflow run: `{mlflow.get('run_id')}` (tracking URI `{mlflow.get('tracking_uri')}`)
-
-## Final metrics
-| metric | value |
-|---|---|
-{metrics}
-
-## Params (`{info.get('section', 'students')}.{info['name']}`)
-```json
-{json.dumps(info.get('params', {}), indent=2, sort_keys=True)}
-```
-"""
-
-
-def save_model(model: Any, tokenizer: Any, out_dir: Path, info: dict[str, Any], card: str | None = None) -> None:
-    """Write a model directory atomically: a temporary sibling, then a rename over any old one.
-
-    Args:
-        info: written as `kd_model.json`; `card` defaults to `model_card(info)`.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
-        tokenizer.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / CARD_FILE).write_text(card if card is not None else model_card(info), encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_info(model_dir: Path) -> dict[str, Any]:
-    """The `kd_model.json` of a model directory written by `save_model`."""
-    path = Path(model_dir) / INFO_FILE
-    if not path.is_file():
-        raise KdError(f"{model_dir}: no {INFO_FILE}; build the student first (`dvc repro`)")
-    return json.loads(path.read_text(encoding="utf-8"))
+def frozen_init(init: Init, params: Params, root: Path, dtype: Any, seed: int, key: str) -> Any:
+    """A frozen copy of a model's initialisation, built again from disk (never a copy of the model being
+    trained, which would move with it): DPO's reference and the KL anchor of GRPO/RLOO."""
+    model, _ = init_student(init, params, root, dtype=dtype, seed=seed, key=key)
+    model.eval().requires_grad_(False)
+    return model

@@ -4,7 +4,7 @@ Every model answers the same prompts greedily (batched, left padding, as the loc
 - teacher-agreement: token-level KL(teacher || model) over the full vocabulary on the *teacher's* answers,
   teacher-forced, in float32 and averaged over all completion tokens (the quantity KD minimises);
 - the teacher's mean per-token log-probability of the *model's* answers (does the teacher find them likely?);
-- ROUGE-L F1 of each answer against the teacher's (kd.novelty's bit-parallel LCS on ROUGE words);
+- ROUGE-L F1 of each answer against the teacher's (kd.runtime.novelty's bit-parallel LCS on ROUGE words);
 - exact match against short seed references, normalised, and a lenient "appears as a whole word" variant;
 - mean answer length in tokens (the end-of-turn token not counted);
 - with `evaluation.reward_model` / `judge`: every model's mean reward and each student's win rate against the
@@ -23,88 +23,24 @@ import sys
 import time
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tqdm import tqdm
 
 from kd.config import Params
 from kd.errors import KdError
-from kd.novelty import rouge_l, words
+from kd.evaluation.feedback import add_feedback, check
+from kd.evaluation.results import BASELINE, TEACHER, EvalPrompt, ModelResult, Output, Run
+from kd.paths import MODELS_DIR, under
 from kd.records import read_jsonl, sha256_text
-
-if TYPE_CHECKING:
-    from kd.eval_feedback import Feedback
-
-TEACHER, BASELINE = "teacher", "baseline"
-# A reference this short is an answer to match exactly ("56", "Au", "Merci beaucoup"); longer ones are
-# model answers of their own and would only ever score 0.
-EXACT_MAX_WORDS = 3
-# Metric keys in metrics.json, and whether higher is better (None: neither; lengths are only descriptive).
-METRICS: dict[str, bool | None] = {
-    "kl": False,
-    "teacher_logprob": True,
-    "rouge_l": True,
-    "exact_match": True,
-    "contains_match": True,
-    "length": None,
-}
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    id: str
-    category: str
-    instruction: str
-    reference: str
-
-    @property
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.instruction}]
-
-    @property
-    def exact_target(self) -> bool:
-        return 0 < len(words(self.reference)) <= EXACT_MAX_WORDS
-
-
-@dataclass(frozen=True)
-class Output:
-    """One greedy answer: new token ids (with the end-of-turn id when it stopped) and its text."""
-
-    ids: list[int]
-    stopped: bool
-    text: str
-
-    @property
-    def length(self) -> int:
-        return len(self.ids) - self.stopped
-
-
-@dataclass
-class ModelResult:
-    name: str
-    kind: str  # teacher | baseline | student
-    about: dict[str, Any]  # where it came from: the teacher's identity, the init, or kd_model.json
-    outputs: list[Output]
-    metrics: dict[str, float | None]
-    generate_s: float = 0.0  # wall times: stdout and MLflow only, never the reports
-    score_s: float = 0.0
-    tokens_generated: int = 0
-
-    @property
-    def seconds(self) -> float:
-        return self.generate_s + self.score_s
-
-
-@dataclass
-class Run:
-    prompts: list[EvalPrompt]
-    prompts_path: str
-    prompts_sha256: str
-    max_new_tokens: int
-    teacher: str
-    results: list[ModelResult] = field(default_factory=list)
-    seconds: float = 0.0
-    feedback: Feedback | None = None  # reward model and judge figures, with `evaluation.reward_model` / `judge`
+from kd.runtime.device import resolve_device
+from kd.runtime.init import init_student
+from kd.runtime.local import generate_ids
+from kd.runtime.models import directory_digest, load_teacher, read_info
+from kd.runtime.novelty import rouge_l, words
+from kd.runtime.tokenize import encode, tokenizer_digest
 
 
 def load_prompts(path: Path) -> list[EvalPrompt]:
@@ -151,16 +87,12 @@ def chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              device: Any, desc: str = "generate") -> list[Output]:
     """Greedy answers in the prompts' order; similar lengths share a batch so little goes to padding."""
-    from kd.teachers.local import generate_ids
-
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[Output | None] = [None] * len(prompts)
     with _progress(len(prompts), desc) as bar:
@@ -243,8 +175,6 @@ class _Teacher:
 def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t: _Teacher, run: Run,
            batch_size: int, device: Any) -> ModelResult:
     """Generate with one model and compute every metric against the teacher."""
-    from kd.distill.tokenize import encode, tokenizer_digest
-
     start = time.perf_counter()
     same_tok = tokenizer_digest(tok) == t.digest
     prompt_ids = t.prompt_ids if same_tok else [chat_ids(tok, p.messages) for p in run.prompts]
@@ -281,8 +211,6 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
 def _device(spec: str) -> Any:
     import torch
 
-    from kd.device import resolve_device
-
     return torch.device(resolve_device(spec))
 
 
@@ -295,10 +223,6 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.distill.student import init_student, load_teacher, read_info
-    from kd.distill.tokenize import tokenizer_digest
-    from kd.eval_feedback import add_feedback, check
-    from kd.teachers.local import directory_digest
 
     cfg = params.evaluation
     if cfg is None:
@@ -318,7 +242,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
 
     tmodel, ttok = load_teacher(params, cfg.teacher, root)
     tmodel.to(device)
-    tpath = Path(tcfg.path) if Path(tcfg.path).is_absolute() else root / tcfg.path
+    tpath = under(root, tcfg.path)
     prompt_ids = [chat_ids(ttok, p.messages) for p in prompts]
     t0 = time.perf_counter()
     t = _Teacher(tmodel, ttok, tokenizer_digest(ttok), prompt_ids,
@@ -343,8 +267,8 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     del model
 
     for name in cfg.students:
-        mdir = root / "models" / name
-        info = read_info(mdir)
+        mdir = root / MODELS_DIR / name
+        info = read_info(mdir).model_dump(mode="json")
         tok = AutoTokenizer.from_pretrained(mdir)
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype, use_safetensors=True).eval()
         run.results.append(_log(log, _score(name, "student", info, model.to(device), tok, t, run, cfg.batch_size,

@@ -14,8 +14,14 @@ from typing import Any
 from kd.errors import KdError
 
 
-def _messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(prompt messages, completion messages) of a conversational record."""
+def record_prompt(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation a record's answer follows: its `prompt`, or its `messages` before the last turn."""
+    return record["prompt"] if "prompt" in record else record["messages"][:-1]
+
+
+def split_record(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt messages, completion messages) of a conversational record: `prompt` + `completion`, or
+    `messages` whose last assistant turn is the completion."""
     rid = record.get("id", "?")
     if "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
@@ -47,7 +53,7 @@ def encode(tokenizer: Any, record: dict[str, Any], max_length: int) -> tuple[lis
     Raises:
         KdError: naming the record when its chat template output does not extend the prompt.
     """
-    prompt, completion = _messages(record)
+    prompt, completion = split_record(record)
     prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
     full = _ids(tokenizer, prompt + completion)
     if full[:len(prompt_ids)] != prompt_ids:

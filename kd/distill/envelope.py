@@ -1,0 +1,157 @@
+"""The training envelope: what a student's or a reward model's stage does around its objective.
+
+    job = prepare(name, "students", cfg, params, root, datasets, logits)   # checkpoint dir, device, dtype, seed
+    ...build the model, check everything a user can get wrong...
+    run = job.start_run()                                                  # MLflow (continued after a kill)
+    with run.failing():
+        result = <the objective>(...)
+    return job.finish(run, model, tok, result, ...)                        # model dir, metrics, plots, summary
+
+Checkpoints live in `.kd/checkpoints/<name>/<hash>/`, the hash covering the params, the dataset (and logits)
+fingerprints and the init weights, so a killed run is resumed only by a run that would have produced it.
+Nothing is written to the stage's outs before the model is complete; checkpoints go once it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kd import tracking
+from kd.config import Params, RewardModel, Student
+from kd.distill import checkpoint
+from kd.distill.loop import Result
+from kd.errors import KdError
+from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
+from kd.records import atomic_write_text, read_dataset, write_json
+from kd.runtime.device import resolve_device
+from kd.runtime.init import init_digest
+from kd.runtime.models import DatasetRef, MlflowRef, ModelInfo, save_model
+
+PLOT_FIELDS = ("step", "loss", "kd", "ce", "hidden", "reward", "kl", "margin", "rank_acc", "lr", "tokens")
+Section = Literal["students", "reward_models"]
+
+
+def read_training_data(root: Path, names: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Records of every dataset in order (a record listed twice is trained on once), and the datasets'
+    {name, path, fingerprint} as MLflow and the model card name them."""
+    records, seen, refs = [], set(), []
+    for name in names:
+        manifest, rows = read_dataset(root / DATA_DIR / name)
+        refs.append({"name": name, "path": str(root / DATA_DIR / name), "fingerprint": manifest["fingerprint"]})
+        for r in rows:
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+    return records, refs
+
+
+def final_metrics(result: Result) -> dict[str, Any]:
+    """Deterministic numbers only (DVC locks metrics files): no times."""
+    h = result.history
+    tail = h[-min(5, len(h)):] if h else []
+    return {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "loss_first": round(h[0]["loss"], 6) if h else None,
+        "loss_final": round(h[-1]["loss"], 6) if h else None,
+        "loss_final_mean5": round(sum(x["loss"] for x in tail) / len(tail), 6) if tail else None,
+    }
+
+
+def write_outputs(root: Path, name: str, metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
+    """`metrics/<name>.json` (DVC metrics) and `plots/<name>.csv` (per-step loss, DVC plots)."""
+    write_json(root / METRICS_DIR / f"{name}.json", metrics)
+    buf = io.StringIO()
+    fields = [f for f in PLOT_FIELDS if any(f in h for h in history)]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for h in history:
+        writer.writerow({k: (int(h[k]) if k in ("step", "tokens") else repr(float(h[k]))) for k in fields if k in h})
+    atomic_write_text(root / PLOTS_DIR / f"{name}.csv", buf.getvalue())
+
+
+@dataclass
+class Job:
+    """One training stage's run: where it checkpoints, where it runs, what it trains on."""
+
+    name: str
+    section: Section
+    cfg: Student | RewardModel
+    params: Params
+    root: Path
+    datasets: list[dict[str, str]]
+    logits: dict[str, str] | None
+    ckpt_dir: Path
+    device: str
+    dtype: Any
+    start: float = field(default_factory=time.monotonic)
+
+    def start_run(self) -> tracking.Run:
+        """The MLflow run, continuing a killed run of the same checkpoint hash (its params are identical)."""
+        kind = "student" if self.section == "students" else "reward_model"
+        run = tracking.start_run(self.root, self.params.project, self.name,
+                                 {kind: {"name": self.name, **self.cfg.model_dump(mode="json")}},
+                                 self.datasets + ([self.logits] if self.logits else []),
+                                 run_id=checkpoint.remembered_run(self.ckpt_dir))
+        checkpoint.remember_run(self.ckpt_dir, run.run_id)
+        return run
+
+    def finish(self, run: tracking.Run, model: Any, tok: Any, result: Result, objective: str, detail: str,
+               on: str = "", extra: dict[str, Any] | None = None, logged: dict[str, float] | None = None,
+               held_out: list[str] | None = None) -> str:
+        """Write the model directory, metrics and plots; end the run; drop the checkpoints; return the summary.
+
+        Args:
+            detail: the summary's last figure, e.g. "9380 tokens" or "held-out accuracy 0.69 on 162 pairs".
+            on: what the steps ran on, e.g. " on 342 pairs".
+            extra: more deterministic metrics for metrics/<name>.json and kd_model.json.
+            logged: more figures for MLflow only.
+        """
+        seconds = time.monotonic() - self.start
+        metrics = {**final_metrics(result), **(extra or {})}
+        run.log_metrics({"train_seconds": seconds, **(logged or {})}, step=result.steps)
+        info = ModelInfo(
+            name=self.name, kind="student" if self.section == "students" else "reward_model",
+            section=self.section, objective=objective, init=self.cfg.init.model_dump(mode="json"),
+            datasets=[DatasetRef(name=d["name"], fingerprint=d["fingerprint"]) for d in self.datasets],
+            logits=DatasetRef(name=self.logits["name"], fingerprint=self.logits["fingerprint"]) if self.logits else None,
+            params=self.cfg.model_dump(mode="json"), git_commit=tracking.git_commit(self.root),
+            mlflow=MlflowRef(run_id=run.run_id, tracking_uri=tracking.configured_uri(), experiment=self.params.project),
+            metrics=metrics, held_out=held_out)
+        save_model(model.to("cpu"), tok, self.root / MODELS_DIR / self.name, info)
+        write_outputs(self.root, self.name, metrics, result.history)
+        run.end()
+        checkpoint.clear(self.ckpt_dir)
+        h = result.history
+        first, last = (h[0]["loss"], h[-1]["loss"]) if h else (float("nan"),) * 2
+        resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+        return (f"{self.name}: {result.steps} steps{on}, loss {first:.2f} -> {last:.2f}, {detail} in {seconds:.0f} s"
+                f"{resumed} (mlflow run {run.run_id[:6]})")
+
+
+def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Params, root: Path,
+            datasets: list[dict[str, str]], logits: dict[str, str] | None = None) -> Job:
+    """The run's checkpoint directory (other runs' checkpoints of this model pruned), device, dtype and seed.
+
+    Raises:
+        KdError: naming `<section>.<name>.datasets` when they hold no records to train on.
+    """
+    import torch
+
+    t = cfg.training
+    digest = checkpoint.run_hash(cfg.model_dump(mode="json"), {d["name"]: d["fingerprint"] for d in datasets},
+                                 logits["fingerprint"] if logits else None, init_digest(cfg.init, params, root))
+    ckpt_dir = checkpoint.checkpoint_dir(root, name, digest)
+    checkpoint.prune_others(ckpt_dir)
+    torch.manual_seed(t.seed)
+    return Job(name, section, cfg, params, root, datasets, logits, ckpt_dir, resolve_device(t.device),
+               getattr(torch, t.dtype))
+
+
+def no_records(section: Section, name: str, names: list[str]) -> KdError:
+    return KdError(f"{section}.{name}.datasets: {', '.join(names)} hold no records")

@@ -1,0 +1,1 @@
+"""Evaluation: the teacher, baselines and students on held-out prompts, and the report."""

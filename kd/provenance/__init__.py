@@ -1,0 +1,1 @@
+"""Provenance tools: record lineage, diffs across revisions, audits, dataset cards and forecasts."""

@@ -1,0 +1,211 @@
+"""Model directories: what kd writes for a student or reward model, what it records about any model, and
+loading a local causal LM in the precision its params ask for.
+
+A model directory `models/<name>/` holds safetensors weights, the tokenizer, `kd_model.json` (ModelInfo: what
+made the model — datasets and their fingerprints, logits, params, git commit, MLflow run, final metrics) and a
+`README.md` model card that says the same in words (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kd.config import LocalTeacher, Params
+from kd.errors import KdError
+from kd.paths import DIGEST_MEMO, under
+from kd.records import replace_dir
+from kd.runtime.device import resolve_device, resolve_dtype
+
+INFO_FILE = "kd_model.json"
+CARD_FILE = "README.md"
+_MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+PROVENANCE_FILES = (CARD_FILE, INFO_FILE)
+
+
+class DatasetRef(BaseModel):
+    name: str
+    fingerprint: str
+
+
+class MlflowRef(BaseModel):
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """`kd_model.json`: what made a model. Written by the training envelope, read by evaluation and `kd audit`."""
+
+    model_config = ConfigDict(extra="ignore")  # directories written by older kd versions carry more keys
+
+    name: str
+    kind: Literal["student", "reward_model"] = "student"
+    section: Literal["students", "reward_models"] = "students"
+    objective: str
+    init: dict[str, Any]
+    datasets: list[DatasetRef]
+    logits: DatasetRef | None = None
+    params: dict[str, Any] = {}
+    git_commit: str = "unknown"
+    mlflow: MlflowRef = MlflowRef()
+    metrics: dict[str, Any] = {}
+    held_out: list[str] | None = None  # reward models: the record ids whose pairs measure its accuracy
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over the weights, config and tokenizer files of a model directory.
+
+    kd's own provenance files (the `README.md` card, `kd_model.json`) are left out: they name the git commit and
+    MLflow run, so a byte-identical model rebuilt elsewhere would otherwise get another identity, and a student
+    used as a generator would draw different samples (sampling is seeded from the request key).
+
+    Hashing gigabytes on every stage start is wasteful, so digests are memoised by (path, size, mtime).
+    """
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES
+                   and p.name not in PROVENANCE_FILES)
+    if not files:
+        raise KdError(f"{path}: no model files (expected safetensors, config.json and tokenizer files)")
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo_key = str(path.resolve())
+    try:
+        memo = json.loads(DIGEST_MEMO.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(memo_key, {}).get("stamp") == stamp:
+        return memo[memo_key]["digest"]
+    h = hashlib.sha256()
+    for p in files:
+        fh = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                fh.update(chunk)
+        h.update(f"{p.name}:{fh.hexdigest()}\n".encode())
+    digest = h.hexdigest()
+    memo[memo_key] = {"stamp": stamp, "digest": digest}
+    try:
+        DIGEST_MEMO.parent.mkdir(parents=True, exist_ok=True)
+        tmp = DIGEST_MEMO.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, DIGEST_MEMO)
+    except OSError:
+        pass  # the memo only saves time
+    return digest
+
+
+def teacher_path(params: Params, teacher: str, root: Path) -> Path:
+    """The directory of a local teacher, checked to exist (the `teacher` stage builds the embedded one)."""
+    cfg = params.teachers[teacher]
+    path = under(root, cfg.path)
+    if not path.is_dir():
+        raise KdError(f"teachers.{teacher}.path: {cfg.path} does not exist (`dvc repro teacher` builds the embedded one)")
+    return path
+
+
+def load_causal_lm(path: Path, cfg: LocalTeacher, dtype: Any = None) -> tuple[Any, Any]:
+    """(model in eval mode on CPU, tokenizer) of a local model directory, safetensors only.
+
+    `dtype` defaults to the config's (`auto` resolved for this machine: kd.runtime.device).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw).eval()
+    return model, tok
+
+
+def load_teacher(params: Params, teacher: str, root: Path, dtype: Any = None) -> tuple[Any, Any]:
+    """A local teacher's model (eval mode, no gradients) and tokenizer, for online scoring."""
+    cfg = params.teachers[teacher]
+    model, tok = load_causal_lm(teacher_path(params, teacher, root), cfg, dtype)
+    model.requires_grad_(False)
+    return model, tok
+
+
+def describe_init(init: dict[str, Any]) -> str:
+    """`from_teacher (teacher smollm2, every 10)`: an `init:` section in words."""
+    rest = ", ".join(f"{k} {v}" for k, v in init.items() if k != "kind" and v is not None)
+    return f"`{init.get('kind')}` ({rest})" if rest else f"`{init.get('kind')}`"
+
+
+def model_card(info: ModelInfo) -> str:
+    """A README.md naming what made the model: datasets with fingerprints, objective, params, commit, run."""
+    datasets = "\n".join(f"| `{d.name}` | `{d.fingerprint}` |" for d in info.datasets)
+    logits = info.logits
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.metrics.items()))
+    return f"""---
+library_name: transformers
+tags: [kd, distillation]
+---
+# {info.name}
+
+Distilled by kd with objective **{info.objective}**, initialised {describe_init(info.init)}.
+
+## Training data
+| dataset | fingerprint (sha256 over record ids) |
+|---|---|
+{datasets}
+
+Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logits else "none"}
+
+## Provenance
+- git commit: `{info.git_commit}`
+- MLflow run: `{info.mlflow.run_id}` (tracking URI `{info.mlflow.tracking_uri}`)
+
+## Final metrics
+| metric | value |
+|---|---|
+{metrics}
+
+## Params (`{info.section}.{info.name}`)
+```json
+{json.dumps(info.params, indent=2, sort_keys=True)}
+```
+"""
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path, info: ModelInfo, card: str | None = None) -> None:
+    """Write a model directory atomically: a temporary sibling, then a rename over any old one.
+
+    Args:
+        info: written as `kd_model.json`; `card` defaults to `model_card(info)`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
+        tokenizer.save_pretrained(tmp)
+        data = info.model_dump(mode="json", exclude_none=True)
+        (tmp / INFO_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(card if card is not None else model_card(info), encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_info(model_dir: Path) -> ModelInfo:
+    """The `kd_model.json` of a model directory written by `save_model`.
+
+    Raises:
+        KdError: naming the directory when it has none (not built by kd) or it does not parse.
+    """
+    path = Path(model_dir) / INFO_FILE
+    if not path.is_file():
+        raise KdError(f"{model_dir}: no {INFO_FILE}; is it a model kd built? (`dvc repro {Path(model_dir).name}`)")
+    try:
+        return ModelInfo.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as e:
+        raise KdError(f"{path}: not a kd model description ({e.errors()[0]['msg']} at "
+                      f"{'.'.join(map(str, e.errors()[0]['loc']))})") from None

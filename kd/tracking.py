@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,20 +69,28 @@ def loggable_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 class Run:
-    """An active MLflow run: step metrics go to it; `end` closes it (FAILED when training raised)."""
+    """An active MLflow run: step metrics go to it; `end` closes it (FAILED when training raised).
+
+    Everything goes through an MlflowClient bound to this run's tracking URI: kd never sets MLflow's global
+    tracking URI or active run, which would redirect the logging of whatever else runs in the process.
+    """
 
     def __init__(self, run_id: str, uri: str) -> None:
         self.run_id, self.tracking_uri = run_id, uri
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _client(self) -> Any:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def end(self, status: str = "FINISHED") -> None:
-        import mlflow
-
-        mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status=status)
+        self._client().set_terminated(self.run_id, status=status)
 
     @contextlib.contextmanager
     def failing(self) -> Iterator[None]:
@@ -112,36 +121,32 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
         The open run; call `end()` when the stage finishes.
     """
     import logging
-    import warnings
 
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "created experiment"/"run started" chatter
     uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(project)
     client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(project)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(project)
     if run_id is not None:
         try:
-            if client.get_run(run_id).info.experiment_id != experiment.experiment_id:
+            if client.get_run(run_id).info.experiment_id != experiment_id:
                 run_id = None
         except mlflow.exceptions.MlflowException:
             run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment.experiment_id, run_name=stage).info.run_id
+        run_id = client.create_run(experiment_id, run_name=stage).info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        mlflow.log_params(loggable_params(params))
-        mlflow.set_tags({"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context})
-        for ds in datasets:
-            with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(str(Path(ds["path"]).resolve()))
-            meta = MetaDataset(source=source, name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS])
-            mlflow.log_input(meta, context=context, tags={"fingerprint": ds["fingerprint"]})
-    # Leaving the block marked the run FINISHED; it runs until `end()` says how it ended.
-    client.update_run(run_id, status="RUNNING")
+    tags = {"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in loggable_params(params).items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    inputs = [DatasetInput(Dataset(name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS], source_type="local",
+                                   source=json.dumps({"uri": str(Path(ds["path"]).resolve())})),
+                           tags=[InputTag("mlflow.data.context", context), InputTag("fingerprint", ds["fingerprint"])])
+              for ds in datasets]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
     return Run(run_id, uri)

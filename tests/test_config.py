@@ -155,3 +155,11 @@ def test_check_survives_an_empty_outs_list(project):
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "dvc.yaml: stage sft_logits: outs lacks data/sft_logits" in r.stderr
+
+
+def test_params_reference_is_generated_from_the_models():
+    # docs/params.md is generated (`kd docs --write`): a key added to a model without regenerating fails here
+    from kd.config.docs import PARAMS_DOC, params_reference
+
+    assert (REPO / PARAMS_DOC).read_text() == params_reference()
+    assert "| `temperature` | float |" in params_reference()

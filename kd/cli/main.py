@@ -15,6 +15,7 @@ from kd.cache import share as cache_share
 from kd.cache.store import RequestCache, check_entry
 from kd.cli.term import Style, emit, use_colour
 from kd.config import load_params
+from kd.config.docs import PARAMS_DOC, params_reference
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
 from kd.pipeline.check import check
@@ -49,6 +50,21 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     atomic_write_text(path, text)
     print(f"kd pipeline: wrote {DVC_FILE} ({len(yaml.safe_load(text)['stages'])} stages)")
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    """Print the params.yaml reference generated from the pydantic models, or write docs/params.md (--write)."""
+    text = params_reference()
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.root) / PARAMS_DOC
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        print(f"kd docs: {PARAMS_DOC} is up to date")
+        return 0
+    atomic_write_text(path, text)
+    print(f"kd docs: wrote {PARAMS_DOC}")
     return 0
 
 
@@ -165,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help=cmd_check.__doc__)
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("docs", help=cmd_docs.__doc__)
+    p.add_argument("--write", action="store_true", help="write docs/params.md (else print it)")
+    p.set_defaults(fn=cmd_docs)
     p = sub.add_parser("pipeline", help=cmd_pipeline.__doc__)
     p.add_argument("--write", action="store_true", help="write dvc.yaml (else print it)")
     p.set_defaults(fn=cmd_pipeline)

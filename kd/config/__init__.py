@@ -24,28 +24,33 @@ from kd.config.datasets import (
     Source,
 )
 from kd.config.errors import format_errors
-from kd.config.students import RL, Evaluation, Rank, RewardModel, Student
+from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
 from kd.errors import KdError
 from kd.secrets import is_secret_key, looks_secret
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
-           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_teachers",
-           "load_params"]
+           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_inputs",
+           "dataset_teachers", "load_params"]
 
 
 
 class Params(Strict):
     """The whole params.yaml."""
 
-    project: str = Field("kd", pattern=r"^[A-Za-z0-9_.-]+$")
-    embedded_teacher: EmbeddedTeacher = EmbeddedTeacher()
-    teachers: dict[str, Teacher] = Field(min_length=1)
-    datasets: dict[str, Dataset] = Field(default_factory=dict)
-    students: dict[str, Student] = Field(default_factory=dict)
-    reward_models: dict[str, RewardModel] = Field(default_factory=dict)
-    evaluation: Evaluation | None = None
+    project: str = Field("kd", pattern=r"^[A-Za-z0-9_.-]+$", description="the MLflow experiment the runs go to")
+    embedded_teacher: EmbeddedTeacher = Field(EmbeddedTeacher(), description="the `teacher` stage: a GGUF on PyPI "
+                                              "made a local model directory")
+    teachers: dict[str, Teacher] = Field(min_length=1, description="who answers: local models and OpenAI-compatible "
+                                                                  "servers, by name")
+    datasets: dict[str, Dataset] = Field(default_factory=dict, description="one DVC stage each; `method` chooses "
+                                                                          "the elicitation method")
+    students: dict[str, Student] = Field(default_factory=dict, description="one DVC stage each: init + objective "
+                                                                          "-> models/<name>")
+    reward_models: dict[str, RewardModel] = Field(default_factory=dict, description="Bradley-Terry reward models, "
+                                                                                  "one DVC stage each")
+    evaluation: Evaluation | None = Field(None, description="the held-out comparison (the `evaluate` stage)")
 
     @model_validator(mode="before")
     @classmethod
@@ -66,14 +71,14 @@ class Params(Strict):
                 if teacher not in self.teachers:
                     raise ValueError(f"datasets.{name}.{key}: unknown teacher '{teacher}' "
                                      f"(declared: {', '.join(self.teachers)})")
-            judge = getattr(ds, "judge", None)
+            judge = ds.judge if isinstance(ds, Feedback | SelfKnowledge) else None
             if judge is not None and (judge.kind == "likelihood" or judge.verdict == "logprob"):
                 self._local_teacher(f"datasets.{name}.judge.teacher", judge.teacher)
             if ds.method == "self_knowledge" and ds.filter == "self_judge" and judge.teacher != ds.generator:
                 raise ValueError(f"datasets.{name}.judge.teacher: filter self_judge means the generator judges its "
                                  f"own samples, so it must be '{ds.generator}', not '{judge.teacher}' "
                                  f"(a teacher judging is reward_threshold or a feedback dataset)")
-            for i, src in enumerate(getattr(ds, "inputs", [])):
+            for i, src in enumerate(dataset_inputs(ds)):
                 if src.dataset is not None and src.dataset not in self.datasets:
                     raise ValueError(f"datasets.{name}.inputs.{i}.dataset: unknown dataset '{src.dataset}' "
                                      f"(declared: {', '.join(self.datasets)})")
@@ -100,11 +105,11 @@ class Params(Strict):
                 if self.datasets[st.logits].method != "feature":
                     raise ValueError(f"students.{name}.logits: '{st.logits}' is a {self.datasets[st.logits].method} "
                                      f"dataset, not a feature (logits) dataset")
-            if hasattr(st.init, "teacher"):
+            if isinstance(st.init, FromTeacher | FromConfig):
                 self._local_teacher(f"students.{name}.init.teacher", st.init.teacher)
-            for section in ("on_policy", "hidden", "rl"):
-                if getattr(getattr(st, section), "teacher", None) is not None:
-                    self._local_teacher(f"students.{name}.{section}.teacher", getattr(st, section).teacher)
+            for section, part in (("on_policy", st.on_policy), ("hidden", st.hidden), ("rl", st.rl)):
+                if part is not None and part.teacher is not None:
+                    self._local_teacher(f"students.{name}.{section}.teacher", part.teacher)
         for name, rm in self.reward_models.items():
             if name in self.students:
                 raise ValueError(f"reward_models.{name}: a student has the same name; both would write models/{name}")
@@ -113,7 +118,7 @@ class Params(Strict):
                 if self.datasets[d].method != "feedback":
                     raise ValueError(f"reward_models.{name}.datasets.{i}: '{d}' is a {self.datasets[d].method} "
                                      f"dataset; a reward model trains on preference (feedback) datasets")
-            if hasattr(rm.init, "teacher"):
+            if isinstance(rm.init, FromTeacher | FromConfig):
                 self._local_teacher(f"reward_models.{name}.init.teacher", rm.init.teacher)
         if self.evaluation:
             self._local_teacher("evaluation.teacher", self.evaluation.teacher)
@@ -159,11 +164,16 @@ def dataset_teachers(ds: Any) -> dict[str, str]:
     return {"teacher": ds.teacher}
 
 
+def dataset_inputs(ds: Any) -> list[Source]:
+    """The `inputs:` of a dataset whose method reads seed files or upstream datasets (none for the others)."""
+    return ds.inputs if isinstance(ds, Labeling | Feedback | SelfKnowledge) else []
+
+
 def _check_acyclic(params: Params, name: str, chain: tuple[str, ...]) -> None:
     if name in chain:
         raise ValueError(f"datasets.{chain[0]}: cycle {' -> '.join(chain + (name,))}")
     ds = params.datasets[name]
-    upstream = [s.dataset for s in getattr(ds, "inputs", []) if s.dataset] + ([ds.dataset] if ds.method == "feature" else [])
+    upstream = [s.dataset for s in dataset_inputs(ds) if s.dataset] + ([ds.dataset] if ds.method == "feature" else [])
     for up in upstream:
         _check_acyclic(params, up, chain + (name,))
 

@@ -12,16 +12,18 @@ from kd.config.base import Strict, existing_file
 
 class Sampling(Strict):
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy; lower = more faithful, less diverse")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1, le=131072)
-    stop: list[str] = Field(default_factory=list)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with this "
+                                                        "much probability (1 = off)")
+    max_tokens: int = Field(256, ge=1, le=131072, description="answer length cap; an answer cut here has "
+                                                                 "finish_reason `length`")
+    stop: list[str] = Field(default_factory=list, description="strings that end an answer (not included in it)")
 
 
 class Source(Strict):
     """Where inputs come from: a seed file (field `instruction`) or an upstream dataset (its prompts)."""
 
-    seeds: str | None = None
-    dataset: str | None = None
+    seeds: str | None = Field(None, description="a JSONL seed file, each row with an `instruction`")
+    dataset: str | None = Field(None, description="an upstream dataset whose prompts become inputs")
     limit: int | None = Field(None, ge=1, description="take only the first N inputs (in file order)")
 
     _seeds_exist = field_validator("seeds")(lambda v, info: v if v is None else existing_file(v, info))
@@ -42,12 +44,12 @@ class _Generated(Strict):
 class Labeling(_Generated):
     """The teacher answers inputs (survey §3.1.1); Orca-style explanations come from the template's system block."""
 
-    method: Literal["labeling"]
-    inputs: list[Source] = Field(min_length=1)
-    template: str
+    method: Literal["labeling"] = Field(description="the elicitation method")
+    inputs: list[Source] = Field(min_length=1, description="seed files and upstream datasets, in order")
+    template: str = Field(description="the prompt template (vars: instruction, category)")
     keep_system: bool = Field(True, description="put the template's system message in the student's prompt (Orca)")
     samples: int = Field(1, ge=1, le=64, description="answers per input (sample index is part of the cache key)")
-    sampling: Sampling = Sampling(max_tokens=256)
+    sampling: Sampling = Field(Sampling(max_tokens=256), description="the teacher's sampling params")
 
     _template_exists = field_validator("template")(existing_file)
 
@@ -65,19 +67,20 @@ class Evol(Strict):
 class Expansion(_Generated):
     """Self-Instruct rounds from seeds and earlier generations, then Evol-Instruct (survey §3.1.2)."""
 
-    method: Literal["expansion"]
-    seeds: str
-    template: str
+    method: Literal["expansion"] = Field(description="the elicitation method")
+    seeds: str = Field(description="seed instructions (JSONL, `instruction` per row): demos and the novelty baseline")
+    template: str = Field(description="the Self-Instruct template (vars: demos)")
     target: int = Field(32, ge=1, description="new instructions to generate (before Evol)")
     per_round: int = Field(16, ge=1, description="requests per round; later rounds see earlier generations")
     max_rounds: int = Field(8, ge=1, description="stop after this many rounds even below target")
     demos: int = Field(3, ge=1, le=16, description="few-shot demos per request")
     generated_demos: int = Field(1, ge=0, le=16, description="how many of the demos come from earlier generations")
     novelty_threshold: float = Field(0.7, gt=0, le=1, description="reject if ROUGE-L F1 to any kept instruction is above")
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(80, ge=1)
-    evol: Evol | None = None
-    sampling: Sampling = Sampling(temperature=0.9, top_p=0.95, max_tokens=64)
+    min_words: int = Field(3, ge=1, description="shorter instructions are rejected (`too_short`)")
+    max_words: int = Field(80, ge=1, description="longer instructions are rejected (`too_long`)")
+    evol: Evol | None = Field(None, description="Evol-Instruct operators applied after the Self-Instruct rounds")
+    sampling: Sampling = Field(Sampling(temperature=0.9, top_p=0.95, max_tokens=64),
+                               description="the teacher's sampling params (temperature > 0 for variety)")
 
     _files_exist = field_validator("seeds", "template")(existing_file)
 
@@ -93,14 +96,15 @@ class Expansion(_Generated):
 class Curation(_Generated):
     """Meta-information (topic x attribute) -> the teacher writes a question -> the teacher answers (§3.1.3)."""
 
-    method: Literal["curation"]
-    topics: str
-    attributes: str
+    method: Literal["curation"] = Field(description="the elicitation method")
+    topics: str = Field(description="topic seeds (JSONL, `topic` and optional `domain` per row)")
+    attributes: str = Field(description="attribute seeds (JSONL, `attribute` per row): audience, style, difficulty")
     count: int = Field(24, ge=1, description="questions to write (distinct topic x attribute pairs)")
-    question_template: str
-    answer_template: str
-    question_sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=64)
-    answer_sampling: Sampling = Sampling(max_tokens=256)
+    question_template: str = Field(description="writes a question (vars: topic, domain, attribute)")
+    answer_template: str = Field(description="answers it (vars: question, topic, domain)")
+    question_sampling: Sampling = Field(Sampling(temperature=0.8, top_p=0.95, max_tokens=64),
+                                        description="sampling params for the questions")
+    answer_sampling: Sampling = Field(Sampling(max_tokens=256), description="sampling params for the answers")
 
     _files_exist = field_validator("topics", "attributes", "question_template", "answer_template")(existing_file)
 
@@ -112,12 +116,12 @@ class Feature(Strict):
     the teacher's tokenizer hash, so a student with another tokenizer is refused.
     """
 
-    method: Literal["feature"]
+    method: Literal["feature"] = Field(description="the elicitation method")
     teacher: str = Field(description="a key of `teachers`; must be a local (white-box) teacher")
     dataset: str = Field(description="the dataset whose completions are scored (prompt + completion records)")
     top_k: int = Field(20, ge=1, le=1024, description="log-probabilities kept per token; more = closer to full KD")
     max_length: int = Field(512, ge=8, description="prompt + completion tokens per record; longer are cut")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="records per teacher forward pass")
 
 
 _ASPECT = r"^[a-z][a-z0-9_]*$"
@@ -133,7 +137,7 @@ class Judge(Strict):
     """
 
     teacher: str = Field(description="a key of `teachers`; `likelihood` needs a local (white-box) one")
-    kind: Literal["rubric", "pairwise", "likelihood"]
+    kind: Literal["rubric", "pairwise", "likelihood"] = Field(description="how candidates are scored (see above)")
     template: str | None = Field(None, description="the judge's prompt (rubric, pairwise); none for likelihood")
     aspects: list[str] = Field(["helpfulness", "honesty", "instruction_following"], min_length=1,
                                description="rubric: what each candidate is rated on; its score is the mean")
@@ -145,7 +149,8 @@ class Judge(Strict):
         "text", description="pairwise: `text` parses the judge's generated answer; `logprob` (white-box, local "
                             "teacher) takes whichever of A, B, tie the teacher is likeliest to begin its answer "
                             "with (one forward pass), so a small judge always gives a verdict")
-    sampling: Sampling = Sampling(temperature=0.0, max_tokens=96)
+    sampling: Sampling = Field(Sampling(temperature=0.0, max_tokens=96), description="the judge's sampling params "
+                                                                                   "(text verdicts and ratings)")
     max_length: int = Field(1024, ge=8, description="likelihood, logprob: prompt + scored tokens; longer is rejected")
     batch_size: int = Field(8, ge=1, le=4096, description="likelihood: sequences per forward pass")
 
@@ -194,17 +199,17 @@ class Feedback(Strict):
     from the request cache, so editing the judge template reruns only the judge's requests.
     """
 
-    method: Literal["feedback"]
+    method: Literal["feedback"] = Field(description="the elicitation method")
     generator: str = Field(description="a key of `teachers` that samples the candidates; usually a local entry "
                                        "whose path is a student directory (models/<student>)")
-    inputs: list[Source] = Field(min_length=1)
+    inputs: list[Source] = Field(min_length=1, description="seed files and upstream datasets, in order")
     template: str = Field(description="renders the generator's prompt (vars: instruction, category); the "
                                       "records' `prompt` is what it rendered")
     keep_system: bool = Field(True, description="keep the template's system message in the records' prompt")
     candidates: int = Field(4, ge=2, le=32, description="answers sampled per prompt (sample index = candidate number)")
     sampling: Sampling = Field(Sampling(temperature=0.8, top_p=0.95, max_tokens=128),
                                description="the generator's; temperature > 0 so candidates differ")
-    judge: Judge
+    judge: Judge = Field(description="who scores the candidates")
     allow_truncated: bool = Field(False, description="keep candidates cut off at max_tokens (finish_reason=length)")
 
     _template_exists = field_validator("template")(existing_file)
@@ -222,16 +227,17 @@ class SelfKnowledge(Strict):
     round 1's dataset, and its `round: 2`, so rebuilding round 2 leaves round 1 untouched.
     """
 
-    method: Literal["self_knowledge"]
+    method: Literal["self_knowledge"] = Field(description="the elicitation method")
     generator: str = Field(description="a key of `teachers`: a local entry whose path is the student directory")
     round: int = Field(1, ge=1, description="which self-improvement round this dataset is (recorded in provenance)")
-    inputs: list[Source] = Field(min_length=1)
+    inputs: list[Source] = Field(min_length=1, description="seed files and upstream datasets, in order")
     template: str = Field(description="renders the student's prompt (vars: instruction, category)")
     keep_system: bool = Field(True, description="keep the template's system message in the records' prompt")
     samples: int = Field(8, ge=2, le=64, description="K answers per prompt (sample index = sample number)")
     sampling: Sampling = Field(Sampling(temperature=0.8, top_p=0.95, max_tokens=128),
                                description="temperature > 0 so the K samples differ")
-    filter: Literal["self_consistency", "reward_threshold", "self_judge"]
+    filter: Literal["self_consistency", "reward_threshold", "self_judge"] = Field(
+        description="which samples are kept (see above)")
     answer: Literal["last_number", "last_line"] = Field(
         "last_number", description="self_consistency: how a final answer is read (see kd.elicit.self_knowledge)")
     min_share: float = Field(0.5, gt=0, le=1, description="self_consistency: keep a prompt only if its majority "

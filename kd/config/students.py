@@ -59,11 +59,15 @@ Init = Annotated[FromTeacher | FromConfig | FromPretrained, Field(discriminator=
 class Divergence(Strict):
     """Token-level divergence to the teacher's stored top-k distribution (objective `kd`)."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field(
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
         "forward_kl", description="forward_kl = KL(teacher‖student), mode-covering; reverse_kl = KL(student‖teacher), "
-                              "mode-seeking; jsd (with beta); tvd = total variation")
+                              "mode-seeking; jsd (with beta); skew_forward_kl / skew_reverse_kl (DistiLLM, with "
+                              "alpha); tvd = total variation")
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 -> forward KL, 1 -> reverse KL")
-    temperature: float = Field(1.0, gt=0, description="softens both distributions; losses are scaled by T^2")
+    alpha: float = Field(0.1, ge=0, lt=1, description="skew KLs: the share of the first distribution mixed into the "
+                                                      "second (0 = plain KL; DistiLLM uses 0.1)")
+    temperature: float = Field(1.0, gt=0, description="softens both distributions alike; KL-type losses are scaled "
+                                                      "by T², TVD is not")
     ce_weight: float = Field(0.0, ge=0, le=1, description="mix of cross-entropy on the teacher's tokens")
 
 

@@ -247,7 +247,7 @@ def token_objective(model: Any, kd: Divergence | None, hidden: HiddenTerm | None
         loss_tok = ce * w
         if kd is not None:
             div = topk_divergence(logits, b["topk_ids"], b["topk_logprobs"], b["tail"], kd.divergence,
-                                  kd.beta, kd.temperature)
+                                  kd.beta, kd.temperature, kd.alpha)
             loss_tok = loss_tok + (1 - w) * div
             parts["kd"] = div.detach().sum().item() / n_tokens
         total = loss_tok.sum() / n_tokens

@@ -7,16 +7,20 @@ log-probabilities come from a custom autograd function that reads its logits in 
 softmaxes in backward, so beyond the student's own logits (and their gradient) memory is O(N·k + chunk·V):
 no teacher vocabulary-sized tensor, no saved log-softmax copy.
 
-Conventions (all match TRL's `GKDTrainer.generalized_jsd_loss`, which these are tested against):
+Conventions (the KL and JSD ones match TRL's `GKDTrainer.generalized_jsd_loss`, which they are tested against):
 - `forward_kl` = KL(teacher ‖ student) (mode-covering); `reverse_kl` = KL(student ‖ teacher) (mode-seeking).
 - `jsd` with β: M = β·teacher + (1−β)·student; JSD_β = β·KL(teacher ‖ M) + (1−β)·KL(student ‖ M).
   It tends to 0 at both ends, but JSD_β/β → forward KL as β → 0 and JSD_β/(1−β) → reverse KL as β → 1;
   TRL defines β = 0 and β = 1 as exactly forward and reverse KL, and so do we.
+- `skew_forward_kl` with α = KL(teacher ‖ α·teacher + (1−α)·student); `skew_reverse_kl` with α =
+  KL(student ‖ α·student + (1−α)·teacher) (DistiLLM). α = 0 gives the plain KLs; a small α keeps the gradient
+  bounded where the student puts almost no mass on the teacher's tokens.
 - `tvd` = ½·Σ|p − q| ∈ [0, 1].
-- temperature T: both distributions are softened (student logits / T; teacher log-probs / T, renormalised)
-  and the loss is multiplied by T² so gradient scale does not depend on T (Hinton et al.). TRL does not
-  multiply by T²; the two agree at T = 1. With top-k buckets, tempering treats the tail bucket as one token:
-  exact at T = 1 and whenever the tail is empty, an approximation otherwise.
+- temperature T: both distributions are softened and the KL-type losses are multiplied by T² so their gradient
+  scale does not depend on T (Hinton et al.); TVD is not scaled, so it stays in [0, 1]. TRL does not multiply
+  by T²; the two agree at T = 1. With top-k buckets both sides are folded into the same k + 1 buckets at T = 1
+  and then tempered as (k + 1)-way distributions: the tail bucket is tempered as one token on *both* sides, so
+  every divergence is exactly 0 when student = teacher at any T, and k = V is the full-vocabulary loss.
 
 References:
     Hinton et al., Distilling the Knowledge in a Neural Network, 2015, https://arxiv.org/abs/1503.02531
@@ -36,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Kind = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+Kind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 # Log-probabilities below this are zero probability for every purpose here; clamping -inf to it keeps
 # 0·log 0 terms at 0 with finite gradients (e.g. an empty tail bucket when top-k covers the vocabulary).
 LOG_FLOOR = -1.0e4
@@ -44,7 +49,7 @@ LOG_FLOOR = -1.0e4
 CHUNK_ROWS = 256
 
 
-class _StudentBuckets(torch.autograd.Function):
+class StudentBuckets(torch.autograd.Function):
     """log p over k + 1 buckets from full student logits: [N, V] logits, [N, k] ids -> [N, k + 1] (float32).
 
     Bucket i < k is token ids[:, i]; bucket k is every other token, computed as a masked logsumexp (exact even
@@ -52,7 +57,7 @@ class _StudentBuckets(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, ids: Tensor) -> Tensor:  # type: ignore[override]
         n, k = ids.shape
         # float32 at least (bf16 logits lose the tail), float64 kept for exact references and gradcheck.
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -60,7 +65,7 @@ class _StudentBuckets(torch.autograd.Function):
         lse_all = logits.new_empty((n,), dtype=dtype)
         lse_tail = logits.new_empty((n,), dtype=dtype)
         for s in range(0, n, CHUNK_ROWS):
-            z = logits[s:s + CHUNK_ROWS].to(dtype) / temperature
+            z = logits[s:s + CHUNK_ROWS].to(dtype)
             i = ids[s:s + CHUNK_ROWS]
             all_ = torch.logsumexp(z, dim=-1)
             tail = torch.logsumexp(z.scatter(-1, i, float("-inf")), dim=-1)
@@ -68,30 +73,28 @@ class _StudentBuckets(torch.autograd.Function):
             out[s:s + CHUNK_ROWS, k] = tail - all_
             lse_all[s:s + CHUNK_ROWS], lse_tail[s:s + CHUNK_ROWS] = all_, tail
         ctx.save_for_backward(logits, ids, lse_all, lse_tail)
-        ctx.temperature = temperature
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        # d log p_i / dz = (onehot_i − softmax(z)) / T;  d log p_tail / dz = (1[∉K]·softmax_tail(z) − softmax(z)) / T
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        # d log p_i / dz = onehot_i − softmax(z);  d log p_tail / dz = 1[∉K]·softmax_tail(z) − softmax(z)
         logits, ids, lse_all, lse_tail = ctx.saved_tensors
-        t = ctx.temperature
         k = ids.shape[1]
         out = torch.empty_like(logits)
         # An empty tail (lse = -inf) has no gradient; +inf makes its softmax exactly 0 instead of NaN.
         lse_tail = torch.where(torch.isneginf(lse_tail), torch.full_like(lse_tail, float("inf")), lse_tail)
         for s in range(0, logits.shape[0], CHUNK_ROWS):
-            z = logits[s:s + CHUNK_ROWS].to(lse_all.dtype) / t
+            z = logits[s:s + CHUNK_ROWS].to(lse_all.dtype)
             i, g = ids[s:s + CHUNK_ROWS], grad[s:s + CHUNK_ROWS].to(lse_all.dtype)
             g_top, g_tail = g[:, :k], g[:, k]
             tail_soft = torch.exp(z - lse_tail[s:s + CHUNK_ROWS, None]).scatter(-1, i, 0.0)
             d = g_tail[:, None] * tail_soft - g.sum(-1, keepdim=True) * torch.exp(z - lse_all[s:s + CHUNK_ROWS, None])
             d = d.scatter_add(-1, i, g_top)
-            out[s:s + CHUNK_ROWS] = (d / t).to(logits.dtype)
-        return out, None, None
+            out[s:s + CHUNK_ROWS] = d.to(logits.dtype)
+        return out, None
 
 
-def _divergence(logp: Tensor, logq: Tensor, kind: Kind, beta: float) -> Tensor:
+def _divergence(logp: Tensor, logq: Tensor, kind: Kind, beta: float, alpha: float) -> Tensor:
     """Divergence between student (log p) and teacher (log q) distributions over the last dim -> [...]."""
     logp, logq = logp.clamp_min(LOG_FLOOR), logq.clamp_min(LOG_FLOOR)
     p, q = logp.exp(), logq.exp()
@@ -107,22 +110,39 @@ def _divergence(logp: Tensor, logq: Tensor, kind: Kind, beta: float) -> Tensor:
                 return (p * (logp - logq)).sum(-1)
             logm = torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
             return beta * (q * (logq - logm)).sum(-1) + (1 - beta) * (p * (logp - logm)).sum(-1)
+        case "skew_forward_kl":
+            if alpha == 0:
+                return (q * (logq - logp)).sum(-1)
+            logm = torch.logaddexp(logq + math.log(alpha), logp + math.log1p(-alpha))
+            return (q * (logq - logm)).sum(-1)
+        case "skew_reverse_kl":
+            if alpha == 0:
+                return (p * (logp - logq)).sum(-1)
+            logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+            return (p * (logp - logm)).sum(-1)
         case "tvd":
             return 0.5 * (p - q).abs().sum(-1)
-    raise ValueError(f"unknown divergence {kind!r} (choose forward_kl, reverse_kl, jsd or tvd)")
+    raise ValueError(f"unknown divergence {kind!r} (choose {', '.join(KINDS)})")
 
 
-def _check(kind: str, beta: float, temperature: float) -> None:
-    if kind not in ("forward_kl", "reverse_kl", "jsd", "tvd"):
-        raise ValueError(f"unknown divergence {kind!r} (choose forward_kl, reverse_kl, jsd or tvd)")
+def _scale(kind: str, temperature: float) -> float:
+    """T² for the KL-type losses (gradient scale independent of T); TVD stays in [0, 1]."""
+    return 1.0 if kind == "tvd" else temperature**2
+
+
+def _check(kind: str, beta: float, temperature: float, alpha: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence {kind!r} (choose {', '.join(KINDS)})")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def topk_divergence(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor,
-                    kind: Kind, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+                    kind: Kind, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
     """Per-position divergence between the student and a stored top-k teacher distribution.
 
     Args:
@@ -130,32 +150,36 @@ def topk_divergence(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
         topk_ids: [N, k] the teacher's top-k token ids.
         topk_logprobs: [N, k] the teacher's log-probabilities of those tokens (T = 1).
         tail_logprob: [N] log of the teacher's remaining mass (−inf or very low when top-k covers it all).
-        kind: forward_kl | reverse_kl | jsd | tvd (see the module docstring for the conventions).
+        kind: one of KINDS (see the module docstring for the conventions).
         beta: JSD mixture weight (0 = forward KL, 1 = reverse KL).
-        temperature: softens both sides; the result is scaled by T².
+        temperature: softens both bucketed distributions alike; KL-type results are scaled by T².
+        alpha: the skew of `skew_forward_kl` / `skew_reverse_kl`.
 
     Returns:
-        [N] divergence per position, float32 (float64 for float64 logits) (reduce it yourself, e.g. mean over completion tokens).
+        [N] divergence per position, float32 (float64 for float64 logits) (reduce it yourself, e.g. mean over
+        completion tokens).
     """
-    _check(kind, beta, temperature)
-    logp = _StudentBuckets.apply(student_logits, topk_ids.long(), float(temperature))
+    _check(kind, beta, temperature, alpha)
+    logp = StudentBuckets.apply(student_logits, topk_ids.long()).clamp_min(LOG_FLOOR)
     teacher = torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1).to(logp.dtype).clamp_min(LOG_FLOOR)
     # Renormalise even at T = 1: float16 storage leaves the stored buckets summing to 1 ± 1e-3.
     logq = torch.log_softmax(teacher / temperature, dim=-1)
-    return _divergence(logp, logq, kind, beta) * temperature**2
+    if temperature != 1.0:
+        logp = torch.log_softmax(logp / temperature, dim=-1)
+    return _divergence(logp, logq, kind, beta, alpha) * _scale(kind, temperature)
 
 
 def full_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Kind, beta: float = 0.5,
-                    temperature: float = 1.0) -> Tensor:
+                    temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
     """Per-position divergence between two full-vocabulary distributions ([..., V] logits -> [...]).
 
     For online teachers (on-policy distillation) and as the exact reference for `topk_divergence`.
     """
-    _check(kind, beta, temperature)
+    _check(kind, beta, temperature, alpha)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     logp = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     logq = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    return _divergence(logp, logq, kind, beta) * temperature**2
+    return _divergence(logp, logq, kind, beta, alpha) * _scale(kind, temperature)
 
 
 def hidden_loss(student_h: Tensor, teacher_h: Tensor, projection: nn.Module, kind: Literal["l2", "cosine"],

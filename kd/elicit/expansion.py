@@ -12,6 +12,7 @@ Follow Complex Instructions" (Evol-Instruct).
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from kd.elicit.common import clean_instruction, provenance
 from kd.prompts import load_prompt
 from kd.records import content_id, load_seeds, seed_id
 from kd.runtime.ask import Asker, rejection, request_provenance, verdict
-from kd.runtime.novelty import NoveltyIndex
+from kd.runtime.novelty import NoveltyIndex, words
 
 SELF_INSTRUCT_VARIABLES = ("demos",)
 EVOL_VARIABLES = ("instruction", "category")
@@ -48,15 +49,19 @@ def expand(name: str, cfg: Expansion, root: Path, data_dir: Path,
     rejected: list[dict[str, Any]] = []
     asked = 0
 
-    def judge(call: Any, response: dict, category: str, parents: list, seeds_used: list) -> None:
+    def judge(call: Any, response: dict, category: str, parents: list, seeds_used: list,
+              original: str | None = None) -> None:
         # a long answer is fine when the instruction in its first paragraph ended before the cut
         if reason := verdict(response, allow_truncated=True):
             rejected.append(rejection(reason, call, response))
             return
         cut = response["finish_reason"] == "length" and not cfg.allow_truncated
         text, reason = clean_instruction(response["text"], cfg.min_words, cfg.max_words, truncated=cut)
+        if text is not None and original is not None:
+            reason = failed_evolution(original, text) or ""
+            text = None if reason else text
         if text is None:
-            rejected.append(rejection(reason, call, response))
+            rejected.append(rejection(reason, call, response, **({"original": original} if original else {})))
             return
         added, score, _ = novelty.admit(text)
         if not added:
@@ -87,20 +92,47 @@ def expand(name: str, cfg: Expansion, root: Path, data_dir: Path,
         pool = [(s["instruction"], s.get("category", ""), [], [ref]) for s, ref in zip(seeds, seed_refs, strict=True)]
         pool += [(user_of(r), r["category"], [{"dataset": name, "id": r["id"]}], []) for r in kept]
         chosen = rng.sample(range(len(pool)), min(cfg.evol.count, len(pool)))
-        calls = []
+        calls, call_instruction = [], {}
         for n, i in enumerate(chosen):
             text, category, parents, seeds_used = pool[i]
             op = evol_prompts[n % len(evol_prompts)]
-            calls.append((asker.call(op, cfg.sampling, 0, instruction=text, category=category), category,
-                          parents, seeds_used))
+            call = asker.call(op, cfg.sampling, 0, instruction=text, category=category)
+            call_instruction[call.key] = text
+            calls.append((call, category, parents, seeds_used))
         answers = asker.ask([c for c, _, _, _ in calls])
         for call, category, parents, seeds_used in calls:
-            judge(call, answers[call.key], category, parents, seeds_used)
+            judge(call, answers[call.key], category, parents, seeds_used, original=call_instruction[call.key])
 
     templates = {p.path: p.sha256 for p in [prompt, *evol_prompts]}
     for p in [prompt, *evol_prompts]:
         templates.update(p.includes)
     return kept, rejected, templates
+
+
+# Phrases of the operator's own instructions that a failed rewrite copies into the new prompt (WizardLM §3.3).
+_LEAK = re.compile(r"#?\s*(?:re-?written|given|original|new|created)\s+(?:prompt|instruction)\b|\bI will (?:replace|rewrite|"
+                   r"add|make)\b|\bthe (?:given|original) (?:prompt|question|instruction)\b", re.IGNORECASE)
+_REFUSAL = re.compile(r"^(?:I'?m sorry|I am sorry|sorry\b|I cannot|I can'?t|I'?m not able|I am not able|As an AI\b)",
+                      re.IGNORECASE)
+
+
+def failed_evolution(original: str, evolved: str) -> str | None:
+    """Evol-Instruct's elimination step: why an evolved instruction is no evolution, or None.
+
+    `evol_no_change`: it adds nothing (same words, or all its words already in the original);
+    `evol_refusal`: the teacher refused instead of rewriting; `evol_leak`: it copies the operator's own
+    instructions ("rewritten prompt", "I will replace ...") instead of being a prompt.
+
+    References: Xu et al. 2023, "WizardLM", §3.3 Elimination Evolving.
+    """
+    if _REFUSAL.search(evolved.strip()):
+        return "evol_refusal"
+    if _LEAK.search(evolved):
+        return "evol_leak"
+    before, after = set(words(original)), set(words(evolved))
+    if after <= before:
+        return "evol_no_change"
+    return None
 
 
 def user_of(record: dict) -> str:

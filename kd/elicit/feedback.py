@@ -22,6 +22,7 @@ from kd.elicit.common import load_inputs, provenance
 from kd.prompts import load_prompt
 from kd.runtime import judges
 from kd.runtime.ask import Asker, Call, rejection, request_provenance, verdict
+from kd.runtime.quality import text_degeneracy
 
 VARIABLES = ("instruction", "category")  # the generator's template, as labeling's
 
@@ -31,8 +32,9 @@ def sample_candidates(asker: Asker, cfg: Any, prompt: Any, inputs: list, count: 
     """`count` samples per input (sample index = candidate number); unusable ones become rejections.
 
     Returns:
-        per input, its usable (call, response, text) samples in sample order; with `dedupe`, a text equal to
-        an earlier sample's is a `duplicate_candidate` rejection (it would only pair with itself).
+        per input, its usable (call, response, text) samples in sample order. Empty or repetitive samples are
+        rejected (`empty`, `repetition`: kd.runtime.quality); with `dedupe`, a text equal to an earlier
+        sample's is a `duplicate_candidate` rejection (it would only pair with itself).
     """
     plan = [(x, [asker.call(prompt, cfg.sampling, s, instruction=x.text, category=x.category) for s in range(count)])
             for x in inputs]
@@ -44,6 +46,8 @@ def sample_candidates(asker: Asker, cfg: Any, prompt: Any, inputs: list, count: 
             response = answers[call.key]
             reason = verdict(response, cfg.allow_truncated)
             text = response["text"].strip()
+            if reason is None and (why := text_degeneracy(text)):
+                reason = why  # a degenerate candidate is never judged: a judge's bias for it would become data
             if reason is None and dedupe and text in seen:
                 reason = "duplicate_candidate"
             if reason:

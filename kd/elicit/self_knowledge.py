@@ -2,13 +2,10 @@
 trusts; the kept prompt/completion records train the next round's student.
 
 Filters (a closed choice, `filter:` in params):
-- `self_consistency` (LMSI): read each sample's final answer with a normaliser, keep the samples that give
-  the majority answer when it has at least `min_share` of the K votes. Normalisers:
-  `last_number` — the last number in the text (thousands commas removed, trailing decimal zeros dropped,
-  a sign kept only when not preceded by a digit: "2 - 3 = -1" reads -1, "5-3" reads 3);
-  `last_line` — the last non-blank line, lower-cased, whitespace collapsed, a leading "answer:" or
-  "final answer:" and surrounding quotes/asterisks/full stops removed.
-  A tie for the most votes keeps nothing (`no_majority`): there is no majority to trust.
+- `self_consistency` (LMSI): read each sample's final answer with a normaliser (`last_number`, `last_line`:
+  kd.runtime.quality.final_answer), keep the samples that give the majority answer when it has at least
+  `min_share` of the K votes. A tie for the most votes keeps nothing (`no_majority`): there is no majority to
+  trust.
 - `reward_threshold` (ReST grow/improve): score each sample with the teacher's likelihood judge or a reward
   model; keep scores >= `threshold`. Raise the threshold in later rounds for ReST's improve steps.
 - `self_judge` (Self-Rewarding): the student rates its own samples with the rubric judge; keep the mean
@@ -23,7 +20,6 @@ References: Huang et al. 2022, "Large Language Models Can Self-Improve" (LMSI); 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,33 +30,11 @@ from kd.elicit.feedback import assistant, origin_of, prompt_messages, sample_can
 from kd.prompts import load_prompt
 from kd.runtime import judges
 from kd.runtime.ask import Asker, rejection, request_provenance
+from kd.runtime.quality import final_answer
 
 VARIABLES = ("instruction", "category")
 REWARD_MAX_LENGTH = 2048  # tokens of prompt + sample a reward model scores; longer samples are rejected
 
-_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_ANSWER_PREFIX = re.compile(r"^(?:final\s+answer|answer)\s*[:=-]\s*", re.IGNORECASE)
-
-
-def final_answer(text: str, how: str) -> str | None:
-    """The normalised final answer of a sample (see the module doc), or None when it has none."""
-    match how:
-        case "last_number":
-            numbers = _NUMBER.findall(text)
-            if not numbers:
-                return None
-            n = numbers[-1].replace(",", "")
-            if "." in n:
-                n = n.rstrip("0").rstrip(".")
-            return "0" if n in ("-0", "") else n
-        case "last_line":
-            lines = [line for line in text.splitlines() if line.strip()]
-            if not lines:
-                return None
-            line = " ".join(lines[-1].split()).strip(" *_`")
-            line = _ANSWER_PREFIX.sub("", line).strip(" .*_`\"'").lower()
-            return line or None
-    raise AssertionError(how)
 
 
 def self_knowledge(name: str, cfg: SelfKnowledge, root: Path, data_dir: Path,

@@ -137,6 +137,12 @@ class Params(Strict):
             if ev.against is not None and ev.against not in self.students:
                 raise ValueError(f"evaluation.against: unknown student '{ev.against}' "
                                  f"(declared: {', '.join(self.students) or 'none'})")
+            for i, c in enumerate(ev.compare):
+                for side, names in (("a", c.a), ("b", c.b)):
+                    for name in names:
+                        if name not in ev.students:
+                            raise ValueError(f"evaluation.compare.{i}.{side}: '{name}' is not in evaluation.students "
+                                             f"({', '.join(ev.students)}), so it has no answers to compare")
         return self
 
     def _dataset(self, key: str, name: str) -> None:

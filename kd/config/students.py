@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kd.config.base import Strict
 from kd.config.datasets import Judge
@@ -140,6 +140,9 @@ class Training(Strict):
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
+    freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
+                                                    "this many bottom transformer layers: faster steps, and a "
+                                                    "from_teacher student keeps the teacher's own lower layers")
 
 
 class Student(Strict):
@@ -157,9 +160,14 @@ class Student(Strict):
     rank: Rank = Field(Rank(), description="objectives dpo, rrhf, pro")
     rl: RL | None = Field(None, description="objectives grpo, rloo: the reward and the group size")
     training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
+    loop: Literal["trl", "kd"] = Field("trl", description="objective sft: TRL's SFTTrainer, or kd's own loop, the one "
+                                                          "objective kd runs (same data order, schedule and steps, so "
+                                                          "an SFT and a KD student differ only in their loss)")
 
     @model_validator(mode="after")
     def _objective_needs(self) -> Student:
+        if "loop" in self.model_fields_set and self.objective != "sft":
+            raise ValueError(f"`loop` chooses how objective sft trains; objective {self.objective} has one loop")
         if self.objective == "kd" and not self.logits:
             raise ValueError("objective: kd needs `logits` (a feature dataset of teacher top-k log-probabilities)")
         if self.objective == "on_policy" and self.on_policy is None:
@@ -192,10 +200,27 @@ class RewardModel(Strict):
     training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
 
 
+class Compare(Strict):
+    """A paired comparison of two students (or two groups of students, e.g. one per seed) on the same prompts."""
+
+    a: list[str] = Field(min_length=1, description="the reference side: one student, or one per seed")
+    b: list[str] = Field(min_length=1, description="the other side: one student, or one per seed")
+    claim: str = Field(description="what the report states when b beats a on KL with a 95% interval that excludes 0 "
+                                   "(e.g. `soft targets help`); otherwise it says the data do not show it")
+
+    @field_validator("a", "b", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
 class Evaluation(Strict):
-    """Held-out comparison of the teacher, the untrained baseline and every student."""
+    """Held-out comparison of the teacher, a context-free baseline, the untrained baseline and every student."""
 
     prompts: str = Field("seeds/eval_prompts.jsonl", description="held-out prompts no generation stage reads")
+    template: str | None = Field(None, description="ask the prompts with this template's system message, as the "
+                                                   "students were trained (vars: instruction, category); null: the "
+                                                   "bare instruction")
     teacher: str = Field(description="a local teacher: generates references and scores likelihoods")
     students: list[str] = Field(min_length=1, description="the students to evaluate (keys of `students`)")
     baseline: str | None = Field(None, description="student whose untrained initialisation is the baseline "
@@ -208,6 +233,8 @@ class Evaluation(Strict):
                                                   "against `against`, asked in both orders")
     against: str | None = Field(None, description="the student the win rate is against (default: the untrained "
                                                   "baseline)")
+    compare: list[Compare] = Field(default_factory=list, description="paired comparisons with bootstrap intervals, "
+                                                                     "e.g. SFT against forward-KL KD")
 
     @model_validator(mode="after")
     def _pairwise(self) -> Evaluation:

@@ -120,7 +120,7 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
     torch.manual_seed(t.seed)
     _, total = plan(len(examples), t)
     modules = {"model": model} | objective.modules
-    params = [p for m in modules.values() for p in m.parameters()]
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, t.warmup_ratio))
     result = Result()

@@ -26,7 +26,7 @@ from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
 from kd.errors import KdError
 from kd.paths import under
 from kd.records import canonical_json, sha256_text
-from kd.runtime.init import init_student
+from kd.runtime.init import freeze, init_student
 from kd.runtime.scoring import RewardScorer
 from kd.runtime.tokenize import encode
 
@@ -283,6 +283,7 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
     trained, held = split(records, cfg.held_out, f"reward_models.{name}.datasets")
     job = envelope.prepare(name, "reward_models", cfg, params, root, refs)
     model, tok = init_reward_model(cfg, params, root, name, dtype=job.dtype)
+    freeze(model, t.freeze_layers, f"reward_models.{name}.training.freeze_layers")
 
     # Everything a user can get wrong is checked before an MLflow run exists (no FAILED runs for typos).
     key = f"reward_models.{name}.pairs"

@@ -28,7 +28,7 @@ from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
 from kd.errors import KdError
 from kd.paths import MODELS_DIR
 from kd.runtime.models import load_teacher
-from kd.runtime.scoring import load_reward_model, mean_logprobs, reward_scores
+from kd.runtime.scoring import judge_scores, load_reward_model, reward_scores
 from kd.runtime.tokenize import encode, record_prompt
 
 Reward = Callable[..., list[float]]  # TRL's reward_funcs protocol: f(prompts, completions, **kw) -> one per pair
@@ -49,13 +49,13 @@ def model_reward(model: Any, tok: Any, batch_size: int) -> Reward:
 
 
 def likelihood_reward(model: Any, tok: Any, batch_size: int) -> Reward:
-    """The teacher's mean token log-probability of each completion (`kd.runtime.scoring.mean_logprobs`)."""
+    """The teacher's likelihood judge score of each completion (`kd.runtime.scoring.judge_scores`)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def teacher_likelihood(prompts: list[list[dict]], completions: list[list[dict]], **_: Any) -> list[float]:
         rows = _encoded(tok, prompts, completions)
         return [s for i in range(0, len(rows), batch_size)
-                for s in mean_logprobs(model, rows[i:i + batch_size], pad, model.device)]
+                for s in judge_scores(model, rows[i:i + batch_size], pad, model.device)]
 
     return teacher_likelihood
 

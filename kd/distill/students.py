@@ -16,7 +16,7 @@ from kd.distill import envelope, loop, rank, rl
 from kd.distill.trl_runs import train_on_policy, train_sft
 from kd.errors import KdError
 from kd.records import REJECTED_FILE, read_jsonl
-from kd.runtime.init import init_student
+from kd.runtime.init import freeze, init_student
 from kd.runtime.local import LocalTeacher
 from kd.runtime.logits import check_compatible, load_logits
 from kd.runtime.models import load_teacher
@@ -87,10 +87,11 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     job = envelope.prepare(name, "students", cfg, params, root, refs, logits_ref(cfg, root))
     model, tok = init_student(cfg.init, params, root, dtype=job.dtype, seed=t.seed, key=f"students.{name}.init")
     model.to(job.device)
+    freeze(model, t.freeze_layers, f"students.{name}.training.freeze_layers")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # Everything a user can get wrong is checked before an MLflow run exists (no FAILED runs for typos).
-    own_loop = cfg.objective == "kd" or (cfg.objective == "sft" and cfg.hidden is not None)
+    own_loop = cfg.objective == "kd" or (cfg.objective == "sft" and (cfg.hidden is not None or cfg.loop == "kd"))
     examples: list[loop.Example] = []
     if cfg.objective == "kd":
         examples = _kd_examples(name, cfg, records, job.logits, tok, params, root)
@@ -111,8 +112,8 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     with run.failing():
         match cfg.objective:
             case "kd" | "sft" if own_loop:
-                # sft + hidden runs kd's loop with the same completion-only cross-entropy: SFTTrainer has no hook
-                # for an extra loss.
+                # sft with `loop: kd` or a hidden term runs kd's loop with the same completion-only cross-entropy
+                # (SFTTrainer has no hook for an extra loss).
                 hidden = None
                 if cfg.hidden is not None:
                     teacher, _ = load_teacher(params, cfg.hidden.teacher, root)

@@ -1,20 +1,26 @@
-"""Evaluation (issue 3 §6): the teacher, the untrained baseline and every student on held-out prompts.
+"""Evaluation: the teacher, a context-free baseline, the untrained baseline and every student on held-out prompts.
 
-Every model answers the same prompts greedily (batched, left padding, as the local teacher does). Then:
-- teacher-agreement: token-level KL(teacher || model) over the full vocabulary on the *teacher's* answers,
-  teacher-forced, in float32 and averaged over all completion tokens (the quantity KD minimises);
-- the teacher's mean per-token log-probability of the *model's* answers (does the teacher find them likely?);
-- ROUGE-L F1 of each answer against the teacher's (kd.runtime.novelty's bit-parallel LCS on ROUGE words);
-- exact match against short seed references, normalised, and a lenient "appears as a whole word" variant;
-- mean answer length in tokens (the end-of-turn token not counted);
-- with `evaluation.reward_model` / `judge`: every model's mean reward and each student's win rate against the
-  baseline, judged by the teacher in both orders (kd/eval_feedback.py).
+Every model answers the same prompts greedily (batched, left padding, as the local teacher does), asked the way
+the students were trained (`evaluation.template`: the training template's system message). Per prompt:
+- teacher-agreement: token-level KL(teacher ‖ model) over the full vocabulary on the *teacher's* answers,
+  teacher-forced, in float32 (the quantity KD minimises); the `context_free` row is the best a model that ignores
+  its context can do: one distribution, the teacher's mean next-token distribution over the evaluated positions;
+- whether the answer ends with the end-of-turn token, and whether it is degenerate (empty, or looping:
+  kd.runtime.quality), its distinct-2 and longest repeated run;
+- the teacher's judge score of the answer: its mean token log-probability with repeated 4-grams scored at a
+  floor (kd.runtime.scoring.judge_score), so a loop cannot look likely;
+- ROUGE-L F1 against the teacher's answer; exact match of the extracted final answer against short seed
+  references, and whether the reference appears as whole words;
+- the answer's length in tokens (the end-of-turn token not counted).
+Every figure is a ratio of per-prompt sums, so it carries a bootstrap interval over prompts (kd.evaluation.stats).
+With `evaluation.reward_model` / `judge`, kd.evaluation.feedback adds rewards, win rates and the sanity set.
 
-Results are deterministic for the same models (greedy decoding, fixed batch composition); wall times are
-kept apart from the metrics so reports stay byte-stable. kd/report.py writes the files.
+Results are deterministic for the same models (greedy decoding, fixed batch composition); wall times are kept
+apart from the metrics so reports stay byte-stable. kd.evaluation.report writes the files.
 
 References: Lin 2004, "ROUGE"; Gu et al. 2024, "MiniLLM" (teacher-scored student outputs); Agarwal et al.
-2024, "On-Policy Distillation of Language Models" (GKD; token-level divergences on teacher outputs).
+2024, "On-Policy Distillation of Language Models" (GKD; token-level divergences on teacher outputs); Holtzman
+et al. 2020, "The Curious Case of Neural Text Degeneration" (repetition in greedy decoding).
 """
 
 from __future__ import annotations
@@ -22,8 +28,6 @@ from __future__ import annotations
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +35,51 @@ from tqdm import tqdm
 
 from kd.config import Params
 from kd.errors import KdError
-from kd.evaluation.feedback import add_feedback, check
-from kd.evaluation.results import BASELINE, TEACHER, EvalPrompt, ModelResult, Output, Run
+from kd.evaluation import feedback
+from kd.evaluation.results import (
+    BASELINE,
+    CONTEXT_FREE,
+    ROWS,
+    TEACHER,
+    Comparison,
+    EvalPrompt,
+    ModelResult,
+    Output,
+    Run,
+    Scores,
+)
+from kd.evaluation.stats import paired_difference
 from kd.paths import MODELS_DIR, under
+from kd.prompts import load_prompt
 from kd.records import read_jsonl, sha256_text
 from kd.runtime.device import resolve_device
 from kd.runtime.init import init_student
 from kd.runtime.local import generate_ids
 from kd.runtime.models import directory_digest, load_teacher, read_info
 from kd.runtime.novelty import rouge_l, words
+from kd.runtime.quality import degeneracy, distinct_n, final_answer, longest_run
+from kd.runtime.scoring import judge_scores
 from kd.runtime.tokenize import encode, tokenizer_digest
 
+VARIABLES = ("instruction", "category")  # what `evaluation.template` may use, as a labeling template
 
-def load_prompts(path: Path) -> list[EvalPrompt]:
+
+def load_prompts(path: Path, root: Path, template: str | None) -> list[EvalPrompt]:
     rows = read_jsonl(path)
     if not rows:
         raise KdError(f"{path}: no prompts")
+    prompt = load_prompt(root, template, VARIABLES) if template else None
     out = []
     for n, r in enumerate(rows, 1):
         if not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
             raise KdError(f"{path}:{n}: needs a non-empty `instruction`")
-        out.append(EvalPrompt(str(r.get("id", n)), str(r.get("category") or "uncategorised"), r["instruction"],
-                              str(r.get("reference") or "")))
+        category = str(r.get("category") or "uncategorised")
+        user = {"role": "user", "content": r["instruction"]}
+        # the training records keep the template's system message and the bare instruction as the user turn
+        system = [m for m in prompt.render(instruction=r["instruction"], category=category)
+                  if m["role"] == "system"] if prompt else []
+        out.append(EvalPrompt(str(r.get("id", n)), category, r["instruction"], str(r.get("reference") or ""),
+                              tuple(system + [user])))
     if len({p.id for p in out}) != len(out):
         raise KdError(f"{path}: prompt ids are not unique")
     return out
@@ -64,8 +91,17 @@ def normalise(text: str) -> str:
     return " ".join(kept.split())
 
 
+def extracted(answer: str, reference: str) -> str | None:
+    """The answer's final answer, read the way the reference is written: the last number for a numeric
+    reference, else what it states as its answer (or its last line)."""
+    numeric = final_answer(reference, "last_number") == normalise(reference).replace(" ", "")
+    return final_answer(answer, "last_number" if numeric else "stated")
+
+
 def exact_match(answer: str, reference: str) -> bool:
-    return normalise(answer) == normalise(reference) != ""
+    """The extracted final answer equals the reference, after normalising both."""
+    got = extracted(answer, reference)
+    return got is not None and normalise(got) == normalise(reference) != ""
 
 
 def contains_match(answer: str, reference: str) -> bool:
@@ -81,8 +117,8 @@ def rouge(a: str, b: str) -> float:
     return 1.0 if not ia and not ib else rouge_l(ia, ib)
 
 
-def chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def chat_ids(tok: Any, messages: tuple[dict[str, str], ...]) -> list[int]:
+    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -106,12 +142,10 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     return [o for o in out if o is not None]
 
 
-def _logprobs(model: Any, seqs: list[tuple[list[int], list[int]]], vocab: int, device: Any) -> Iterator[Any]:
-    """Per sequence, float32 log-softmax over the first `vocab` logits at each position that predicts a
-    completion token; one row at a time, so a batch never holds its float32 vocabulary-wide copy at once.
-
-    Right padding: positions start at 0 in every row, and pads come after all real tokens, so under the
-    causal mask they change nothing."""
+def completion_logprobs(model: Any, seqs: list[tuple[list[int], list[int]]], vocab: int, device: Any) -> list[Any]:
+    """Per sequence, float32 log-softmax over the first `vocab` logits at each position that predicts one of its
+    completion tokens (right padding: pads come after all real tokens, so under the causal mask they change
+    nothing). Only those positions go through the LM head."""
     import torch
 
     width = max(len(p) + len(c) for p, c in seqs)
@@ -120,61 +154,73 @@ def _logprobs(model: Any, seqs: list[tuple[list[int], list[int]]], vocab: int, d
     for row, (p, c) in enumerate(seqs):
         ids[row, :len(p) + len(c)] = torch.tensor(p + c)
         mask[row, :len(p) + len(c)] = 1
-    # No grad-mode context may stay open across a `yield`: it would leak into the caller (and disable
-    # autograd for whatever runs next in the process).
+    first = min(len(p) for p, _ in seqs) - 1
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    for row, (p, c) in enumerate(seqs):
-        with torch.inference_mode():
-            out = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(c) - 1, :vocab].float(), dim=-1)
-        yield out
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width - first).logits
+        return [torch.log_softmax(logits[row, len(p) - 1 - first:len(p) + len(c) - 1 - first, :vocab].float(), dim=-1)
+                for row, (p, c) in enumerate(seqs)]
 
 
 def _vocab(model: Any) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def teacher_logprob(teacher: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, device: Any) -> float:
-    """Mean per-token log-probability the teacher gives the completions, teacher-forced, over all tokens."""
-    import torch
-
-    total, count = 0.0, 0
-    for s in range(0, len(seqs), batch_size):
-        batch = seqs[s:s + batch_size]
-        for lp, (_, c) in zip(_logprobs(teacher, batch, _vocab(teacher), device), batch, strict=True):
-            total += lp.gather(-1, torch.tensor(c, device=lp.device)[:, None]).sum().item()
-            count += len(c)
-    return total / max(count, 1)
+def teacher_judge(teacher: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, device: Any) -> list[float]:
+    """The teacher's judge score of each (prompt ids, completion ids), as the likelihood judge scores it."""
+    rows = [(p + c, len(p)) for p, c in seqs]
+    return [s for i in range(0, len(rows), batch_size) for s in judge_scores(teacher, rows[i:i + batch_size], 0, device)]
 
 
-def token_kl(teacher: Any, model: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int,
-             device: Any) -> float:
-    """KL(teacher || model) over the full vocabulary, in float32, averaged over all completion tokens.
+class TeacherView:
+    """The teacher's answers and its log-probabilities on them, computed once and compared with every model."""
 
-    Both models see identical padded batches, so a model equal to the teacher scores exactly 0.
-    """
-    vocab = min(_vocab(teacher), _vocab(model))  # rows past the tokenizer's last id (padding) never occur
-    total, count = 0.0, 0
-    for s in range(0, len(seqs), batch_size):
-        batch = seqs[s:s + batch_size]
-        for t, m in zip(_logprobs(teacher, batch, vocab, device), _logprobs(model, batch, vocab, device), strict=True):
-            total += (t.exp() * (t - m)).sum().item()
-            count += t.shape[0]
-    return total / max(count, 1)
+    def __init__(self, model: Any, tok: Any, prompt_ids: list[list[int]], outputs: list[Output], batch_size: int,
+                 device: Any) -> None:
+        self.model, self.tok, self.prompt_ids, self.outputs = model, tok, prompt_ids, outputs
+        self.digest = tokenizer_digest(tok)
+        self.seqs = [(p, o.ids) for p, o in zip(prompt_ids, outputs, strict=True)]
+        self.batch_size, self.device = batch_size, device
+        self.logprobs: list[Any] = []
+        for s in range(0, len(self.seqs), batch_size):
+            self.logprobs += completion_logprobs(model, self.seqs[s:s + batch_size], _vocab(model), device)
+
+    def kl(self, model: Any) -> list[tuple[float, int]]:
+        """Per prompt, (Σ over the teacher's answer tokens of KL(teacher ‖ model), tokens)."""
+        vocab = min(_vocab(self.model), _vocab(model))  # rows past the tokenizer's last id never occur
+        out = []
+        for s in range(0, len(self.seqs), self.batch_size):
+            batch = self.seqs[s:s + self.batch_size]
+            for t, m in zip(self.logprobs[s:s + self.batch_size],
+                            completion_logprobs(model, batch, vocab, self.device), strict=True):
+                t = t[:, :vocab]
+                out.append(((t.exp() * (t - m)).sum().item(), t.shape[0]))
+        return out
+
+    def context_free(self) -> list[tuple[float, int]]:
+        """Per prompt, the KL of the best context-free model: the teacher's mean distribution over every
+        evaluated position (an oracle constant: it is fitted on the very positions it is scored on)."""
+        total = sum(t.exp().sum(0) for t in self.logprobs)
+        mean = (total / sum(t.shape[0] for t in self.logprobs)).clamp_min(1e-30).log()
+        return [((t.exp() * (t - mean)).sum().item(), t.shape[0]) for t in self.logprobs]
 
 
-@dataclass
-class _Teacher:
-    model: Any
-    tok: Any
-    digest: str  # tokenizer digest: models sharing it are scored on token ids, others re-tokenised
-    prompt_ids: list[list[int]]
-    outputs: list[Output]
+def _scores(run: Run, outputs: list[Output], kl: list[tuple[float, int]] | None, judge: list[float],
+            teacher: list[Output]) -> list[Scores]:
+    out = []
+    for i, (p, o) in enumerate(zip(run.prompts, outputs, strict=True)):
+        content = o.ids[:-1] if o.stopped else o.ids
+        out.append(Scores(
+            kl=kl[i] if kl else None, judge=judge[i], rouge=rouge(o.text, teacher[i].text),
+            exact=exact_match(o.text, p.reference) if p.exact_target else None,
+            contains=contains_match(o.text, p.reference) if p.exact_target else None,
+            stopped=o.stopped, degenerate=degeneracy(content) if o.text else "empty",
+            distinct_2=distinct_n(content, 2), longest_run=longest_run(content), length=o.length))
+    return out
 
 
-def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t: _Teacher, run: Run,
+def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t: TeacherView, run: Run,
            batch_size: int, device: Any) -> ModelResult:
-    """Generate with one model and compute every metric against the teacher."""
+    """Generate with one model and compute every figure against the teacher."""
     start = time.perf_counter()
     same_tok = tokenizer_digest(tok) == t.digest
     prompt_ids = t.prompt_ids if same_tok else [chat_ids(tok, p.messages) for p in run.prompts]
@@ -186,36 +232,20 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
     else:  # the teacher reads the answer through its own chat template, as training data would be encoded
         scored = []
         for p, o in zip(run.prompts, outputs, strict=True):
-            record = {"prompt": p.messages, "completion": [{"role": "assistant", "content": o.text}]}
+            record = {"prompt": list(p.messages), "completion": [{"role": "assistant", "content": o.text}]}
             ids, cut = encode(t.tok, record, 1 << 30)
             scored.append((ids[:cut], ids[cut:]))
-    teacher_seqs = [(p, o.ids) for p, o in zip(t.prompt_ids, t.outputs, strict=True)]
     if model is t.model:
-        kl: float | None = 0.0
+        kl: list[tuple[float, int]] | None = [(0.0, len(o.ids)) for o in t.outputs]
     else:
-        kl = token_kl(t.model, model, teacher_seqs, batch_size, device) if same_tok else None
-    targets = [(p, o) for p, o in zip(run.prompts, outputs, strict=True) if p.exact_target]
-    metrics = {
-        "kl": kl,
-        "teacher_logprob": teacher_logprob(t.model, scored, batch_size, device),
-        "rouge_l": sum(rouge(o.text, r.text) for o, r in zip(outputs, t.outputs, strict=True)) / len(outputs),
-        "exact_match": sum(exact_match(o.text, p.reference) for p, o in targets) / len(targets) if targets else None,
-        "contains_match": sum(contains_match(o.text, p.reference) for p, o in targets) / len(targets) if targets else None,
-        "length": sum(o.length for o in outputs) / len(outputs),
-    }
-    metrics = {k: None if v is None else round(v, 4) for k, v in metrics.items()}
-    return ModelResult(name, kind, about, outputs, metrics, generated - start, time.perf_counter() - generated,
-                       sum(len(o.ids) for o in outputs))
-
-
-def _device(spec: str) -> Any:
-    import torch
-
-    return torch.device(resolve_device(spec))
+        kl = t.kl(model) if same_tok else None
+    scores = _scores(run, outputs, kl, teacher_judge(t.model, scored, batch_size, device), t.outputs)
+    return ModelResult(name, kind, about, outputs, scores, generated - start, time.perf_counter() - generated)
 
 
 def evaluate(params: Params, root: Path, log: Any = print) -> Run:
-    """Evaluate `evaluation.teacher`, the baseline and `evaluation.students`; `log` receives timing lines.
+    """Evaluate `evaluation.teacher`, the context-free and untrained baselines and `evaluation.students`; `log`
+    receives timing lines.
 
     Raises:
         KdError: no `evaluation` section, a student named like a built-in row, or a student not built yet.
@@ -223,40 +253,39 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     cfg = params.evaluation
     if cfg is None:
         raise KdError("params.yaml: no `evaluation` section (teacher, students) to evaluate")
     for name in cfg.students:
-        if name in (TEACHER, BASELINE):
+        if name in ROWS:
             raise KdError(f"evaluation.students: '{name}' is the name of a built-in row of the report; rename the student")
-    reward_model = check(params, root, {TEACHER, BASELINE, *cfg.students})
+    reward_model = feedback.check(params, root, {*ROWS, *cfg.students})
     prompts_path = root / cfg.prompts
-    prompts = load_prompts(prompts_path)
-    run = Run(prompts, cfg.prompts, sha256_text(prompts_path.read_text(encoding="utf-8")), cfg.max_new_tokens,
-              cfg.teacher)
+    prompts = load_prompts(prompts_path, root, cfg.template)
+    run = Run(prompts, cfg.prompts, sha256_text(prompts_path.read_text(encoding="utf-8")), cfg.template,
+              cfg.max_new_tokens, cfg.teacher)
     started = time.perf_counter()
     tcfg = params.teachers[cfg.teacher]
-    device = _device(tcfg.device)
+    device = resolve_device(tcfg.device)
     torch.manual_seed(0)  # greedy decoding draws nothing, but a model's code might; keep it fixed
 
     tmodel, ttok = load_teacher(params, cfg.teacher, root)
     tmodel.to(device)
-    tpath = under(root, tcfg.path)
     prompt_ids = [chat_ids(ttok, p.messages) for p in prompts]
     t0 = time.perf_counter()
-    t = _Teacher(tmodel, ttok, tokenizer_digest(ttok), prompt_ids,
-                 generate(tmodel, ttok, prompt_ids, cfg.max_new_tokens, cfg.batch_size, device, desc="evaluate teacher"))
+    outputs = generate(tmodel, ttok, prompt_ids, cfg.max_new_tokens, cfg.batch_size, device, desc="evaluate teacher")
+    t = TeacherView(tmodel, ttok, prompt_ids, outputs, cfg.batch_size, device)
     generated = time.perf_counter()
-    about = {"teacher": cfg.teacher, "path": tcfg.path, "digest": directory_digest(tpath),
+    about = {"teacher": cfg.teacher, "path": tcfg.path, "digest": directory_digest(under(root, tcfg.path)),
              "dtype": str(tmodel.dtype).removeprefix("torch.")}
     res = _score(TEACHER, "teacher", about, tmodel, ttok, t, run, cfg.batch_size, device)
     res.generate_s = generated - t0
-    _log(log, res)
-    run.results.append(res)
+    run.results.append(_log(log, res))
+    run.results.append(ModelResult(CONTEXT_FREE, "context_free", {"fitted_on": "the evaluated teacher positions"},
+                                   None, [Scores(kl=kl) for kl in t.context_free()]))
 
     # Every model runs in the teacher's dtype: one precision for all rows of the table (a copy of the teacher
-    # then scores KL 0 exactly), and bf16 generation is ~3x faster than float32 on CPU.
+    # then scores KL 0 exactly).
     dtype = tmodel.dtype
     base = cfg.baseline or cfg.students[0]
     bcfg = params.students[base]
@@ -274,11 +303,26 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
         run.results.append(_log(log, _score(name, "student", info, model.to(device), tok, t, run, cfg.batch_size,
                                             device)))
         del model
-    if cfg.reward_model is not None or cfg.judge is not None:
-        del t, tmodel  # a local judge loads its own copy of the teacher: never hold two
-        add_feedback(run, params, root, reward_model, log)
+    del t, tmodel  # the judges and the reward model load what they need: never hold two teachers
+    feedback.add_feedback(run, params, root, reward_model, log)
+    run.comparisons = [compare(run, c.a, c.b, c.claim) for c in cfg.compare]
     run.seconds = time.perf_counter() - started
     return run
+
+
+COMPARED = ("kl", "ok_rate", "rouge_l", "judge")
+
+
+def compare(run: Run, a: list[str], b: list[str], claim: str) -> Comparison:
+    """b against a on the figures that matter for distillation, paired over prompts (and over seeds)."""
+    diffs = {}
+    for metric in COMPARED:
+        parts_a = [run.row(n).parts(metric) for n in a]
+        parts_b = [run.row(n).parts(metric) for n in b]
+        if all(parts_a) and all(parts_b) and len({len(p) for p in parts_a + parts_b}) == 1:
+            point, (lo, hi) = paired_difference(parts_a, parts_b)
+            diffs[metric] = (round(point, 4), (round(lo, 4), round(hi, 4)))
+    return Comparison(a, b, claim, diffs)
 
 
 def _log(log: Any, res: ModelResult) -> ModelResult:
@@ -289,19 +333,19 @@ def _log(log: Any, res: ModelResult) -> ModelResult:
 
 
 def best_agreement(run: Run) -> ModelResult | None:
-    """The non-teacher model closest to the teacher: lowest KL, else highest ROUGE-L when KL is unknown."""
-    rows = [r for r in run.results if r.kind != "teacher"]
-    with_kl = [r for r in rows if r.metrics["kl"] is not None]
+    """The student or baseline closest to the teacher: lowest KL, else highest ROUGE-L when KL is unknown."""
+    rows = [r for r in run.results if r.kind in ("baseline", "student")]
+    with_kl = [r for r in rows if r.value("kl") is not None]
     if with_kl:
-        return min(with_kl, key=lambda r: r.metrics["kl"])
-    return max(rows, key=lambda r: r.metrics["rouge_l"] or 0.0, default=None)
+        return min(with_kl, key=lambda r: r.value("kl"))
+    return max(rows, key=lambda r: r.value("rouge_l") or 0.0, default=None)
 
 
 def summary(run: Run) -> str:
     best = best_agreement(run)
     tail = ""
     if best is not None:
-        kl = best.metrics["kl"]
+        kl = best.value("kl")
         tail = f"; best teacher-agreement: {best.name} " + (f"(KL {kl:.2f})" if kl is not None
-                                                             else f"(ROUGE-L {best.metrics['rouge_l']:.2f})")
-    return f"evaluate: {len(run.results)} models x {len(run.prompts)} prompts in {run.seconds:.0f} s{tail}"
+                                                             else f"(ROUGE-L {best.value('rouge_l'):.2f})")
+    return f"evaluate: {len(run.results)} rows x {len(run.prompts)} prompts in {run.seconds:.0f} s{tail}"

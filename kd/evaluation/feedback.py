@@ -8,7 +8,13 @@
   `against` model's (default: the untrained baseline) on the same prompt, asked in both orders (A/B swapped).
   Two agreeing verdicts are a win or a loss; two ties, or verdicts that follow the position, are a tie; a pair
   with any unusable verdict (unparseable, cut off) is counted apart as unparseable and is not in the rate:
-  win rate = (wins + 0.5 ties) / (wins + ties + losses). Identical answers are ties without asking.
+  win rate = (wins + 0.5 ties) / (wins + ties + losses). Identical answers are ties without asking. The share of
+  pairs whose two orders agreed is the judge's position consistency; below CONSISTENCY_MIN the report shows
+  "judge unreliable" instead of a rate.
+- Sanity set: every judge (the evaluation's, and each likelihood or pairwise judge a dataset uses) and every
+  reward model ranks the teacher's own answer to each held-out prompt against degenerate answers to the same
+  prompt (blank lines, one word repeated, one sentence repeated). One that ranks the degenerate answer first on
+  more than 1 − SANITY_PASS of the pairs fails, and the report says so in its first lines.
 
 Both go through the request cache like kd.elicit (scores are cache entries too, though cheap), so rerunning
 the evaluate stage asks the judge and the reward model nothing new.
@@ -24,16 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.store import RequestCache
-from kd.config import Judge, Params
+from kd.config import Feedback as FeedbackConfig
+from kd.config import Judge, Params, SelfKnowledge
 from kd.errors import KdError
 from kd.evaluation.results import (
     BASELINE,
-    DIGITS,
     REWARD_MAX_LENGTH,
     REWARD_ROW,
+    SANITY_PASS,
+    TEACHER,
     Feedback,
     RewardModelInfo,
     Run,
+    Sanity,
     WinRate,
 )
 from kd.paths import CACHE_DIR, MODELS_DIR
@@ -81,16 +90,93 @@ def check(params: Params, root: Path, rows: set[str]) -> RewardModelInfo | None:
     return None if cfg.reward_model is None else reward_model_info(params, root, cfg.reward_model)
 
 
-def mean_rewards(run: Run, asker: Asker) -> dict[str, tuple[float | None, int]]:
-    """Each model's mean reward over its answers (rounded), and how many answers were scored."""
-    groups = [Group(p.instruction, p.messages, [r.outputs[i].text for r in run.results],
-                    {"file": run.prompts_path, "id": p.id}) for i, p in enumerate(run.prompts)]
-    judged = score_groups(asker, "reward", groups, REWARD_MAX_LENGTH)
-    out = {}
-    for col, r in enumerate(run.results):
-        scores = [s for j in judged if (s := j.scores[col]) is not None]
-        out[r.name] = (round(sum(scores) / len(scores), DIGITS) if scores else None, len(scores))
+def degenerate_variants(answer: str) -> dict[str, str]:
+    """The sanity set's degenerate answers to a prompt, made from a good answer: what greedy decoding of an
+    undertrained model produces."""
+    first = answer.split()[0] if answer.split() else "the"
+    sentence = answer.replace("\n", " ").split(". ")[0].strip().rstrip(".") + "."
+    return {"blank lines": "\n" * 16, "one word repeated": " ".join([first] * 24),
+            "one sentence repeated": " ".join([sentence] * 6)}
+
+
+def _sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
+    """Per held-out prompt whose teacher answer is sound: [teacher's answer, *degenerate variants]."""
+    teacher = run.row(TEACHER)
+    groups, names = [], list(degenerate_variants("x"))
+    for p, o, s in zip(run.prompts, teacher.outputs, teacher.scores, strict=True):
+        if s.stopped and s.degenerate is None:
+            groups.append(Group(p.instruction, list(p.messages), [o.text, *degenerate_variants(o.text).values()],
+                                {"file": run.prompts_path, "id": p.id, "sanity": True}))
+    return groups, names
+
+
+def sanity_of_scores(scorer: str, groups: list[Group], names: list[str], judged: list[Judged]) -> Sanity:
+    """A scoring judge or reward model: the teacher's answer (candidate 0) must score above each variant."""
+    passed = {n: [0, 0] for n in names}
+    for j in judged:
+        good = j.scores[0]
+        for n, bad in zip(names, j.scores[1:], strict=True):
+            passed[n][1] += 1
+            passed[n][0] += good is not None and (bad is None or good > bad)
+    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()})
+
+
+def sanity_of_pairwise(scorer: str, cfg: Judge, root: Path, asker: Asker, groups: list[Group],
+                       names: list[str]) -> Sanity:
+    """A pairwise judge: it must prefer the teacher's answer in both orders (a tie or a flip fails)."""
+    pairs = [Group(g.instruction, g.prompt, [g.texts[0], bad], g.origin) for g in groups for bad in g.texts[1:]]
+    judged, _ = judges.judge(cfg, root, asker, pairs)
+    passed = {n: [0, 0] for n in names}
+    for k, j in enumerate(judged):
+        n = names[k % len(names)]
+        passed[n][1] += 1
+        passed[n][0] += j.failure is None and j.scores[0] > j.scores[1]
+    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()})
+
+
+def _judges_to_check(params: Params) -> dict[str, Judge]:
+    """Every distinct likelihood or pairwise judge the project uses: the evaluation's and the datasets'."""
+    found: dict[str, Judge] = {}
+    for ds in params.datasets.values():
+        judge = ds.judge if isinstance(ds, FeedbackConfig | SelfKnowledge) else None
+        if judge is not None and judge.kind in ("likelihood", "pairwise"):
+            found.setdefault(f"{judge.kind} judge `{judge.teacher}`", judge)
+    ev = params.evaluation
+    # the report's judge column is the evaluation teacher's likelihood judge
+    found.setdefault(f"likelihood judge `{ev.teacher}`", Judge(teacher=ev.teacher, kind="likelihood"))
+    if ev.judge is not None:
+        found.setdefault(f"pairwise judge `{ev.judge.teacher}`", ev.judge)
+    return found
+
+
+def sanity(run: Run, params: Params, root: Path, cache: RequestCache) -> list[Sanity]:
+    """Every judge and the reward model on the sanity set (their answers are cached like any request)."""
+    groups, names = _sanity_groups(run)
+    if not groups:
+        return []
+    cfg = params.evaluation
+    out = []
+    for label, judge in _judges_to_check(params).items():
+        asker = Asker(judge_backend(judge, params, root), cache, f"sanity {label}")
+        if judge.kind == "likelihood":
+            out.append(sanity_of_scores(label, groups, names, score_groups(asker, "loglik", groups, judge.max_length)))
+        else:
+            out.append(sanity_of_pairwise(label, judge, root, asker, groups, names))
+    if cfg.reward_model is not None:
+        asker = Asker(RewardScorer(root / MODELS_DIR / cfg.reward_model, cfg.batch_size), cache, "sanity reward")
+        out.append(sanity_of_scores(f"reward model `{cfg.reward_model}`", groups, names,
+                                    score_groups(asker, "reward", groups, REWARD_MAX_LENGTH)))
     return out
+
+
+def add_rewards(run: Run, asker: Asker) -> None:
+    """Each model's reward for each of its answers (Scores.reward), scored as the reward model was trained."""
+    rows = [r for r in run.results if r.outputs is not None]
+    groups = [Group(p.instruction, list(p.messages), [r.outputs[i].text for r in rows],
+                    {"file": run.prompts_path, "id": p.id}) for i, p in enumerate(run.prompts)]
+    for i, j in enumerate(score_groups(asker, "reward", groups, REWARD_MAX_LENGTH)):
+        for col, r in enumerate(rows):
+            r.scores[i].reward = j.scores[col]
 
 
 def tally(results: list[Judged | None]) -> WinRate:
@@ -101,15 +187,20 @@ def tally(results: list[Judged | None]) -> WinRate:
         if j is None:
             w.ties += 1
             w.identical += 1
+            w.per_prompt.append(0.5)
         elif j.failure is not None:  # kd.runtime.judges: some order's verdict was unusable
             w.unparseable += 1
+            w.per_prompt.append(None)
         elif j.scores[0] > j.scores[1]:
             w.wins += 1
+            w.per_prompt.append(1.0)
         elif j.scores[0] < j.scores[1]:
             w.losses += 1
+            w.per_prompt.append(0.0)
         else:
             w.ties += 1
             w.inconsistent += j.inconsistent
+            w.per_prompt.append(0.5)
     return w
 
 
@@ -118,9 +209,9 @@ def win_rates(run: Run, cfg: Judge, against: str, root: Path, asker: Asker) -> t
 
     All pairs go to the judge in one request list, so a batched teacher answers them together.
     """
-    opponent = next(r for r in run.results if r.name == against)
+    opponent = run.row(against)
     plan: dict[str, list[int | None]] = {}  # student -> per prompt: index into `groups`, None if identical
-    groups: list[judges.Group] = []
+    groups: list[Group] = []
     for r in run.results:
         if r.kind != "student" or r.name == against:
             continue
@@ -130,33 +221,33 @@ def win_rates(run: Run, cfg: Judge, against: str, root: Path, asker: Asker) -> t
                 plan[r.name].append(None)
                 continue
             plan[r.name].append(len(groups))
-            groups.append(judges.Group(p.instruction, p.messages, [mine.text, theirs.text],
-                                       {"file": run.prompts_path, "id": p.id, "model": r.name, "against": against}))
+            groups.append(Group(p.instruction, list(p.messages), [mine.text, theirs.text],
+                                {"file": run.prompts_path, "id": p.id, "model": r.name, "against": against}))
     judged, prompt = judges.judge(cfg, root, asker, groups)
     assert prompt is not None  # a pairwise judge always has its template
     return {name: tally([None if k is None else judged[k] for k in ks]) for name, ks in plan.items()}, prompt
 
 
 def add_feedback(run: Run, params: Params, root: Path, info: RewardModelInfo | None, log: Any = print) -> None:
-    """Score the run's answers with `evaluation.reward_model` and judge them with `evaluation.judge`; the
-    figures go to `run.feedback` and into each row's metrics (so metrics.json and MLflow carry them)."""
+    """Score the run's answers with `evaluation.reward_model`, judge them with `evaluation.judge`, and put every
+    judge and reward model through the sanity set; the figures go to `run.feedback`, `run.sanity` and each row's
+    scores (so metrics.json and MLflow carry them)."""
     cfg = params.evaluation
     cache = RequestCache(root / CACHE_DIR)
     fb = Feedback(reward_model=info)
     if cfg.reward_model is not None:
         asker = Asker(RewardScorer(root / MODELS_DIR / cfg.reward_model, cfg.batch_size), cache, "evaluate reward")
-        fb.rewards = mean_rewards(run, asker)
+        add_rewards(run, asker)
         fb.requests["reward"] = (asker.cached, asker.new)
-        for r in run.results:
-            r.metrics["reward"] = fb.rewards[r.name][0]
     if cfg.judge is not None:
         fb.against, fb.judge = cfg.against or BASELINE, cfg.judge
         asker = Asker(judge_backend(cfg.judge, params, root), cache, "evaluate judge")
         fb.win_rates, fb.template = win_rates(run, cfg.judge, fb.against, root, asker)
         fb.requests["judge"] = (asker.cached, asker.new)
-        for r in run.results:
-            if r.name in fb.win_rates:
-                r.metrics |= fb.win_rates[r.name].metrics()
+    run.sanity = sanity(run, params, root, cache)
     for role, (cached, new) in fb.requests.items():
         log(f"evaluate: {role}: {cached + new} requests ({cached} cached, {new} new)")
+    for s in run.sanity:
+        verdict = "passes" if s.rate >= SANITY_PASS else "FAILS"
+        log(f"evaluate: sanity set: {s.scorer} {verdict} ({s.rate:.0%} of pairs rank the teacher's answer first)")
     run.feedback = fb

@@ -1,7 +1,8 @@
-"""The evaluation's files: DVC metrics and plots, the generations, and report.md (issue 3 §6).
+"""The evaluation's files: DVC metrics and plots, the generations, and report.md.
 
 Everything here is a pure function of the evaluation's results (no times, no dates), so the same models give
-byte-identical files and DVC sees no change.
+byte-identical files and DVC sees no change. The report leads with what a reader must not miss: judges or reward
+models that fail their sanity set, and students that do not distil.
 """
 
 from __future__ import annotations
@@ -12,52 +13,80 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd.evaluation.evaluate import exact_match
-from kd.evaluation.results import BASELINE, METRICS, REWARD_MAX_LENGTH, REWARD_ROW, ModelResult, Run
+from kd.evaluation.results import (
+    BASELINE,
+    CONSISTENCY_MIN,
+    METRICS,
+    OK_RATE,
+    REWARD_MAX_LENGTH,
+    REWARD_ROW,
+    SANITY_PASS,
+    Comparison,
+    ModelResult,
+    Run,
+)
 from kd.paths import DATA_DIR, PLOTS_DIR
 from kd.records import MANIFEST_FILE, atomic_write_text, replace_dir
 from kd.tracking import start_run
 
-LABELS = {
-    "kl": "KL(teacher‖model) ↓",
-    "teacher_logprob": "teacher log-prob ↑",
-    "rouge_l": "ROUGE-L vs teacher ↑",
-    "exact_match": "exact match ↑",
-    "contains_match": "contains ↑",
-    "length": "length (tokens)",
-}
 # Measured against the teacher: the teacher's own row is the reference point, not a contender.
-TEACHER_RELATIVE = ("kl", "teacher_logprob", "rouge_l")
+TEACHER_RELATIVE = ("kl", "rouge_l")
+TABLE = ("kl", "ok_rate", "eos_rate", "judge", "rouge_l", "exact_match", "contains_match", "distinct_2", "length")
 EXAMPLES = 5
 CELL_CHARS = 360
 CURVE_EXTS = (".csv", ".tsv", ".json")
-# Plotted too when present (a reward model / a judge was configured); higher is better for both.
-FEEDBACK_PLOTS = ("reward", "win_rate")
 _MARKDOWN = set("\\`*_[]#|~")
 
 
 def metrics_json(run: Run) -> str:
-    """{model: {metric: value}}, the shape `dvc metrics diff` compares; unknown values are left out. With a
-    reward model, its own figures are one more row, `reward_model`."""
-    out = {r.name: {k: v for k, v in r.metrics.items() if v is not None} for r in run.results}
-    if run.feedback is not None and run.feedback.reward_model is not None:
-        out[REWARD_ROW] = run.feedback.reward_model.metrics()
+    """{row: {metric: value, metric_lo, metric_hi}}, the shape `dvc metrics diff` compares; unknown values are
+    left out. With a reward model, its own figures are one more row; comparisons are `compare.<b>_vs_<a>`."""
+    out: dict[str, Any] = {r.name: r.metrics() for r in run.results}
+    fb = run.feedback
+    if fb is not None and fb.reward_model is not None:
+        out[REWARD_ROW] = fb.reward_model.metrics()
+    if fb is not None:
+        for name, w in fb.win_rates.items():
+            ci = w.interval()
+            out[name] |= {"wins": w.wins, "ties": w.ties, "losses": w.losses, "unparseable": w.unparseable,
+                          "inconsistent": w.inconsistent}
+            if w.consistency is not None:
+                out[name]["judge_consistency"] = round(w.consistency, 4)
+            if w.rate is not None and (w.consistency or 0) >= CONSISTENCY_MIN:
+                out[name]["win_rate"] = round(w.rate, 4)
+                if ci:
+                    out[name]["win_rate_lo"], out[name]["win_rate_hi"] = round(ci[0], 4), round(ci[1], 4)
+    for s in run.sanity:
+        out.setdefault("sanity", {})[s.scorer] = round(s.rate, 4)
+    for c in run.comparisons:
+        out.setdefault("compare", {})[_cmp_name(c)] = {
+            m: {"difference": d, "lo": lo, "hi": hi} for m, (d, (lo, hi)) in c.differences.items()}
     return json.dumps(out, indent=2) + "\n"
 
 
+def _cmp_name(c: Comparison) -> str:
+    return f"{'+'.join(c.b)}_vs_{'+'.join(c.a)}"
+
+
 def generations_jsonl(run: Run) -> str:
-    rows = [{"prompt": p.id, "model": r.name, "text": o.text, "tokens": o.length, "stopped": o.stopped}
-            for r in run.results for p, o in zip(run.prompts, r.outputs, strict=True)]
+    rows = [{"prompt": p.id, "model": r.name, "text": o.text, "tokens": o.length, "stopped": o.stopped,
+             "degenerate": s.degenerate}
+            for r in run.results if r.outputs is not None
+            for p, o, s in zip(run.prompts, r.outputs, r.scores, strict=True)]
     return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
 
 
 def plot_tables(run: Run) -> dict[str, str]:
-    """One CSV per metric across models, for `dvc plots` (x: model, y: the metric)."""
+    """One CSV per metric across rows, for `dvc plots` (x: model, y: the metric, with its interval)."""
     out = {}
-    for metric in (*METRICS, *FEEDBACK_PLOTS):
-        rows = [f"{r.name},{r.metrics[metric]}" for r in run.results if r.metrics.get(metric) is not None]
+    for metric in METRICS:
+        rows = []
+        for r in run.results:
+            v, ci = r.value(metric), r.interval(metric)
+            if v is not None:
+                rows.append(f"{r.name},{v},{ci[0] if ci else ''},{ci[1] if ci else ''}")
         if rows:
-            out[f"{metric}.csv"] = f"model,{metric}\n" + "\n".join(rows) + "\n"
+            out[f"{metric}.csv"] = f"model,{metric},low,high\n" + "\n".join(rows) + "\n"
     return out
 
 
@@ -74,21 +103,29 @@ def training_curves(run: Run, root: Path) -> dict[str, Path]:
 
 
 def _num(metric: str, v: float | None) -> str:
+    return "n/a" if v is None else METRICS[metric].fmt.format(v)
+
+
+def _cell_value(r: ModelResult, metric: str, bold: bool) -> str:
+    v = r.value(metric)
     if v is None:
-        return "n/a"
-    return f"{v:.1f}" if metric == "length" else f"{v:.3f}"
+        return "—"
+    text = _num(metric, v)
+    text = f"**{text}**" if bold else text
+    ci = r.interval(metric)
+    if ci is not None and METRICS[metric].higher is not None and r.kind != "teacher":
+        text += f" [{_num(metric, ci[0])}, {_num(metric, ci[1])}]"
+    return text
 
 
 def _best(run: Run, metric: str) -> set[str]:
-    higher = METRICS[metric]
-    rows = [r for r in run.results if r.metrics[metric] is not None
+    higher = METRICS[metric].higher
+    rows = [r for r in run.results if r.value(metric) is not None
             and not (metric in TEACHER_RELATIVE and r.kind == "teacher")]
-    if higher is None or not rows:
+    if higher is None or len(rows) < 2:
         return set()
-    pick = max if higher else min
-    best = pick(r.metrics[metric] for r in rows)
-    marked = {r.name for r in rows if r.metrics[metric] == best}
-    return marked if len(marked) < len(rows) else set()  # a mark on every row singles nobody out
+    best = (max if higher else min)(r.value(metric) for r in rows)
+    return {r.name for r in rows if r.value(metric) == best}
 
 
 def _cell(text: str) -> str:
@@ -106,30 +143,140 @@ def _table(header: list[str], rows: list[list[str]], align: str = "l") -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in [header, sep, *rows])
 
 
+def warnings(run: Run) -> list[str]:
+    """What must be read first: failed sanity sets, and students that do not distil."""
+    out = []
+    for s in run.sanity:
+        if s.rate < SANITY_PASS:
+            out.append(f"**{s.scorer} FAILS its sanity set**: it ranks the teacher's own answer above a degenerate "
+                       f"one on only {s.rate:.0%} of pairs (needed: {SANITY_PASS:.0%}); do not trust its scores, "
+                       "preferences built with it, or rewards from it.")
+    cf = next((r for r in run.results if r.kind == "context_free"), None)
+    for r in run.results:
+        if r.kind != "student":
+            continue
+        kl, ok = r.value("kl"), r.value("ok_rate")
+        if cf is not None and kl is not None and cf.value("kl") is not None and kl >= cf.value("kl"):
+            out.append(f"**`{r.name}` does not beat the context-free baseline** (KL {kl:.3f} vs {cf.value('kl'):.3f}): "
+                       "it has not learned more from the teacher than one fixed distribution would.")
+        if ok is not None and ok < OK_RATE:
+            out.append(f"**`{r.name}` answers properly on only {ok:.0%} of prompts** (needed: {OK_RATE:.0%}; its "
+                       f"answers end with the end-of-turn token on {r.value('eos_rate'):.0%}).")
+    return out
+
+
 def verdicts(run: Run) -> list[str]:
-    """One line per student: does it beat the baseline on teacher-agreement (KL), and by how much?"""
+    """One line per student: against the context-free and untrained baselines, and whether it answers."""
+    cf = next((r for r in run.results if r.kind == "context_free"), None)
     base = next((r for r in run.results if r.kind == "baseline"), None)
     lines = []
     for r in run.results:
-        if r.kind != "student" or base is None:
+        if r.kind != "student":
             continue
-        a, b = base.metrics["kl"], r.metrics["kl"]
-        if a is None or b is None:
-            ra, rb = base.metrics["rouge_l"], r.metrics["rouge_l"]
-            word = "beats" if rb > ra else "does not beat"
-            lines.append(f"`{r.name}` {word} the baseline on ROUGE-L vs the teacher ({ra:.3f} → {rb:.3f}); "
-                         f"KL not measured (its tokenizer differs from the teacher's)")
-        else:
-            word = "beats" if b < a else "does not beat"
-            lines.append(f"`{r.name}` {word} the baseline on teacher-agreement (KL {a:.2f} → {b:.2f})")
+        kl, ci = r.value("kl"), r.interval("kl")
+        if kl is None:
+            lines.append(f"`{r.name}`: KL not measured (its tokenizer differs from the teacher's); ROUGE-L vs the "
+                         f"teacher {r.value('rouge_l'):.3f}")
+            continue
+        parts = [f"`{r.name}`: KL {kl:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"]
+        for ref, what in ((cf, "the context-free baseline"), (base, "its untrained initialisation")):
+            if ref is not None and ref.value("kl") is not None:
+                word = "beats" if ci[1] < ref.value("kl") else "is not shown to beat"
+                parts.append(f"{word} {what} ({ref.value('kl'):.3f})")
+        ok = r.value("ok_rate")
+        parts.append(f"answers properly on {ok:.0%} of prompts" + (" ✓" if ok >= OK_RATE else " ✗"))
+        lines.append(", ".join(parts))
     return lines
 
 
-def _bars(run: Run, metric: str, width: int = 30) -> str:
-    rows = [(r.name, r.metrics[metric]) for r in run.results if r.metrics[metric] is not None]
-    top = max((abs(v) for _, v in rows), default=0.0) or 1.0
-    pad = max(len(n) for n, _ in rows)
-    return "\n".join(f"{n:<{pad}}  {'█' * round(width * abs(v) / top):<{width}}  {_num(metric, v)}" for n, v in rows)
+def _comparison(c: Comparison) -> list[str]:
+    a, b = ", ".join(f"`{n}`" for n in c.a), ", ".join(f"`{n}`" for n in c.b)
+    over = "prompts" + (f" and {max(len(c.a), len(c.b))} seeds" if max(len(c.a), len(c.b)) > 1 else "")
+    rows = [[METRICS[m].label, f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] for m, (d, (lo, hi)) in c.differences.items()]
+    kl = c.differences.get("kl")
+    if kl is not None and kl[1][1] < 0:
+        verdict = f"**{c.claim}**: {b} is closer to the teacher than {a}, and the 95% interval excludes 0."
+    elif kl is not None and kl[1][0] > 0:
+        verdict = f"The data show the opposite of “{c.claim}”: {a} is closer to the teacher (interval excludes 0)."
+    else:
+        verdict = f"These data do not show that {c.claim}: the 95% interval of the KL difference includes 0."
+    return [f"### {b} against {a}", "", verdict, "",
+            _table(["figure", f"difference ({'b'} − {'a'})", f"95% interval over {over}"], rows, align="r"), ""]
+
+
+def report_md(run: Run, root: Path, curves: list[str]) -> str:
+    students = [r for r in run.results if r.kind == "student"]
+    base = next((r for r in run.results if r.kind == "baseline"), None)
+    targets = [p for p in run.prompts if p.exact_target]
+    asked = (f"asked with the system message of `{run.template}`, as the students were trained" if run.template
+             else "asked as bare instructions")
+    lines = ["# Evaluation report", "",
+             f"The teacher `{run.teacher}`, a context-free baseline, the untrained baseline"
+             + (f" (the initialisation of `{base.about['student']}`)" if base else "")
+             + f" and {len(students)} student(s) on the {len(run.prompts)} held-out prompts of `{run.prompts_path}` "
+             f"(sha256 `{run.prompts_sha256[:16]}`; no generation stage reads them), {asked}; greedy answers of at "
+             f"most {run.max_new_tokens} new tokens.", ""]
+    if w := warnings(run):
+        lines += ["## Read this first", "", *[f"- {x}" for x in w], ""]
+    lines += ["## Results", ""]
+    best = {m: _best(run, m) for m in TABLE}
+    header = ["model"] + [METRICS[m].label + (f" ({len(targets)})" if m in ("exact_match", "contains_match") else "")
+                          for m in TABLE]
+    rows = [[f"`{r.name}`"] + [_cell_value(r, m, r.name in best[m]) for m in TABLE] for r in run.results]
+    lines += [_table(header, rows, align="r"), "",
+              "[95% bootstrap interval over prompts]; best per column in **bold**. KL(teacher‖model): full "
+              "vocabulary, teacher-forced on the teacher's answers, token-weighted mean; `context_free` is the best "
+              "any model ignoring its context can score (the teacher's mean next-token distribution over the very "
+              "positions evaluated). Answered: ends with the end-of-turn token and is not degenerate (empty, the "
+              "same token 6 times in a row, or distinct-2 below 0.4); EOS: ends with the end-of-turn token. Teacher "
+              "judge: the teacher's mean token log-probability of the answer with repeated 4-grams scored at −10, so "
+              "a loop cannot look likely. Exact: the answer's extracted final answer equals the short reference; "
+              f"contains: the reference appears as whole words (both over the {len(targets)} prompts whose "
+              "reference has at most 3 words).", ""]
+    if v := verdicts(run):
+        lines += ["## Verdicts", "", *[f"- {x}" for x in v], ""]
+    if run.comparisons:
+        lines += ["## Comparisons", ""]
+        for c in run.comparisons:
+            lines += _comparison(c)
+    if run.sanity:
+        lines += _sanity(run)
+    if run.feedback is not None:
+        lines += _feedback(run)
+    if targets:
+        gen = [r for r in run.results if r.outputs is not None]
+        cats = sorted({p.category for p in targets}, key=[p.category for p in targets].index)
+        cat_rows = []
+        for c in cats:
+            idx = [i for i, p in enumerate(run.prompts) if p.exact_target and p.category == c]
+            cat_rows.append([c, str(len(idx))] + [f"{sum(bool(r.scores[i].exact) for i in idx)}/{len(idx)}"
+                                                  for r in gen])
+        lines += ["## Exact match by category", "",
+                  _table(["category", "prompts"] + [f"`{r.name}`" for r in gen], cat_rows, align="r"), ""]
+    lines += ["## Plots", "",
+              "`dvc plots show` renders `reports/plots/`: one chart per metric across rows (`<metric>.csv`, with "
+              "the interval's bounds)"
+              + (", and each student's training curve (" + ", ".join(f"`{c}`" for c in curves) + ")" if curves
+                 else "; no student training curves (`plots/<student>.csv`) were found") + ".", ""]
+    lines += ["## What was evaluated", "", "### Models", "",
+              _table(["model", "what", "objective", "training data", "git commit", "MLflow run"],
+                     [_about(r) for r in run.results]), ""]
+    if ds := _datasets(run, root):
+        lines += ["### Datasets (the students' training data)", "",
+                  _table(["dataset", "fingerprint", "current manifest", "used by"], ds), ""]
+    lines += ["## Example generations", "", *_examples(run)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _sanity(run: Run) -> list[str]:
+    names = list(run.sanity[0].passed)
+    rows = [[s.scorer, *[f"{s.passed[n][0]}/{s.passed[n][1]}" for n in names], f"{s.rate:.0%}",
+             "passes" if s.rate >= SANITY_PASS else "**FAILS**"] for s in run.sanity]
+    return ["## Judges and reward models: the sanity set", "",
+            "Each ranks the teacher's own answer to a held-out prompt against degenerate answers to the same prompt "
+            f"(greedy loops of undertrained models); one must rank the teacher's answer first on {SANITY_PASS:.0%} of "
+            "the pairs to be trusted. A pairwise judge must prefer it in both orders.", "",
+            _table(["scorer", *names, "overall", "verdict"], rows), ""]
 
 
 def _about(r: ModelResult) -> list[str]:
@@ -138,6 +285,9 @@ def _about(r: ModelResult) -> list[str]:
     if r.kind == "teacher":
         return [f"`{r.name}`", f"teacher `{a['teacher']}` (`{a['path']}`, {a['dtype']}, digest `{a['digest'][:16]}`)",
                 "—", "—", "—", "—"]
+    if r.kind == "context_free":
+        return [f"`{r.name}`", "one next-token distribution for every position: the teacher's mean over the "
+                               "evaluated positions (an oracle constant)", "—", "—", "—", "—"]
     if r.kind == "baseline":
         init = ", ".join(f"{k}: {v}" for k, v in a["init"].items())
         return [f"`{r.name}`", f"untrained initialisation of `{a['student']}` ({init})", "—", "—", "—", "—"]
@@ -174,72 +324,15 @@ def _examples(run: Run) -> list[str]:
     """~5 prompts spread over the file (so over its categories), each with every model's answer in a row."""
     n = len(run.prompts)
     picks = sorted({round(i * (n - 1) / (EXAMPLES - 1)) for i in range(EXAMPLES)}) if n > 1 else [0]
+    gen = [r for r in run.results if r.outputs is not None]
     out = []
     for i in picks:
         p = run.prompts[i]
         out += [f"### {p.id} · {p.category}", "", f"> {_cell(p.instruction)}", ""]
         if p.reference:
             out += [f"Seed reference: {_cell(p.reference)}", ""]
-        out += [_table([f"`{r.name}`" for r in run.results], [[_cell(r.outputs[i].text) for r in run.results]]), ""]
+        out += [_table([f"`{r.name}`" for r in gen], [[_cell(r.outputs[i].text) for r in gen]]), ""]
     return out
-
-
-def report_md(run: Run, root: Path, curves: list[str]) -> str:
-    students = [r for r in run.results if r.kind == "student"]
-    base = next((r for r in run.results if r.kind == "baseline"), None)
-    targets = [p for p in run.prompts if p.exact_target]
-    lines = [
-        "# Evaluation report",
-        "",
-        f"The teacher `{run.teacher}`, the untrained baseline"
-        + (f" (the initialisation of `{base.about['student']}`)" if base else "")
-        + f" and {len(students)} student(s) answered the {len(run.prompts)} held-out prompts of "
-        f"`{run.prompts_path}` (sha256 `{run.prompts_sha256[:16]}`; no generation stage reads them) greedily, "
-        f"with at most {run.max_new_tokens} new tokens each.",
-        "",
-        "## Results",
-        "",
-    ]
-    best = {m: _best(run, m) for m in METRICS}
-    header = ["model"] + [LABELS[m] + (f" ({len(targets)})" if m in ("exact_match", "contains_match") else "")
-                          for m in METRICS]
-    rows = [[f"`{r.name}`"] + [f"**{_num(m, r.metrics[m])}**" if r.name in best[m] else _num(m, r.metrics[m])
-                               for m in METRICS] for r in run.results]
-    lines += [_table(header, rows, align="r"), "",
-              "Best per column in **bold**. KL, log-prob and ROUGE-L are measured against the teacher, so they rank "
-              "the other models; the teacher's row is the reference point. KL(teacher‖model): full vocabulary, "
-              "teacher-forced on the teacher's answers, mean over their tokens. Teacher log-prob: mean per token "
-              "of each model's own answers under the teacher. Exact match: the answer equals the reference after "
-              "lower-casing and removing punctuation; contains: the reference appears as whole words in the answer "
-              f"(both over the {len(targets)} prompts whose reference has at most 3 words).", ""]
-    if v := verdicts(run):
-        lines += ["## Verdicts", "", *[f"- {x}" for x in v], ""]
-    if run.feedback is not None:
-        lines += _feedback(run)
-    if targets:
-        cats = sorted({p.category for p in targets}, key=[p.category for p in targets].index)
-        cat_rows = []
-        for c in cats:
-            idx = [i for i, p in enumerate(run.prompts) if p.exact_target and p.category == c]
-            cat_rows.append([c, str(len(idx))] + [
-                f"{sum(_exact(run, r, i) for i in idx)}/{len(idx)}" for r in run.results])
-        lines += ["## Exact match by category", "",
-                  _table(["category", "prompts"] + [f"`{r.name}`" for r in run.results], cat_rows, align="r"), ""]
-    lines += ["## Plots", "",
-              "`dvc plots show` renders `reports/plots/`: one chart per metric across models (`<metric>.csv`)"
-              + (", and each student's training curve (" + ", ".join(f"`{c}`" for c in curves) + ")" if curves
-                 else "; no student training curves (`plots/<student>.csv`) were found") + ".", ""]
-    for m in ("kl", "rouge_l"):
-        if any(r.metrics[m] is not None for r in run.results):
-            lines += [f"{LABELS[m]}", "", "```text", _bars(run, m), "```", ""]
-    lines += ["## What was evaluated", "", "### Models", "",
-              _table(["model", "what", "objective", "training data", "git commit", "MLflow run"],
-                     [_about(r) for r in run.results]), ""]
-    if ds := _datasets(run, root):
-        lines += ["### Datasets (the students' training data)", "",
-                  _table(["dataset", "fingerprint", "current manifest", "used by"], ds), ""]
-    lines += ["## Example generations", "", *_examples(run)]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 def _feedback(run: Run) -> list[str]:
@@ -247,42 +340,40 @@ def _feedback(run: Run) -> list[str]:
     fb = run.feedback
     lines = []
     if fb.reward_model is not None:
-        rm, n = fb.reward_model, len(run.prompts)
+        rm = fb.reward_model
         train = "" if rm.accuracy_train is None else f"; {rm.accuracy_train:.3f} on its training pairs"
-        top = max((m for m, _ in fb.rewards.values() if m is not None), default=None)
-        rows = [[f"`{r.name}`", "n/a" if m is None else f"**{m:.3f}**" if m == top else f"{m:.3f}",
-                 f"{k}/{n}"] for r in run.results for m, k in [fb.rewards[r.name]]]
+        rows = [[f"`{r.name}`", _cell_value(r, "reward", False), f"{len(r.parts('reward'))}/{len(run.prompts)}"]
+                for r in run.results if r.outputs is not None]
         lines += ["## Reward model", "",
                   f"`{rm.name}` (`models/{rm.name}`): held-out pair accuracy **{rm.accuracy:.3f}** over "
-                  f"{rm.pairs_held_out} pairs (chance = 0.5{train}). It prefers the chosen answer of that share of "
-                  "preference pairs it never trained on; the rewards below mean little when it is near chance.", "",
-                  _table(["model", "mean reward ↑", "answers scored"], rows, align="r"), "",
+                  f"{rm.pairs_held_out} pairs (chance = 0.5{train}). The rewards below mean little when it is near "
+                  "chance or fails the sanity set.", "",
+                  _table(["model", "mean reward ↑ [95% interval]", "answers scored"], rows, align="r"), "",
                   "Mean reward: the reward model's score of each model's answer to each held-out prompt (prompt + "
-                  "answer through its chat template, as it was trained), averaged over the answers scored (longer "
-                  f"than {REWARD_MAX_LENGTH} tokens: not scored). Scores only compare within one reward model; best "
-                  "in **bold**.", ""]
+                  f"answer through its chat template, as it was trained; longer than {REWARD_MAX_LENGTH} tokens: not "
+                  "scored). Scores only compare within one reward model.", ""]
     if fb.judge is not None:
         who = "the untrained baseline" if fb.against == BASELINE else f"`{fb.against}`"
-        rows = [[f"`{name}`", "n/a" if w.rate is None else f"{w.rate:.3f}", str(w.wins), str(w.ties),
-                 str(w.losses), str(w.unparseable), str(w.inconsistent), str(w.identical)]
-                for name, w in fb.win_rates.items()]
+        rows = []
+        for name, w in fb.win_rates.items():
+            reliable = w.consistency is not None and w.consistency >= CONSISTENCY_MIN
+            ci = w.interval()
+            rate = ("judge unreliable" if not reliable else "n/a" if w.rate is None else
+                    f"{w.rate:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            cons = "—" if w.consistency is None else f"{w.consistency:.0%}"
+            rows.append([f"`{name}`", rate, cons, str(w.wins), str(w.ties), str(w.losses), str(w.unparseable),
+                         str(w.identical)])
         lines += [f"## Win rate against {who}", "",
-                  f"The judge, teacher `{fb.judge.teacher}`, compared each student's answer with {who}'s on each held-out "
-                  f"prompt, with `{fb.template.path}` (sha256 `{fb.template.sha256[:16]}`), asked in both orders "
-                  "(A/B swapped) because judges favour a position.", "",
-                  _table(["student", "win rate ↑", "wins", "ties", "losses", "unparseable", "inconsistent",
+                  f"The judge, teacher `{fb.judge.teacher}`, compared each student's answer with {who}'s on each "
+                  f"held-out prompt, with `{fb.template.path}` (sha256 `{fb.template.sha256[:16]}`), asked in both "
+                  "orders (A/B swapped) because judges favour a position.", "",
+                  _table(["student", "win rate ↑", "consistency", "wins", "ties", "losses", "unparseable",
                           "identical"], rows, align="r"), "",
-                  "A win or a loss needs both verdicts to agree; two ties, or two verdicts that disagree "
-                  "(*inconsistent*: the judge followed the position), are a tie, and so are identical answers "
-                  "(*identical*, never asked). Win rate = (wins + 0.5 ties) / (wins + ties + losses); a pair whose "
-                  "verdicts were unusable (*unparseable*: off-format, or cut off at `sampling.max_tokens`) is neither a "
-                  "win nor a loss and is left out.",
-                  ""]
+                  "A win or a loss needs both verdicts to agree; two ties, or two verdicts that disagree, are a tie, "
+                  "and so are identical answers (never asked). Consistency: the share of asked pairs whose two "
+                  f"orders agreed; below {CONSISTENCY_MIN:.0%} the judge follows the position more than the answers "
+                  "and its win rate is not shown. Win rate = (wins + 0.5 ties) / (wins + ties + losses).", ""]
     return lines
-
-
-def _exact(run: Run, r: ModelResult, i: int) -> bool:
-    return exact_match(r.outputs[i].text, run.prompts[i].reference)
 
 
 def write_reports(run: Run, out_dir: Path, root: Path) -> list[Path]:
@@ -308,13 +399,17 @@ def write_reports(run: Run, out_dir: Path, root: Path) -> list[Path]:
 
 
 def metrics_for_mlflow(run: Run) -> dict[str, float]:
-    """`<model>.<metric>` -> value (MLflow takes flat keys), plus the wall times the reports leave out."""
-    out = {f"{r.name}.{k}": v for r in run.results for k, v in r.metrics.items() if v is not None}
+    """`<row>.<metric>` -> value (MLflow takes flat keys), plus the wall times the reports leave out."""
+    out: dict[str, float] = {}
+    for row, values in json.loads(metrics_json(run)).items():
+        if row in ("sanity", "compare"):
+            continue
+        out |= {f"{row}.{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+    for s in run.sanity:
+        out[f"sanity.{s.scorer.split('`')[0].strip().replace(' ', '_')}"] = round(s.rate, 4)
     for r in run.results:
         out |= {f"{r.name}.generate_s": round(r.generate_s, 2), f"{r.name}.score_s": round(r.score_s, 2)}
     if run.feedback is not None:
-        if run.feedback.reward_model is not None:
-            out |= {f"{REWARD_ROW}.{k}": v for k, v in run.feedback.reward_model.metrics().items()}
         for role, (cached, new) in run.feedback.requests.items():
             out |= {f"{role}.requests_cached": cached, f"{role}.requests_new": new}
     return out | {"seconds": round(run.seconds, 2)}

@@ -141,3 +141,16 @@ def frozen_init(init: Init, params: Params, root: Path, dtype: Any, seed: int, k
     model, _ = init_student(init, params, root, dtype=dtype, seed=seed, key=key)
     model.eval().requires_grad_(False)
     return model
+
+
+def freeze(model: Any, layers: int, key: str) -> None:
+    """Stop training the input embeddings (an LM head tied to them with them) and the bottom `layers`
+    transformer layers; 0 freezes nothing."""
+    if not layers:
+        return
+    stack = model.base_model.layers
+    if layers > len(stack):
+        raise KdError(f"{key}: {layers} is more layers than the model has ({len(stack)})")
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in stack[:layers]:
+        layer.requires_grad_(False)

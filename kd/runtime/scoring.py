@@ -13,17 +13,39 @@ from kd.errors import KdError
 from kd.runtime.ask import Asker, Call
 from kd.runtime.local import LocalTeacher
 from kd.runtime.models import directory_digest
+from kd.runtime.quality import repeats
 from kd.runtime.tokenize import encode
 
 SCORE_DIGITS = 6  # scores are rounded so float noise below this never changes a record's bytes
 
 
 def score_call(asker: Asker, kind: str, prompt: list[dict[str, str]], completion: str, max_length: int) -> Call:
-    """A white-box scoring request: the conversation prompt, the completion, and the token budget."""
+    """A white-box scoring request: the conversation prompt, the completion, and the token budget. A `loglik`
+    request names the judge score it asks for, so a change of the score never reuses old cached answers."""
     identity = asker.teacher.identity
     request = {"kind": kind, "backend": identity["backend"], "teacher": identity, "messages": prompt,
                "completion": completion, "max_length": max_length}
+    if kind == "loglik":
+        request["score"] = JUDGE_SCORE
     return Call(request_key(request), request, None)
+
+
+JUDGE_SCORE = "mean_logprob_repeat_floor_v1"
+REPEAT_FLOOR = -10.0  # the log-probability a token that repeats a 4-gram of its own answer is scored at
+
+
+def judge_score(token_logprobs: list[float], ids: list[int]) -> float:
+    """The likelihood judge's score of a completion: its mean token log-probability under the teacher, with every
+    token that completes a 4-gram already seen in the completion scored at REPEAT_FLOOR.
+
+    A plain mean rewards loops: once a model repeats itself, each next repetition is very likely, and blank lines
+    scored −2.5 against −7.9 for real answers. The floor makes a loop the least likely thing a judge can see,
+    while ordinary text (which rarely repeats a 4-gram) keeps its plain mean; an empty completion scores the floor.
+    """
+    if not token_logprobs:
+        return REPEAT_FLOOR
+    floored = [REPEAT_FLOOR if r else lp for lp, r in zip(token_logprobs, repeats(ids), strict=True)]
+    return sum(floored) / len(floored)
 
 
 def _encode_all(tok: Any, items: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, tuple[list[int], int]], list]:
@@ -87,7 +109,7 @@ class LoglikScorer:
         for key, n in too_long:
             on_result(key, _too_long(n))
         for batch in _length_sorted_batches(encoded, self.batch_size):
-            means = mean_logprobs(model, [encoded[k] for k in batch], pad, self.teacher.device)
+            means = judge_scores(model, [encoded[k] for k in batch], pad, self.teacher.device)
             for key, mean in zip(batch, means, strict=True):
                 on_result(key, {"text": "", "finish_reason": "stop", "score": round(mean, SCORE_DIGITS),
                                 "usage": {"prompt_tokens": len(encoded[key][0]), "completion_tokens": 0}})
@@ -131,12 +153,12 @@ def choice_call(asker: Asker, messages: list[dict[str, str]], options: tuple[str
     return Call(request_key(request), request, None)
 
 
-def mean_logprobs(model: Any, rows: list[tuple[list[int], int]], pad: int, device: Any) -> list[float]:
-    """Mean log-probability of each row's completion tokens `ids[start:]` under a causal LM, teacher-forced.
+def judge_scores(model: Any, rows: list[tuple[list[int], int]], pad: int, device: Any) -> list[float]:
+    """`judge_score` of each row's completion tokens `ids[start:]` under a causal LM, teacher-forced.
 
     One batch, right-padded; logits only from the earliest completion on; log_softmax in float32 whatever
-    dtype the model runs in. The likelihood judge and the RL students' teacher reward both call this, so a
-    reward in training is the score the judge gives.
+    dtype the model runs in. The likelihood judge, the evaluation's judge column and the RL students' teacher
+    reward all call this, so a reward in training is the score the judge gives.
 
     Args:
         rows: (token ids, completion start) per sequence, as `kd.runtime.tokenize.encode` returns them.
@@ -154,7 +176,7 @@ def mean_logprobs(model: Any, rows: list[tuple[list[int], int]], pad: int, devic
         pos = slice(start - 1 - first, len(row_ids) - 1 - first)
         logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
         target = torch.tensor(row_ids[start:], device=logp.device)
-        out.append(logp.gather(-1, target[:, None]).mean().item())
+        out.append(judge_score(logp.gather(-1, target[:, None])[:, 0].tolist(), row_ids[start:]))
     return out
 
 

@@ -1,4 +1,5 @@
-"""The real default pipeline on the embedded teacher, at minimal sizes, through `dvc repro`."""
+"""The real pipeline on the embedded teacher, at minimal sizes, through `dvc repro`: the survey profile, which is
+the default recipe (instructions, sft, logits, SFT and KD students, evaluation) plus every other stage kind."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from conftest import copy_project
 
 pytestmark = pytest.mark.slow
 EVAL_PROMPTS = 4
+STAGES = ("teacher", "instructions", "topics_qa", "sft", "sft_logits", "student_sft", "student_fkl", "student_jsd",
+          "prefs", "self_r1", "reward", "student_dpo", "student_r1", "evaluate")
 
 
 def sh(project: Path, *cmd: str) -> subprocess.CompletedProcess:
@@ -27,6 +30,7 @@ def sh(project: Path, *cmd: str) -> subprocess.CompletedProcess:
 
 
 def shrink(project: Path) -> None:
+    shutil.copy(project / "profiles/survey.yaml", project / "params.yaml")
     p = yaml.safe_load((project / "params.yaml").read_text())
     ds = p["datasets"]
     ds["instructions"].update(target=3, per_round=3, max_rounds=2)
@@ -37,9 +41,10 @@ def shrink(project: Path) -> None:
                                                    {"dataset": "instructions"}])
     ds["sft"]["sampling"]["max_tokens"] = 16
     ds["sft_logits"].update(max_length=96)
-    ds["prefs"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 6}], candidates=3)
+    ds["prefs"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 6}], candidates=3, allow_truncated=True)
     ds["prefs"]["sampling"]["max_tokens"] = 8
-    ds["self_r1"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 3}], samples=2, threshold=-100.0)
+    ds["self_r1"].update(inputs=[{"seeds": "seeds/instructions.jsonl", "limit": 3}], samples=2, threshold=-100.0,
+                         allow_truncated=True)
     ds["self_r1"]["sampling"]["max_tokens"] = 8
     for model in [*p["students"].values(), *p["reward_models"].values()]:
         model["training"].update(max_steps=2, batch_size=2, max_length=96)
@@ -60,14 +65,14 @@ def summary(stdout: str, name: str) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "profiles", project / "profiles")
     shrink(project)
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
     sh(project, sys.executable, "-m", "kd.cli", "pipeline", "--write")  # shrink() changed what stages read
     sh(project, sys.executable, "-m", "kd.cli", "check")
     r = sh(project, "dvc", "repro")
-    for name in ("teacher", "instructions", "topics_qa", "sft", "sft_logits", "student_sft", "student_fkl",
-                 "student_jsd", "prefs", "self_r1", "reward", "student_dpo", "student_r1", "evaluate"):
+    for name in STAGES:
         assert f"Running stage '{name}'" in r.stdout
     return project
 

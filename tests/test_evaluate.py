@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,8 @@ from conftest import REPO, copy_project
 
 from kd.config import load_params
 from kd.errors import KdError
-from kd.evaluation.evaluate import contains_match, evaluate, exact_match, normalise, summary, token_kl
+from kd.evaluation.evaluate import TeacherView, contains_match, evaluate, exact_match, normalise, summary
 from kd.evaluation.report import write_reports
-from kd.evaluation.results import METRICS
 
 FP = {"sft": "ab" * 32, "sft_logits": "cd" * 32}
 EVAL_IDS = ("eval-001", "eval-004", "eval-013", "eval-023")  # 3 short references, 1 long (code)
@@ -70,40 +70,56 @@ def result(project: Path):
     return run
 
 
-def metrics(project: Path) -> dict:
-    return json.loads((project / "reports/metrics.json").read_text())
+def metrics(project: Path, out: str = "reports") -> dict:
+    return json.loads((project / out / "metrics.json").read_text())
 
 
 def test_copy_of_teacher_agrees_exactly(project, result):
     m = metrics(project)
     assert m["student_same"]["kl"] == 0.0
     assert m["student_same"]["rouge_l"] == 1.0
-    assert m["student_same"]["teacher_logprob"] == m["teacher"]["teacher_logprob"]
-    assert m["student_same"]["length"] == m["teacher"]["length"]
+    for k in ("judge", "length", "ok_rate", "eos_rate", "distinct_2"):
+        assert m["student_same"][k] == m["teacher"][k]
 
 
-def test_different_models_have_positive_kl(project, result):
+def test_different_models_have_positive_kl_and_the_context_free_row_generates_nothing(project, result):
     m = metrics(project)
-    assert m["student_other"]["kl"] > 0 and m["baseline"]["kl"] > 0
-    assert summary(result).startswith("evaluate: 4 models x 4 prompts in ")
+    assert m["student_other"]["kl"] > 0 and m["baseline"]["kl"] > 0 and m["context_free"]["kl"] > 0
+    assert set(m["context_free"]) == {"kl", "kl_lo", "kl_hi"}
+    assert result.row("context_free").outputs is None
+    assert summary(result).startswith("evaluate: 5 rows x 4 prompts in ")
     assert summary(result).endswith("best teacher-agreement: student_same (KL 0.00)")
 
 
-def test_kl_matches_a_direct_float64_computation(tiny_model_dir, project):
+def test_kl_and_the_context_free_kl_match_direct_float64_computations(project, result):
     import torch
     from transformers import AutoModelForCausalLM
 
     t = AutoModelForCausalLM.from_pretrained(project / "models/teacher").eval()
     s = AutoModelForCausalLM.from_pretrained(project / "models/student_other").eval()
-    seqs = [([1, 2, 3, 4], [5, 6, 7]), ([8, 9], [10, 11, 12, 13])]
+    teacher = result.row("teacher")
+    tv = TeacherView(t, None, [chat_ids_of(project, p) for p in result.prompts], teacher.outputs, 3, "cpu")
     with torch.no_grad():
-        want, n = 0.0, 0
-        for p, c in seqs:
-            ids = torch.tensor([p + c])
+        lts, kl, n = [], 0.0, 0
+        for p, o in zip(tv.prompt_ids, teacher.outputs, strict=True):
+            ids = torch.tensor([p + o.ids])
             lt, ls = (torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].double(), -1) for m in (t, s))
-            want += (lt.exp() * (lt - ls)).sum().item()
-            n += len(c)
-    assert token_kl(t, s, seqs, batch_size=2, device="cpu") == pytest.approx(want / n, rel=1e-4)
+            lts.append(lt)
+            kl += (lt.exp() * (lt - ls)).sum().item()
+            n += len(o.ids)
+        mean = torch.cat(lts).exp().mean(0).log()
+        cf = sum((lt.exp() * (lt - mean)).sum().item() for lt in lts) / n
+    assert sum(x for x, _ in tv.kl(s)) / n == pytest.approx(kl / n, rel=1e-4)
+    assert result.row("student_other").value("kl") == pytest.approx(kl / n, abs=1e-4)
+    assert result.row("context_free").value("kl") == pytest.approx(cf, abs=1e-4)
+
+
+def chat_ids_of(project: Path, prompt) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from kd.evaluation.evaluate import chat_ids
+
+    return chat_ids(AutoTokenizer.from_pretrained(project / "models/teacher"), prompt.messages)
 
 
 @pytest.mark.parametrize(("answer", "reference", "exact", "contains"), [
@@ -111,16 +127,19 @@ def test_kl_matches_a_direct_float64_computation(tiny_model_dir, project):
     (" **56.** ", "56", True, True),
     ("`12`", "12", True, True),
     ("AU", "Au", True, True),
-    ("1,969", "1969", True, True),  # punctuation is deleted, not turned into a space
+    ("1,969", "1969", True, True),  # thousands separators are not a different number
     ("Merci beaucoup !", "Merci beaucoup.", True, True),
-    ("The answer is 56.", "56", False, True),
-    ("The symbol for gold is Au.", "Au", False, True),
+    ("The answer is 56.", "56", True, True),  # the extracted final answer, not the whole text
+    ("7 x 8: first 7 x 4 = 28, then 28 x 2 = 56.", "56", True, True),
+    ("7 x 8 = 54, so the answer is 54.", "56", False, False),
+    ("The answer is: Au", "Au", True, True),
+    ("The symbol for gold is Au.", "Au", False, True),  # states no answer; only `contains` sees it
     ("560", "56", False, False),  # whole words only
     ("Gaul", "Au", False, False),
     ("", "56", False, False),
     ("", "", False, False),  # an empty reference matches nothing
 ])
-def test_exact_match_normalisation(answer, reference, exact, contains):
+def test_exact_match_compares_the_extracted_final_answer(answer, reference, exact, contains):
     assert exact_match(answer, reference) is exact
     assert contains_match(answer, reference) is contains
 
@@ -129,24 +148,45 @@ def test_normalise():
     assert normalise("  Hello,\n  World!  ") == "hello world"
 
 
-def test_metrics_json_shape(project, result):
+def test_metrics_json_shape_with_intervals(project, result):
     m = metrics(project)
-    assert list(m) == ["teacher", "baseline", "student_same", "student_other"]
-    for row in m.values():
-        assert set(row) == set(METRICS) and all(isinstance(v, float) for v in row.values())
+    assert list(m)[:5] == ["teacher", "context_free", "baseline", "student_same", "student_other"]
+    for name in ("baseline", "student_same", "student_other"):
+        row = m[name]
+        assert {"kl", "ok_rate", "eos_rate", "judge", "rouge_l", "distinct_2", "length"} <= set(row)
+        for k in ("kl", "ok_rate", "judge", "rouge_l"):
+            assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"], (name, k, row)
     assert m["teacher"]["kl"] == 0.0 and m["teacher"]["rouge_l"] == 1.0
-    plots = sorted(p.name for p in (project / "reports/plots").iterdir())
-    assert plots == sorted(f"{k}.csv" for k in METRICS)
-    assert (project / "reports/plots/kl.csv").read_text().splitlines()[0] == "model,kl"
+    assert "likelihood judge `smollm2`" in m["sanity"]
+    plots = {p.name for p in (project / "reports/plots").iterdir()}
+    assert {"kl.csv", "ok_rate.csv", "judge.csv"} <= plots
+    assert (project / "reports/plots/kl.csv").read_text().splitlines()[0] == "model,kl,low,high"
 
 
-def test_report_names_every_model_and_fingerprint(project, result):
+def test_report_names_every_model_fingerprint_and_verdict(project, result):
     text = (project / "reports/report.md").read_text()
-    for name in ("teacher", "baseline", "student_same", "student_other", FP["sft"], FP["sft_logits"], "run-student_same"):
+    for name in ("teacher", "context_free", "baseline", "student_same", "student_other", FP["sft"], FP["sft_logits"],
+                 "run-student_same"):
         assert name in text
-    assert "`student_same` beats the baseline on teacher-agreement (KL " in text
+    assert "`student_same`: KL 0.000 [0.000, 0.000], beats the context-free baseline" in text
     assert "## Exact match by category" in text and "| math | 1 |" in text
+    assert "## Judges and reward models: the sanity set" in text
     assert text.count("### eval-") == 4  # ~5 examples, capped by the 4 prompts
+    # the tiny random students loop: the report says so before anything else
+    first = text.split("## Results")[0]
+    assert "## Read this first" in first and "`student_other` answers properly on only" in first
+
+
+def test_degenerate_answers_are_counted_and_flagged(project, result):
+    for r in result.results:
+        if r.outputs is None:
+            continue
+        for o, s in zip(r.outputs, r.scores, strict=True):
+            assert s.stopped is o.stopped and s.length == o.length
+            if not o.text:
+                assert s.degenerate == "empty"
+    ok = result.row("student_other").value("ok_rate")
+    assert ok == sum(s.stopped and s.degenerate is None for s in result.row("student_other").scores) / 4
 
 
 def test_stage_is_deterministic_and_logs_one_mlflow_run(project, result):
@@ -159,7 +199,7 @@ def test_stage_is_deterministic_and_logs_one_mlflow_run(project, result):
     proc = subprocess.run([sys.executable, "stages/evaluate.py", "--out", "reports2"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("evaluate: 4 models x 4 prompts in ")
+    assert proc.stdout.strip().splitlines()[-1].startswith("evaluate: 5 rows x 4 prompts in ")
     after = {p.relative_to(project / "reports2"): p.read_bytes()
              for p in sorted((project / "reports2").rglob("*")) if p.is_file()}
     assert after == before
@@ -172,15 +212,30 @@ def test_stage_is_deterministic_and_logs_one_mlflow_run(project, result):
 
 def test_student_named_like_a_report_row_is_rejected(project):
     params = load_params(project)
-    params = params.model_copy(update={"evaluation": params.evaluation.model_copy(update={"students": ["teacher"]})})
-    with pytest.raises(KdError, match="built-in row"):
-        evaluate(params, project)
+    for row in ("teacher", "context_free"):
+        params = params.model_copy(update={"evaluation": params.evaluation.model_copy(update={"students": [row]})})
+        with pytest.raises(KdError, match="built-in row"):
+            evaluate(params, project)
+
+
+def test_comparison_states_the_claim_only_when_the_interval_excludes_zero(project, result):
+    from kd.evaluation.evaluate import compare
+    from kd.evaluation.report import report_md
+
+    better = compare(result, ["student_other"], ["student_same"], "copies help")  # KL 0 vs > 0 on every prompt
+    lo, hi = better.differences["kl"][1]
+    assert better.differences["kl"][0] < 0 and hi < 0
+    same = compare(result, ["student_same"], ["student_same"], "nothing helps")
+    assert same.differences["kl"] == (0.0, (0.0, 0.0))
+    text = report_md(replace(result, comparisons=[better, same]), project, [])
+    assert "**copies help**" in text
+    assert "These data do not show that nothing helps" in text
 
 
 # --- feedback figures: reward model and pairwise judge (kd/eval_feedback.py) -------------------------------
 
 RM_METRICS = {"accuracy": 0.75, "pairs_held_out": 12, "accuracy_train": 0.9375}
-NEW_KEYS = {"reward", "win_rate", "wins", "ties", "losses", "unparseable", "inconsistent"}
+NEW_KEYS = {"reward", "win_rate", "wins", "ties", "losses", "unparseable", "inconsistent", "judge_consistency"}
 
 
 def _reward_dir(tiny_model_dir: Path, out: Path) -> None:
@@ -223,22 +278,23 @@ def fb_result(project: Path, fb_params: str, result):
 def test_feedback_adds_its_keys_and_changes_nothing_else(project, result, fb_result):
     base = metrics(project)
     m = json.loads((project / "reports_fb/metrics.json").read_text())
-    assert list(m) == [*base, "reward_model"]
+    assert [k for k in m if k not in ("sanity", "compare")] == [*[k for k in base if k != "sanity"], "reward_model"]
     assert m["reward_model"] == RM_METRICS
     for name, row in base.items():
-        assert {k: v for k, v in m[name].items() if k not in NEW_KEYS} == row  # generation is unchanged
-        assert isinstance(m[name]["reward"], float)
+        if name == "sanity":
+            continue
+        assert {k: v for k, v in m[name].items() if not k.startswith(tuple(NEW_KEYS))} == row  # generation unchanged
+        if name != "context_free":
+            assert isinstance(m[name]["reward"], float) and m[name]["reward_lo"] <= m[name]["reward"]
     for name in ("student_same", "student_other"):  # 4 prompts, each judged, identical or unparseable
         w = m[name]
         assert w["wins"] + w["ties"] + w["losses"] + w["unparseable"] == 4
-        assert w.get("win_rate") == (round((w["wins"] + 0.5 * w["ties"]) / (4 - w["unparseable"]), 4)
-                                     if w["unparseable"] < 4 else None)
-    for name in ("teacher", "baseline"):  # only students have a win rate
-        assert set(m[name]) - set(METRICS) == {"reward"}
-    # evaluation without reward_model/judge: no new keys at all (the existing test pins the exact shape)
+        shown = w.get("judge_consistency", 0) >= 0.75 and w["unparseable"] < 4
+        assert ("win_rate" in w) == shown
+    # every judge and the reward model went through the sanity set
+    assert {"likelihood judge `smollm2`", "pairwise judge `smollm2`", "reward model `rm`"} <= set(m["sanity"])
     assert not any(NEW_KEYS & set(row) for row in base.values()) and "reward_model" not in base
-    plots = {p.name for p in (project / "reports_fb/plots").iterdir()}
-    assert "reward.csv" in plots and ("win_rate.csv" in plots) == any("win_rate" in m[s] for s in base)
+    assert "reward.csv" in {p.name for p in (project / "reports_fb/plots").iterdir()}
 
 
 def test_mean_reward_is_the_reward_scorers_mean(project, fb_result):
@@ -246,12 +302,13 @@ def test_mean_reward_is_the_reward_scorers_mean(project, fb_result):
 
     run, _ = fb_result
     m = json.loads((project / "reports_fb/metrics.json").read_text())
-    items = [(f"{r.name}/{i}", {"messages": p.messages, "completion": o.text, "max_length": 2048})
-             for r in run.results for i, (p, o) in enumerate(zip(run.prompts, r.outputs, strict=True))]
+    rows = [r for r in run.results if r.outputs is not None]
+    items = [(f"{r.name}/{i}", {"messages": list(p.messages), "completion": o.text, "max_length": 2048})
+             for r in rows for i, (p, o) in enumerate(zip(run.prompts, r.outputs, strict=True))]
     scores: dict[str, float] = {}
     RewardScorer(project / "models/rm", batch_size=3).generate(
         items, lambda key, response: scores.__setitem__(key, response["score"]))
-    for r in run.results:
+    for r in rows:
         mine = [v for k, v in scores.items() if k.startswith(f"{r.name}/")]
         assert m[r.name]["reward"] == round(sum(mine) / len(run.prompts), 4)
     assert m["teacher"]["reward"] == m["student_same"]["reward"]  # same answers, same reward
@@ -265,22 +322,24 @@ def test_feedback_section_in_report_and_mlflow_keys(project, fb_result):
     assert "## Reward model" in text and "held-out pair accuracy **0.750** over 12 pairs (chance = 0.5" in text
     assert "## Win rate against the untrained baseline" in text and "prompts/feedback/pairwise.jinja" in text
     assert "| `student_other` |" in text.split("## Win rate")[1]
+    assert "| reward model `rm` |" in text.split("## Judges and reward models")[1]
     assert "## Reward model" not in (project / "reports/report.md").read_text()
     flat = metrics_for_mlflow(run)
     assert flat["reward_model.accuracy"] == 0.75 and "student_other.wins" in flat and "teacher.reward" in flat
     assert flat["judge.requests_new"] == run.feedback.requests["judge"][1]
     assert any(line.startswith("evaluate: judge: ") for line in logs)
+    assert any(line.startswith("evaluate: sanity set: reward model `rm`") for line in logs)
 
 
 def test_rerun_asks_the_judge_and_reward_model_nothing_new(project, fb_params, fb_result):
-    from dataclasses import replace
-
     from kd.evaluation.feedback import add_feedback, reward_model_info
+    from kd.evaluation.results import Scores
 
     run, _ = fb_result
     # the same answers, as a second `evaluate` generates them (greedy), before any feedback figure
-    again = replace(run, feedback=None, results=[replace(r, metrics={k: r.metrics[k] for k in METRICS})
-                                                 for r in run.results])
+    again = replace(run, feedback=None, sanity=[], results=[
+        replace(r, scores=[replace(s, reward=None) for s in r.scores]) for r in run.results])
+    assert all(isinstance(s, Scores) for r in again.results for s in r.scores)
     params = load_params(project, fb_params)
     add_feedback(again, params, project, reward_model_info(params, project, "rm"), log=lambda _: None)
     cached, new = again.feedback.requests["judge"]
@@ -310,19 +369,22 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
     from fake_openai import FakeOpenAI
 
     from kd.config import Judge, OpenAITeacher
-    from kd.evaluation.evaluate import EvalPrompt, ModelResult, Output, Run
     from kd.evaluation.feedback import add_feedback
+    from kd.evaluation.report import metrics_json
+    from kd.evaluation.results import EvalPrompt, ModelResult, Output, Run, Scores
 
     pairs = [("win 1", "lose 1"), ("win 2", "lose 2"), ("lose 3", "win 3"), ("even 4", "even four"),
              ("biased 5", "biased five"), ("garbage 6", "fine 6"), ("same", "same")]
 
     def row(name: str, kind: str, texts: list[str]) -> ModelResult:
-        return ModelResult(name, kind, {}, [Output([1], True, t) for t in texts], {})
+        # answers that did not end: the sanity set (teacher answers that ended) stays empty here
+        return ModelResult(name, kind, {}, [Output([1], False, t) for t in texts], [Scores(stopped=False) for _ in texts])
 
     def make_run() -> Run:
-        prompts = [EvalPrompt(f"p{i}", "c", f"Question {i}?", "") for i in range(len(pairs))]
+        prompts = [EvalPrompt(f"p{i}", "c", f"Question {i}?", "", ({"role": "user", "content": f"Question {i}?"},))
+                   for i in range(len(pairs))]
         mine, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
-        return Run(prompts, "seeds/eval_prompts.jsonl", "0" * 64, 8, "smollm2",
+        return Run(prompts, "seeds/eval_prompts.jsonl", "0" * 64, None, 8, "smollm2",
                    [row("teacher", "teacher", theirs), row("baseline", "baseline", theirs),
                     row("s", "student", mine), row("copycat", "student", theirs)])
 
@@ -343,11 +405,26 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
         assert server.received == 12 and again.feedback.requests["judge"] == (12, 0)
     w = run.feedback.win_rates["s"]
     assert (w.wins, w.ties, w.losses, w.unparseable, w.inconsistent, w.identical) == (2, 3, 1, 1, 1, 1)
-    assert run.results[2].metrics == {"win_rate": round(3.5 / 6, 4), "wins": 2, "ties": 3, "losses": 1,
-                                      "unparseable": 1, "inconsistent": 1}
-    assert run.results[3].metrics["win_rate"] == 0.5 and run.results[3].metrics["ties"] == 7  # all identical
-    assert run.results[1].metrics == {} and run.feedback.against == "baseline"
-    assert again.results[2].metrics == run.results[2].metrics
+    assert w.per_prompt == [1.0, 1.0, 0.0, 0.5, 0.5, None, 0.5] and w.consistency == 4 / 5
+    m = json.loads(metrics_json(run))
+    assert m["s"] == {"win_rate": round(3.5 / 6, 4), "win_rate_lo": m["s"]["win_rate_lo"],
+                           "win_rate_hi": m["s"]["win_rate_hi"], "wins": 2, "ties": 3, "losses": 1,
+                           "unparseable": 1, "inconsistent": 1, "judge_consistency": 0.8, "ok_rate": 0.0,
+                           "eos_rate": 0.0, "ok_rate_lo": 0.0, "ok_rate_hi": 0.0, "eos_rate_lo": 0.0,
+                           "eos_rate_hi": 0.0}
+    assert m["copycat"]["ties"] == 7 and "judge_consistency" not in m["copycat"]  # all identical: never asked
+    assert "wins" not in m["baseline"] and run.feedback.against == "baseline"
+    assert again.feedback.win_rates["s"] == run.feedback.win_rates["s"]
+
+
+def test_a_judge_that_follows_the_position_is_shown_unreliable(project, result):
+    from kd.evaluation.report import metrics_json
+    from kd.evaluation.results import Feedback, WinRate
+
+    biased = WinRate(wins=0, ties=4, losses=0, inconsistent=4, per_prompt=[0.5] * 4)
+    fb = Feedback(judge=load_params(project).evaluation.judge, against="baseline", win_rates={"student_other": biased})
+    assert biased.consistency == 0.0
+    assert "win_rate" not in json.loads(metrics_json(replace(result, feedback=fb)))["student_other"]
 
 
 def test_feedback_config_mistakes_fail_before_generating(project, fb_params):

@@ -23,6 +23,7 @@ from kd.prompts import declared_variables, load_prompt
 from kd.records import read_jsonl
 from kd.runtime import judges
 from kd.runtime.judges import parse_rubric, parse_verdict
+from kd.runtime.scoring import REPEAT_FLOOR
 
 ASPECTS = ["helpfulness", "honesty"]
 
@@ -328,8 +329,14 @@ def test_likelihood_judge_scores_mean_token_logprob(tmp_path: Path, tiny_model_d
         ids, start = encode(tok, {"prompt": rec["prompt"], "completion": cand["completion"]}, 10**9)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-        mean = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start)
-        assert cand["score"] == pytest.approx(mean, abs=1e-4)
+        # the mean token log-probability, a token repeating a 4-gram of the candidate scored at the floor
+        seen, total = set(), 0.0
+        for t in range(start, len(ids)):
+            gram = tuple(ids[max(start, t - 3):t + 1])
+            total += REPEAT_FLOOR if len(gram) == 4 and gram in seen else logp[t - 1, ids[t]].item()
+            if len(gram) == 4:
+                seen.add(gram)
+        assert cand["score"] == pytest.approx(total / (len(ids) - start), abs=1e-4)
 
 
 def test_logprob_pairwise_verdicts_need_no_parsing(tmp_path: Path, tiny_model_dir: Path,

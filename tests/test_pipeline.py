@@ -82,3 +82,19 @@ def test_a_missing_or_broken_template_fails_check_with_its_key(project: Path, ed
         path.write_text("{# vars: instruction #}{% block user %}{{ instruction }{% endblock %}")
     code, out = kd(project, "check")
     assert code == 2 and "prompts/labeling/explain.jinja" in out and "Traceback" not in out
+
+
+def test_check_warns_about_combinations_that_cannot_show_distillation(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["students"]["student_fkl"]["kd"]["divergence"] = "jsd"  # from the untrained slice
+    params["evaluation"].pop("template")
+    params["evaluation"].pop("compare")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    kd(project, "pipeline", "--write")
+    code, out = kd(project, "check")
+    assert code == 0  # warnings, not errors: the build may still run
+    assert "kd: warning: students.student_fkl.init: jsd from an untrained from_teacher student" in out
+    assert "kd: warning: evaluation.template: the students were trained with the system message of " \
+           "prompts/labeling/explain.jinja" in out
+    assert "kd: warning: evaluation.compare: several students but no comparison" in out
+    assert "kd: warning" not in kd(REPO, "check")[1]  # the shipped recipe has nothing to warn about

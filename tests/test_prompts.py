@@ -20,12 +20,20 @@ def write(root: Path, name: str, text: str) -> str:
     return name
 
 
-def test_every_shipped_template_declares_exactly_what_it_uses():
-    # load_prompt raises if a template uses an undeclared variable or declares one its method lacks
-    params = load_params(REPO)
+def test_every_shipped_template_declares_exactly_what_it_uses(tmp_path):
+    # load_prompt raises if a template uses an undeclared variable or declares one its method lacks; the shipped
+    # params files (the default recipe and the profiles) between them use every template
+    import shutil
+
     used = set()
-    for name, cfg in params.datasets.items():
-        used |= set(dataset_reads(name, cfg, params, REPO)["templates"])
+    for i, file in enumerate([REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]):
+        root = tmp_path / str(i)
+        for d in ("prompts", "seeds"):
+            shutil.copytree(REPO / d, root / d)
+        shutil.copy(file, root / "params.yaml")
+        params = load_params(root)
+        for name, cfg in params.datasets.items():
+            used |= set(dataset_reads(name, cfg, params, root)["templates"])
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "prompts").rglob("*.jinja")}
     # the plain alternative to explain.jinja, and the text judges (the default recipe judges by likelihood);
     # tests/test_feedback.py loads the judge templates with their method's variables

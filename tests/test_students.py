@@ -178,3 +178,40 @@ def test_dvc_stage_lists_what_the_student_reads(tmp_path: Path, tiny_model_dir: 
     # a teacher's batch_size or device does not change the student: only its path (and dtype when run online)
     assert stage["params"] == ["students.s", "teachers.tiny.path", "teachers.tiny.dtype"]
     assert stage["outs"] == ["models/s"]
+
+
+def test_sft_on_kds_loop_differs_from_kd_only_in_its_loss(tmp_path: Path, tiny_model_dir: Path, monkeypatch,
+                                                          tracking: str) -> None:
+    # the default recipe's comparison: `loop: kd` runs SFT in the KD objective's own loop, so an SFT student and
+    # a KD student whose loss is all cross-entropy (ce_weight 1) are the same model, bit for bit
+    from safetensors.torch import load_file
+
+    students = {"sft": student("sft", loop="kd"),
+                "kd_ce": student("kd", logits="sft_logits", kd={"divergence": "forward_kl", "ce_weight": 1.0}),
+                "kd": student("kd", logits="sft_logits")}
+    root = make_student_project(tmp_path, tiny_model_dir, students)
+    monkeypatch.chdir(root)
+    for name in students:
+        _train(root, name)
+    weights = {n: load_file(root / "models" / n / "model.safetensors") for n in students}
+    assert all(torch.equal(v, weights["kd_ce"][k]) for k, v in weights["sft"].items())
+    assert any(not torch.equal(v, weights["kd"][k]) for k, v in weights["sft"].items())  # the soft targets matter
+
+
+def test_frozen_layers_and_embeddings_stay_the_teachers(tmp_path: Path, tiny_model_dir: Path, monkeypatch,
+                                                         tracking: str) -> None:
+    from safetensors.torch import load_file
+
+    spec = student("kd", logits="sft_logits", init={"kind": "from_teacher", "teacher": "tiny", "layers": [0, 1]},
+                   training={"freeze_layers": 1})
+    root = make_student_project(tmp_path, tiny_model_dir, {"s": spec})
+    monkeypatch.chdir(root)
+    _train(root, "s")
+    teacher, trained = load_file(tiny_model_dir / "model.safetensors"), load_file(root / "models/s/model.safetensors")
+    for key, value in trained.items():
+        frozen = key.startswith(("model.embed_tokens", "model.layers.0.", "lm_head"))
+        assert torch.equal(value, teacher[key]) == frozen, key
+    bad = make_student_project(tmp_path / "bad", tiny_model_dir, {"s": student("kd", logits="sft_logits",
+                                                                                training={"freeze_layers": 5})})
+    with pytest.raises(KdError, match=r"students\.s\.training\.freeze_layers: 5 is more layers than the model has"):
+        _train(bad, "s")

@@ -6,9 +6,10 @@ the students were trained (`evaluation.template`: the training template's system
   teacher-forced, in float32 (the quantity KD minimises); the `context_free` row is the best a model that ignores
   its context can do: one distribution, the teacher's mean next-token distribution over the evaluated positions;
 - whether the answer ends with the end-of-turn token, and whether it is degenerate (empty, or looping:
-  kd.runtime.quality), its distinct-2 and longest repeated run;
+  kd.runtime.quality), its distinct-2 and longest repeated run (generation stops a row once it repeats one
+  token RUN times: its answer is degenerate whatever follows);
 - the teacher's judge score of the answer: its mean token log-probability with repeated 4-grams scored at a
-  floor (kd.runtime.scoring.judge_score), so a loop cannot look likely;
+  floor (kd.runtime.scoring.judge_score), so a loop cannot look likely (a degenerate answer scores the floor);
 - ROUGE-L F1 against the teacher's answer; exact match of the extracted final answer against short seed
   references, and whether the reference appears as whole words;
 - the answer's length in tokens (the end-of-turn token not counted).
@@ -57,8 +58,8 @@ from kd.runtime.init import init_student
 from kd.runtime.local import generate_ids
 from kd.runtime.models import directory_digest, load_teacher, read_info
 from kd.runtime.novelty import rouge_l, words
-from kd.runtime.quality import degeneracy, distinct_n, final_answer, longest_run
-from kd.runtime.scoring import judge_scores
+from kd.runtime.quality import RUN, degeneracy, distinct_n, final_answer, longest_run
+from kd.runtime.scoring import REPEAT_FLOOR, judge_scores
 from kd.runtime.tokenize import encode, tokenizer_digest
 
 VARIABLES = ("instruction", "category")  # what `evaluation.template` may use, as a labeling template
@@ -134,8 +135,9 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     with _progress(len(prompts), desc) as bar:
         for s in range(0, len(order), batch_size):
             rows = order[s:s + batch_size]
+            # a row stuck repeating one token is degenerate whatever follows: it does not hold the batch
             for i, (ids, stopped) in zip(rows, generate_ids(model, tok, [prompts[i] for i in rows], max_new_tokens,
-                                                            device), strict=True):
+                                                            device, stop_loops=RUN), strict=True):
                 text = tok.decode(ids[:-1] if stopped else ids, skip_special_tokens=True).strip()
                 out[i] = Output(ids, stopped, text)
             bar.update(len(rows))
@@ -166,9 +168,16 @@ def _vocab(model: Any) -> int:
 
 
 def teacher_judge(teacher: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, device: Any) -> list[float]:
-    """The teacher's judge score of each (prompt ids, completion ids), as the likelihood judge scores it."""
-    rows = [(p + c, len(p)) for p, c in seqs]
-    return [s for i in range(0, len(rows), batch_size) for s in judge_scores(teacher, rows[i:i + batch_size], 0, device)]
+    """The teacher's judge score of each (prompt ids, completion ids), as the likelihood judge scores it; batches
+    of similar lengths, so little of the forward passes goes to padding."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]) + len(seqs[i][1]), i))
+    out: list[float] = [0.0] * len(seqs)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        for i, score in zip(rows, judge_scores(teacher, [(seqs[i][0] + seqs[i][1], len(seqs[i][0])) for i in rows],
+                                               0, device), strict=True):
+            out[i] = score
+    return out
 
 
 class TeacherView:
@@ -177,23 +186,27 @@ class TeacherView:
     def __init__(self, model: Any, tok: Any, prompt_ids: list[list[int]], outputs: list[Output], batch_size: int,
                  device: Any) -> None:
         self.model, self.tok, self.prompt_ids, self.outputs = model, tok, prompt_ids, outputs
-        self.digest = tokenizer_digest(tok)
+        self.digest = tokenizer_digest(tok) if tok is not None else None
         self.seqs = [(p, o.ids) for p, o in zip(prompt_ids, outputs, strict=True)]
-        self.batch_size, self.device = batch_size, device
-        self.logprobs: list[Any] = []
-        for s in range(0, len(self.seqs), batch_size):
-            self.logprobs += completion_logprobs(model, self.seqs[s:s + batch_size], _vocab(model), device)
+        self.device = device
+        # batches of similar lengths, so little of each forward pass goes to padding
+        order = sorted(range(len(self.seqs)), key=lambda i: (len(self.seqs[i][0]) + len(self.seqs[i][1]), i))
+        self.batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        self.logprobs: list[Any] = [None] * len(self.seqs)
+        for rows in self.batches:
+            for i, lp in zip(rows, completion_logprobs(model, [self.seqs[i] for i in rows], _vocab(model), device),
+                             strict=True):
+                self.logprobs[i] = lp
 
     def kl(self, model: Any) -> list[tuple[float, int]]:
         """Per prompt, (Σ over the teacher's answer tokens of KL(teacher ‖ model), tokens)."""
         vocab = min(_vocab(self.model), _vocab(model))  # rows past the tokenizer's last id never occur
-        out = []
-        for s in range(0, len(self.seqs), self.batch_size):
-            batch = self.seqs[s:s + self.batch_size]
-            for t, m in zip(self.logprobs[s:s + self.batch_size],
-                            completion_logprobs(model, batch, vocab, self.device), strict=True):
-                t = t[:, :vocab]
-                out.append(((t.exp() * (t - m)).sum().item(), t.shape[0]))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(self.seqs)
+        for rows in self.batches:
+            for i, m in zip(rows, completion_logprobs(model, [self.seqs[i] for i in rows], vocab, self.device),
+                            strict=True):
+                t = self.logprobs[i][:, :vocab]
+                out[i] = ((t.exp() * (t - m)).sum().item(), t.shape[0])
         return out
 
     def context_free(self) -> list[tuple[float, int]]:
@@ -239,7 +252,10 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
         kl: list[tuple[float, int]] | None = [(0.0, len(o.ids)) for o in t.outputs]
     else:
         kl = t.kl(model) if same_tok else None
-    scores = _scores(run, outputs, kl, teacher_judge(t.model, scored, batch_size, device), t.outputs)
+    # A degenerate answer scores the judge's floor without a forward pass (it is what the floor is for).
+    sound = [i for i, o in enumerate(outputs) if o.text and degeneracy(o.ids[:-1] if o.stopped else o.ids) is None]
+    judged = dict(zip(sound, teacher_judge(t.model, [scored[i] for i in sound], batch_size, device), strict=True))
+    scores = _scores(run, outputs, kl, [judged.get(i, REPEAT_FLOOR) for i in range(len(outputs))], t.outputs)
     return ModelResult(name, kind, about, outputs, scores, generated - start, time.perf_counter() - generated)
 
 

@@ -13,7 +13,7 @@
   "judge unreliable" instead of a rate.
 - Sanity set: every judge (the evaluation's, and each likelihood or pairwise judge a dataset uses) and every
   reward model ranks the teacher's own answer to each held-out prompt against degenerate answers to the same
-  prompt (blank lines, one word repeated, one sentence repeated). One that ranks the degenerate answer first on
+  prompt (empty, one word repeated, one sentence repeated). One that ranks the degenerate answer first on
   more than 1 − SANITY_PASS of the pairs fails, and the report says so in its first lines.
 
 Both go through the request cache like kd.elicit (scores are cache entries too, though cheap), so rerunning
@@ -95,8 +95,7 @@ def degenerate_variants(answer: str) -> dict[str, str]:
     undertrained model produces."""
     first = answer.split()[0] if answer.split() else "the"
     sentence = answer.replace("\n", " ").split(". ")[0].strip().rstrip(".") + "."
-    return {"blank lines": "\n" * 16, "one word repeated": " ".join([first] * 24),
-            "one sentence repeated": " ".join([sentence] * 6)}
+    return {"empty": "", "one word repeated": " ".join([first] * 24), "one sentence repeated": " ".join([sentence] * 6)}
 
 
 def _sanity_groups(run: Run) -> tuple[list[Group], list[str]]:

@@ -230,7 +230,7 @@ def report_md(run: Run, root: Path, curves: list[str]) -> str:
               "positions evaluated). Answered: ends with the end-of-turn token and is not degenerate (empty, the "
               "same token 6 times in a row, or distinct-2 below 0.4); EOS: ends with the end-of-turn token. Teacher "
               "judge: the teacher's mean token log-probability of the answer with repeated 4-grams scored at −10, so "
-              "a loop cannot look likely. Exact: the answer's extracted final answer equals the short reference; "
+              "a loop cannot look likely (a degenerate answer scores −10 outright). Exact: the answer's extracted final answer equals the short reference; "
               f"contains: the reference appears as whole words (both over the {len(targets)} prompts whose "
               "reference has at most 3 words).", ""]
     if v := verdicts(run):

@@ -6,24 +6,60 @@ and dvc.yaml against the stage graph params.yaml gives (kd.pipeline.spec).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
 
-from kd.config import load_params
+from kd.config import Labeling, Params, load_params
+from kd.config.students import FromConfig, FromTeacher
 from kd.errors import KdError
 from kd.paths import DVC_FILE
 from kd.pipeline.spec import dataset_reads, differences, dvc_data
 from kd.records import load_seeds
 
+MODE_SEEKING = ("reverse_kl", "jsd", "skew_reverse_kl")
+
+
+def warnings(params: Params) -> list[str]:
+    """Combinations that validate but cannot show distillation, each naming the key to change."""
+    out = []
+    for name, st in params.students.items():
+        untrained = isinstance(st.init, FromTeacher | FromConfig)
+        if untrained and (st.objective == "on_policy" or (st.objective == "kd" and st.kd.divergence in MODE_SEEKING)):
+            what = "on-policy KD" if st.objective == "on_policy" else f"{st.kd.divergence}"
+            out.append(f"students.{name}.init: {what} from an untrained {st.init.kind} student barely learns (the "
+                       f"gradient vanishes where the student puts no mass on the teacher's tokens); start it from an "
+                       f"SFT student, `init: {{kind: from_pretrained, path: models/<sft student>}}`, as GKD and "
+                       f"MiniLLM do")
+    ev = params.evaluation
+    if params.students and ev is None:
+        out.append("evaluation: students are trained but nothing evaluates them; add an `evaluation` section "
+                   "(held-out prompts, the teacher, the students)")
+    if ev is not None:
+        for name in params.students:
+            if name not in ev.students:
+                out.append(f"evaluation.students: `{name}` is trained but not evaluated")
+        system = {params.datasets[d].template for n in ev.students for d in params.students[n].datasets
+                  if isinstance(params.datasets[d], Labeling) and params.datasets[d].keep_system}
+        if system and ev.template is None:
+            out.append(f"evaluation.template: the students were trained with the system message of "
+                       f"{', '.join(sorted(system))} but are asked bare instructions; set evaluation.template to it")
+        if len(ev.students) > 1 and not ev.compare:
+            out.append("evaluation.compare: several students but no comparison; without one the report shows no "
+                       "interval for their difference")
+    return out
+
 
 def check(root: Path) -> str:
-    """The one-line verdict when all is well.
+    """The one-line verdict when all is well; warnings (kd.pipeline.check.warnings) go to stderr.
 
     Raises:
         KdError: one line per problem, each naming the params key, file or stage at fault.
     """
     params = load_params(root)
+    for w in warnings(params):
+        print(f"kd: warning: {w}", file=sys.stderr)
     problems: list[str] = []
     templates: set[str] = set()
     for name, cfg in params.datasets.items():

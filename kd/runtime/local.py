@@ -119,12 +119,17 @@ def eos_ids(model: Any, tok: Any) -> set[int]:
 
 
 def generate_ids(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, device: Any,
-                 stop: list[str] | tuple[str, ...] = (), processors: Any = None) -> list[tuple[list[int], bool]]:
+                 stop: list[str] | tuple[str, ...] = (), processors: Any = None,
+                 stop_loops: int | None = None) -> list[tuple[list[int], bool]]:
     """One left-padded generate() call (greedy unless `processors` sample); shared with kd.evaluation.evaluate.
+
+    Args:
+        stop_loops: stop a row once its last this-many new tokens are one token repeated (its answer is
+            degenerate whatever would follow), so a looping model does not hold its batch to `max_new_tokens`.
 
     Returns:
         per prompt, its new token ids up to and including the first end-of-turn id, and whether it ended
-        there (False: cut at `max_new_tokens`, or at a stop string, which the caller cuts from the text).
+        there (False: cut at `max_new_tokens`, at a loop, or at a stop string, which the caller cuts from the text).
     """
     import torch
     from transformers import GenerationConfig
@@ -139,15 +144,43 @@ def generate_ids(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens:
     ends = eos_ids(model, tok)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                            eos_token_id=sorted(ends), stop_strings=list(stop) or None)
+    loops = _loop_stop(width, stop_loops) if stop_loops else None
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
-                             logits_processor=processors, tokenizer=tok if stop else None)
+                             logits_processor=processors, tokenizer=tok if stop else None,
+                             stopping_criteria=[loops] if loops else None)
     rows = []
     for row in range(len(prompts)):
         new = out[row, width:].tolist()
         cut = next((n for n, t in enumerate(new) if t in ends), None)
-        rows.append((new, False) if cut is None else (new[:cut + 1], True))
+        if cut is not None and (loops is None or row not in loops.at or cut < loops.at[row]):
+            rows.append((new[:cut + 1], True))
+        else:
+            rows.append((new[:loops.at[row]] if loops and row in loops.at else new, False))
     return rows
+
+
+def _loop_stop(width: int, run: int) -> Any:
+    import torch
+    from transformers import StoppingCriteria
+
+    class LoopStop(StoppingCriteria):
+        """Marks a row done once its last `run` new tokens are one token repeated; `at[row]`: its length then."""
+
+        def __init__(self) -> None:
+            self.at: dict[int, int] = {}
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            new = input_ids[:, width:]
+            if new.shape[1] < run:
+                return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+            tail = new[:, -run:]
+            done = (tail == tail[:, :1]).all(-1)
+            for r in done.nonzero().flatten().tolist():
+                self.at.setdefault(r, new.shape[1])
+            return done
+
+    return LoopStop()
 
 
 class _PerRequestSampler:

@@ -48,17 +48,24 @@ def judge_score(token_logprobs: list[float], ids: list[int]) -> float:
     return sum(floored) / len(floored)
 
 
-def _encode_all(tok: Any, items: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, tuple[list[int], int]], list]:
-    """Token ids (chat template, teacher-forced) and completion start per key; over-long ones set aside."""
-    encoded, too_long = {}, []
+def _encode_all(tok: Any, items: list[tuple[str, dict[str, Any]]]
+                ) -> tuple[dict[str, tuple[list[int], int]], list[tuple[str, dict[str, Any]]]]:
+    """Token ids (chat template, teacher-forced) and completion start per key; the answers of those that cannot
+    be scored (over-long, or a text the chat template cannot place after its prompt) are given back at once."""
+    encoded, unscored = {}, []
     for key, req in items:
         record = {"prompt": req["messages"], "completion": [{"role": "assistant", "content": req["completion"]}]}
-        ids, start = encode(tok, record, 10**9)
+        try:
+            ids, start = encode(tok, record, 10**9)
+        except KdError:  # e.g. leading newlines that merge with the template's own into one token
+            unscored.append((key, {"text": "", "finish_reason": "unencodable",
+                                   "usage": {"prompt_tokens": 0, "completion_tokens": 0}}))
+            continue
         if len(ids) > req["max_length"]:
-            too_long.append((key, len(ids)))  # a mean over a cut-off candidate would judge another text
+            unscored.append((key, _too_long(len(ids))))  # a mean over a cut-off candidate would judge another text
         else:
             encoded[key] = (ids, start)
-    return encoded, too_long
+    return encoded, unscored
 
 
 def _length_sorted_batches(encoded: dict[str, tuple[list[int], int]], size: int) -> list[list[str]]:
@@ -105,9 +112,14 @@ class LoglikScorer:
         choices = [(k, r) for k, r in items if r.get("kind") == "choice"]
         if choices:
             self._choose(model, tok, pad, choices, on_result)
-        encoded, too_long = _encode_all(tok, [(k, r) for k, r in items if r.get("kind") != "choice"])
-        for key, n in too_long:
-            on_result(key, _too_long(n))
+        scored = [(k, r) for k, r in items if r.get("kind") != "choice"]
+        for key, req in scored:
+            if not req["completion"].strip():  # nothing said: the floor, without asking
+                on_result(key, {"text": "", "finish_reason": "stop", "score": REPEAT_FLOOR,
+                                "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
+        encoded, unscored = _encode_all(tok, [(k, r) for k, r in scored if r["completion"].strip()])
+        for key, answer in unscored:
+            on_result(key, answer)
         for batch in _length_sorted_batches(encoded, self.batch_size):
             means = judge_scores(model, [encoded[k] for k in batch], pad, self.teacher.device)
             for key, mean in zip(batch, means, strict=True):
@@ -237,9 +249,9 @@ class RewardScorer:
             return
         if self._model is None:
             self._model, self._tok = load_reward_model(self.path)
-        encoded, too_long = _encode_all(self._tok, items)
-        for key, n in too_long:
-            on_result(key, _too_long(n))
+        encoded, unscored = _encode_all(self._tok, items)
+        for key, answer in unscored:
+            on_result(key, answer)
         for batch in _length_sorted_batches(encoded, self.batch_size):
             scores = reward_scores(self._model, [encoded[k][0] for k in batch])
             for key, score in zip(batch, scores, strict=True):

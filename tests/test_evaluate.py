@@ -21,6 +21,7 @@ from kd.evaluation.evaluate import TeacherView, contains_match, evaluate, exact_
 from kd.evaluation.report import write_reports
 
 FP = {"sft": "ab" * 32, "sft_logits": "cd" * 32}
+NEWLINE = 198  # "\n" in the teacher's tokenizer
 EVAL_IDS = ("eval-001", "eval-004", "eval-013", "eval-023")  # 3 short references, 1 long (code)
 
 
@@ -44,8 +45,16 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     root = copy_project(tmp_path_factory.mktemp("eval") / "project")
     rows = [r for r in map(json.loads, (REPO / "seeds/eval_prompts.jsonl").read_text().splitlines()) if r["id"] in EVAL_IDS]
     (root / "seeds/eval_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shutil.copytree(tiny_model_dir, root / "models/teacher")
-    _student_dir(tiny_model_dir, root / "models/student_same", "student_same")
+    # A random model greedily emits newlines forever; without the newline token the tiny teacher emits one word
+    # on repeat, which is no loop yet within max_new_tokens < quality.RUN: sound answers for the sanity set.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight[NEWLINE] = 0
+    teacher.save_pretrained(root / "models/teacher")
+    for f in tiny_model_dir.iterdir():  # the tokenizer and its chat template
+        if not (root / "models/teacher" / f.name).exists():
+            shutil.copy(f, root / "models/teacher")
+    _student_dir(root / "models/teacher", root / "models/student_same", "student_same")
     torch.manual_seed(1)
     other = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     _student_dir(tiny_model_dir, root / "models/student_other", "student_other")
@@ -58,7 +67,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     params["students"] = {name: {"init": tiny_init, "objective": "kd", "datasets": ["sft"], "logits": "sft_logits"}
                           for name in ("student_same", "student_other")}
     params["evaluation"] = {"prompts": "seeds/eval_prompts.jsonl", "teacher": "smollm2",
-                            "students": ["student_same", "student_other"], "max_new_tokens": 6, "batch_size": 3}
+                            "students": ["student_same", "student_other"], "max_new_tokens": 5, "batch_size": 3}  # < quality.RUN: the tiny teacher loops, but not yet
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -206,7 +215,7 @@ def test_stage_is_deterministic_and_logs_one_mlflow_run(project, result):
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.metrics["student_same.kl"] == 0.0 and "baseline.generate_s" in run.data.metrics
-    assert run.data.tags["dvc_stage"] == "evaluate" and run.data.params["evaluation.max_new_tokens"] == "6"
+    assert run.data.tags["dvc_stage"] == "evaluate" and run.data.params["evaluation.max_new_tokens"] == "5"
     assert run.data.params["models.student_other.mlflow_run_id"] == "run-student_other"
 
 
@@ -259,6 +268,8 @@ def fb_params(project: Path, tiny_model_dir: Path) -> str:
     """params_fb.yaml: the same evaluation plus a reward model and the tiny teacher as a pairwise judge."""
     _reward_dir(tiny_model_dir, project / "models/rm")
     params = yaml.safe_load((project / "params.yaml").read_text())
+    survey = yaml.safe_load((REPO / "profiles/survey.yaml").read_text())
+    params["datasets"]["prefs"] = survey["datasets"]["prefs"] | {"generator": "smollm2"}
     params["reward_models"] = {"rm": {"init": params["students"]["student_same"]["init"], "datasets": ["prefs"]}}
     params["evaluation"] |= {"reward_model": "rm", "judge": {
         "teacher": "smollm2", "kind": "pairwise", "template": "prompts/feedback/pairwise.jinja",
@@ -377,8 +388,9 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
              ("biased 5", "biased five"), ("garbage 6", "fine 6"), ("same", "same")]
 
     def row(name: str, kind: str, texts: list[str]) -> ModelResult:
-        # answers that did not end: the sanity set (teacher answers that ended) stays empty here
-        return ModelResult(name, kind, {}, [Output([1], False, t) for t in texts], [Scores(stopped=False) for _ in texts])
+        # answers marked degenerate: the sanity set (sound teacher answers) stays empty here
+        return ModelResult(name, kind, {}, [Output([1], False, t) for t in texts],
+                           [Scores(stopped=False, degenerate="repetition") for _ in texts])
 
     def make_run() -> Run:
         prompts = [EvalPrompt(f"p{i}", "c", f"Question {i}?", "", ({"role": "user", "content": f"Question {i}?"},))
@@ -432,12 +444,13 @@ def test_feedback_config_mistakes_fail_before_generating(project, fb_params):
 
     params = load_params(project, fb_params)
     ev = params.evaluation
-    assert check(params, project, {"teacher", "baseline", *ev.students}).accuracy == 0.75
-    with pytest.raises(KdError, match="rename the student"):
-        check(params, project, {"teacher", "baseline", "reward_model"})
+    assert check(params, project).accuracy == 0.75
+    clash = params.model_copy(update={"evaluation": ev.model_copy(update={"students": ["reward_model"]})})
+    with pytest.raises(KdError, match="'reward_model' is the name of a built-in row of the report; rename the student"):
+        evaluate(clash, project, log=lambda _: None)
     away = params.model_copy(update={"evaluation": ev.model_copy(update={"against": "student_x"})})
     with pytest.raises(KdError, match="evaluation.against: 'student_x' is not in evaluation.students"):
-        check(away, project, set())
+        check(away, project)
     missing = params.model_copy(update={"evaluation": ev.model_copy(update={"reward_model": "nope"})})
     with pytest.raises(KdError, match="models/nope is not built"):
-        check(missing, project, set())
+        check(missing, project)

@@ -24,6 +24,8 @@ from kd.runtime.scoring import REPEAT_FLOOR, judge_score
     ("I am sure. " * 6, "repetition"),
     ("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and then 13.", None),  # long but never repeating
     ("7 multiplied by 8 equals 56.", None),
+    ("Results\n----------------\n**Bold**, then a rule:\n****************", None),  # layout, not a loop
+    ("!!!!!! " * 6, "repetition"),
     ("Take a break. Take a walk. Take a nap. Then go back to work and finish the report today.", None),
 ])
 def test_degeneracy_of_texts(text: str, why: str | None) -> None:

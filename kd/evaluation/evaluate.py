@@ -275,7 +275,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     for name in cfg.students:
         if name in ROWS:
             raise KdError(f"evaluation.students: '{name}' is the name of a built-in row of the report; rename the student")
-    reward_model = feedback.check(params, root, {*ROWS, *cfg.students})
+    reward_model = feedback.check(params, root)
     prompts_path = root / cfg.prompts
     prompts = load_prompts(prompts_path, root, cfg.template)
     run = Run(prompts, cfg.prompts, sha256_text(prompts_path.read_text(encoding="utf-8")), cfg.template,

@@ -36,7 +36,6 @@ from kd.errors import KdError
 from kd.evaluation.results import (
     BASELINE,
     REWARD_MAX_LENGTH,
-    REWARD_ROW,
     SANITY_PASS,
     TEACHER,
     Feedback,
@@ -74,16 +73,10 @@ def reward_model_info(params: Params, root: Path, name: str) -> RewardModelInfo:
                            float(train) if isinstance(train, (int, float)) else None)
 
 
-def check(params: Params, root: Path, rows: set[str]) -> RewardModelInfo | None:
-    """What can be checked before minutes of generation: row names, `against`, the reward model on disk.
-
-    Args:
-        rows: the names the report's rows take (teacher, baseline and the students).
-    """
+def check(params: Params, root: Path) -> RewardModelInfo | None:
+    """What can be checked before minutes of generation: `against`, and the reward model on disk (row names are
+    checked by the evaluation: `reward_model` is one of its built-in rows)."""
     cfg = params.evaluation
-    if cfg.reward_model is not None and REWARD_ROW in rows:
-        raise KdError(f"evaluation.students: '{REWARD_ROW}' is the name of the reward model's row of the report; "
-                      f"rename the student")
     if cfg.judge is not None and cfg.against is not None and cfg.against not in cfg.students:
         raise KdError(f"evaluation.against: '{cfg.against}' is not in evaluation.students, so it has no answers "
                       f"to compare with; add it there")
@@ -99,11 +92,12 @@ def degenerate_variants(answer: str) -> dict[str, str]:
 
 
 def _sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
-    """Per held-out prompt whose teacher answer is sound: [teacher's answer, *degenerate variants]."""
+    """Per held-out prompt whose teacher answer is sound: [teacher's answer, *degenerate variants]. An answer cut
+    at max_new_tokens still counts: it is real text, and its degenerate variants are still degenerate."""
     teacher = run.row(TEACHER)
     groups, names = [], list(degenerate_variants("x"))
     for p, o, s in zip(run.prompts, teacher.outputs, teacher.scores, strict=True):
-        if s.stopped and s.degenerate is None:
+        if s.degenerate is None:
             groups.append(Group(p.instruction, list(p.messages), [o.text, *degenerate_variants(o.text).values()],
                                 {"file": run.prompts_path, "id": p.id, "sanity": True}))
     return groups, names

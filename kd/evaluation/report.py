@@ -151,6 +151,9 @@ def warnings(run: Run) -> list[str]:
             out.append(f"**{s.scorer} FAILS its sanity set**: it ranks the teacher's own answer above a degenerate "
                        f"one on only {s.rate:.0%} of pairs (needed: {SANITY_PASS:.0%}); do not trust its scores, "
                        "preferences built with it, or rewards from it.")
+    if not run.sanity:
+        out.append("**No sanity set**: the teacher gave no sound answer (non-degenerate) to build it from, so no judge "
+                   "or reward model was checked; do not trust the judge column.")
     cf = next((r for r in run.results if r.kind == "context_free"), None)
     for r in run.results:
         if r.kind != "student":

@@ -16,7 +16,8 @@ MIN_ITEMS = 16  # below this, an answer is too short for its distinct-2 to mean 
 MIN_DISTINCT_2 = 0.4  # fewer distinct bigrams than this share is a phrase on repeat
 REPEAT_N = 4  # an item that completes a 4-gram seen earlier in the same answer repeats it
 
-_ITEM = re.compile(r"\w+|[^\w\s]")
+# a run of one punctuation mark is one item: markdown rules ("----", "****") are layout, not a loop
+_ITEM = re.compile(r"\w+|([^\w\s])\1*")
 _NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _ANSWER_PREFIX = re.compile(r"^(?:final\s+answer|answer)\s*[:=-]\s*", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*\**\s*([^\n.]+)", re.IGNORECASE)
@@ -24,7 +25,7 @@ _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*\**\
 
 def items(text: str) -> list[str]:
     """Words and punctuation marks of a text (what degeneracy is measured on when there are no token ids)."""
-    return _ITEM.findall(text)
+    return [m.group(0) for m in _ITEM.finditer(text)]
 
 
 def distinct_n(seq: Sequence[Any], n: int = 2) -> float:

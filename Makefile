@@ -35,8 +35,9 @@ repro: setup
 	$(BIN)/kd check
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# Two workers, whole files each: the end-to-end test runs on one while the other takes every other file.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

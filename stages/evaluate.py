@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kd.config import load_params
 from kd.evaluation.evaluate import evaluate, summary
-from kd.evaluation.report import log_mlflow, write_reports
+from kd.evaluation.outputs import log_mlflow, write_reports
 from kd.stage import run
 
 

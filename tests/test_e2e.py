@@ -112,6 +112,13 @@ def test_pipeline_trains_students_and_reports(built):
     assert metrics["reward_model"]["accuracy"] == pytest.approx(reward["accuracy"], abs=1e-4)
     assert reward["pairs_held_out"] > 0
     assert "## Reward model" in report and "## Win rate" in report
+    # every judge and the reward model went through the sanity set; the shipped likelihood judge, on the real
+    # teacher's answers, ranks them above empty and looping ones
+    sanity = metrics["sanity"]
+    assert {"likelihood judge `smollm2`", "pairwise judge `smollm2`", "reward model `reward`"} <= set(sanity)
+    assert sanity["likelihood judge `smollm2`"] >= 0.9
+    assert "## Judges and reward models: the sanity set" in report
+    assert {"context_free", "ok_rate"} <= set(metrics) | set(metrics["student_sft"])
     judged = metrics["student_dpo"]
     assert judged["wins"] + judged["ties"] + judged["losses"] + judged["unparseable"] == EVAL_PROMPTS  # each once
 

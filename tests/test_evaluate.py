@@ -18,7 +18,7 @@ from conftest import REPO, copy_project
 from kd.config import load_params
 from kd.errors import KdError
 from kd.evaluation.evaluate import TeacherView, contains_match, evaluate, exact_match, normalise, summary
-from kd.evaluation.report import write_reports
+from kd.evaluation.outputs import write_reports
 
 FP = {"sft": "ab" * 32, "sft_logits": "cd" * 32}
 NEWLINE = 198  # "\n" in the teacher's tokenizer
@@ -326,7 +326,7 @@ def test_mean_reward_is_the_reward_scorers_mean(project, fb_result):
 
 
 def test_feedback_section_in_report_and_mlflow_keys(project, fb_result):
-    from kd.evaluation.report import metrics_for_mlflow
+    from kd.evaluation.outputs import metrics_for_mlflow
 
     run, logs = fb_result
     text = (project / "reports_fb/report.md").read_text()
@@ -381,7 +381,7 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
 
     from kd.config import Judge, OpenAITeacher
     from kd.evaluation.feedback import add_feedback
-    from kd.evaluation.report import metrics_json
+    from kd.evaluation.outputs import metrics_json
     from kd.evaluation.results import EvalPrompt, ModelResult, Output, Run, Scores
 
     pairs = [("win 1", "lose 1"), ("win 2", "lose 2"), ("lose 3", "win 3"), ("even 4", "even four"),
@@ -430,7 +430,7 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
 
 
 def test_a_judge_that_follows_the_position_is_shown_unreliable(project, result):
-    from kd.evaluation.report import metrics_json
+    from kd.evaluation.outputs import metrics_json
     from kd.evaluation.results import Feedback, WinRate
 
     biased = WinRate(wins=0, ties=4, losses=0, inconsistent=4, per_prompt=[0.5] * 4)

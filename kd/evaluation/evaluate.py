@@ -17,7 +17,7 @@ Every figure is a ratio of per-prompt sums, so it carries a bootstrap interval o
 With `evaluation.reward_model` / `judge`, kd.evaluation.feedback adds rewards, win rates and the sanity set.
 
 Results are deterministic for the same models (greedy decoding, fixed batch composition); wall times are kept
-apart from the metrics so reports stay byte-stable. kd.evaluation.report writes the files.
+apart from the metrics so reports stay byte-stable. kd.evaluation.outputs writes the files.
 
 References: Lin 2004, "ROUGE"; Gu et al. 2024, "MiniLLM" (teacher-scored student outputs); Agarwal et al.
 2024, "On-Policy Distillation of Language Models" (GKD; token-level divergences on teacher outputs); Holtzman

@@ -1,17 +1,14 @@
-"""The evaluation's files: DVC metrics and plots, the generations, and report.md.
+"""report.md: the evaluation as a reader sees it (kd.evaluation.outputs writes it with the machine-readable files).
 
-Everything here is a pure function of the evaluation's results (no times, no dates), so the same models give
-byte-identical files and DVC sees no change. The report leads with what a reader must not miss: judges or reward
-models that fail their sanity set, and students that do not distil.
+A pure function of the evaluation's results (no times, no dates), so the same models give a byte-identical
+report. It leads with what a reader must not miss: judges or reward models that fail their sanity set, and
+students that do not distil.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from kd.evaluation.results import (
     BASELINE,
@@ -19,87 +16,20 @@ from kd.evaluation.results import (
     METRICS,
     OK_RATE,
     REWARD_MAX_LENGTH,
-    REWARD_ROW,
     SANITY_PASS,
     Comparison,
     ModelResult,
     Run,
 )
-from kd.paths import DATA_DIR, PLOTS_DIR
-from kd.records import MANIFEST_FILE, atomic_write_text, replace_dir
-from kd.tracking import start_run
+from kd.paths import DATA_DIR
+from kd.records import MANIFEST_FILE
 
 # Measured against the teacher: the teacher's own row is the reference point, not a contender.
 TEACHER_RELATIVE = ("kl", "rouge_l")
 TABLE = ("kl", "ok_rate", "eos_rate", "judge", "rouge_l", "exact_match", "contains_match", "distinct_2", "length")
 EXAMPLES = 5
 CELL_CHARS = 360
-CURVE_EXTS = (".csv", ".tsv", ".json")
 _MARKDOWN = set("\\`*_[]#|~")
-
-
-def metrics_json(run: Run) -> str:
-    """{row: {metric: value, metric_lo, metric_hi}}, the shape `dvc metrics diff` compares; unknown values are
-    left out. With a reward model, its own figures are one more row; comparisons are `compare.<b>_vs_<a>`."""
-    out: dict[str, Any] = {r.name: r.metrics() for r in run.results}
-    fb = run.feedback
-    if fb is not None and fb.reward_model is not None:
-        out[REWARD_ROW] = fb.reward_model.metrics()
-    if fb is not None:
-        for name, w in fb.win_rates.items():
-            ci = w.interval()
-            out[name] |= {"wins": w.wins, "ties": w.ties, "losses": w.losses, "unparseable": w.unparseable,
-                          "inconsistent": w.inconsistent}
-            if w.consistency is not None:
-                out[name]["judge_consistency"] = round(w.consistency, 4)
-            if w.rate is not None and (w.consistency or 0) >= CONSISTENCY_MIN:
-                out[name]["win_rate"] = round(w.rate, 4)
-                if ci:
-                    out[name]["win_rate_lo"], out[name]["win_rate_hi"] = round(ci[0], 4), round(ci[1], 4)
-    for s in run.sanity:
-        out.setdefault("sanity", {})[s.scorer] = round(s.rate, 4)
-    for c in run.comparisons:
-        out.setdefault("compare", {})[_cmp_name(c)] = {
-            m: {"difference": d, "lo": lo, "hi": hi} for m, (d, (lo, hi)) in c.differences.items()}
-    return json.dumps(out, indent=2) + "\n"
-
-
-def _cmp_name(c: Comparison) -> str:
-    return f"{'+'.join(c.b)}_vs_{'+'.join(c.a)}"
-
-
-def generations_jsonl(run: Run) -> str:
-    rows = [{"prompt": p.id, "model": r.name, "text": o.text, "tokens": o.length, "stopped": o.stopped,
-             "degenerate": s.degenerate}
-            for r in run.results if r.outputs is not None
-            for p, o, s in zip(run.prompts, r.outputs, r.scores, strict=True)]
-    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
-
-
-def plot_tables(run: Run) -> dict[str, str]:
-    """One CSV per metric across rows, for `dvc plots` (x: model, y: the metric, with its interval)."""
-    out = {}
-    for metric in METRICS:
-        rows = []
-        for r in run.results:
-            v, ci = r.value(metric), r.interval(metric)
-            if v is not None:
-                rows.append(f"{r.name},{v},{ci[0] if ci else ''},{ci[1] if ci else ''}")
-        if rows:
-            out[f"{metric}.csv"] = f"model,{metric},low,high\n" + "\n".join(rows) + "\n"
-    return out
-
-
-def training_curves(run: Run, root: Path) -> dict[str, Path]:
-    """Each student's training curve, `plots/<student>.{csv,tsv,json}` as its stage writes it, if present."""
-    found = {}
-    for r in run.results:
-        if r.kind == "student":
-            for ext in CURVE_EXTS:
-                src = root / PLOTS_DIR / f"{r.name}{ext}"
-                if src.is_file():
-                    found[f"train_{r.name}{ext}"] = src
-    return found
 
 
 def _num(metric: str, v: float | None) -> str:
@@ -377,59 +307,3 @@ def _feedback(run: Run) -> list[str]:
                   f"orders agreed; below {CONSISTENCY_MIN:.0%} the judge follows the position more than the answers "
                   "and its win rate is not shown. Win rate = (wins + 0.5 ties) / (wins + ties + losses).", ""]
     return lines
-
-
-def write_reports(run: Run, out_dir: Path, root: Path) -> list[Path]:
-    """Write metrics.json, generations.jsonl, plots/ and report.md under `out_dir`, each atomically (the
-    plots directory as a whole), and return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    curves = training_curves(run, root)
-    tmp = Path(tempfile.mkdtemp(prefix=".plots.", suffix=".tmp", dir=out_dir))
-    try:
-        for name, text in plot_tables(run).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        for name, src in curves.items():
-            shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, out_dir / "plots")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files = {"metrics.json": metrics_json(run), "generations.jsonl": generations_jsonl(run),
-             "report.md": report_md(run, root, sorted(curves))}
-    for name, text in files.items():
-        atomic_write_text(out_dir / name, text)
-    return [out_dir / n for n in files] + [out_dir / "plots"]
-
-
-def metrics_for_mlflow(run: Run) -> dict[str, float]:
-    """`<row>.<metric>` -> value (MLflow takes flat keys), plus the wall times the reports leave out."""
-    out: dict[str, float] = {}
-    for row, values in json.loads(metrics_json(run)).items():
-        if row in ("sanity", "compare"):
-            continue
-        out |= {f"{row}.{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-    for s in run.sanity:
-        out[f"sanity.{s.scorer.split('`')[0].strip().replace(' ', '_')}"] = round(s.rate, 4)
-    for r in run.results:
-        out |= {f"{r.name}.generate_s": round(r.generate_s, 2), f"{r.name}.score_s": round(r.score_s, 2)}
-    if run.feedback is not None:
-        for role, (cached, new) in run.feedback.requests.items():
-            out |= {f"{role}.requests_cached": cached, f"{role}.requests_new": new}
-    return out | {"seconds": round(run.seconds, 2)}
-
-
-def log_mlflow(run: Run, root: Path, project: str, section: dict[str, Any]) -> str:
-    """One MLflow run for the evaluation: its params, the prompts as its input (by sha256), the training runs
-    of the students it judged, and every metric; returns the run id."""
-    models = {r.name: {"mlflow_run_id": (r.about.get("mlflow") or {}).get("run_id"),
-                       "git_commit": r.about.get("git_commit")} for r in run.results if r.kind == "student"}
-    prompts = {"name": "eval_prompts", "path": str(root / run.prompts_path), "fingerprint": run.prompts_sha256}
-    tracked = start_run(root, project, "evaluate", {"evaluation": section, "models": models}, [prompts],
-                        context="evaluation")
-    try:
-        tracked.log_metrics(metrics_for_mlflow(run), step=0)
-    except BaseException:
-        tracked.end("FAILED")
-        raise
-    tracked.end()
-    return tracked.run_id

@@ -306,7 +306,8 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     base = cfg.baseline or cfg.students[0]
     bcfg = params.students[base]
     model, tok = init_student(bcfg.init, params, root, dtype, seed=bcfg.training.seed, key=f"students.{base}.init")
-    about = {"student": base, "init": bcfg.init.model_dump(mode="json", exclude_none=True)}
+    # the init as written: a default `every` is not shown beside explicit `layers`
+    about = {"student": base, "init": bcfg.init.model_dump(mode="json", exclude_unset=True)}
     run.results.append(_log(log, _score(BASELINE, "baseline", about, model.to(device), tok, t, run, cfg.batch_size,
                                         device)))
     del model

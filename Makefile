@@ -35,9 +35,10 @@ repro: setup
 	$(BIN)/kd check
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-# Two workers, whole files each: the end-to-end test runs on one while the other takes every other file.
+# Two workers, whole files each: the end-to-end test runs on one while the other takes every other file. One
+# thread each: two processes with two threads apiece on two cores run several times slower.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -63,6 +63,19 @@ def test_judge_score_floors_loops_and_empty_answers() -> None:
     ("Final answer: Paris\n", "stated", "paris"),
     ("Let me think.\nParis", "stated", "paris"),
     ("no digits", "last_number", None),
+    ("15% of 240 is 0.15 x 240 = 36.", "last_number", "36"),
+    ("It costs 1,250 dollars", "last_number", "1250"),
+    ("x = -3", "last_number", "-3"),
+    ("5-3 gives 2", "last_number", "2"),
+    ("so 7-4", "last_number", "4"),  # a minus after a digit is subtraction, not a sign
+    ("36.0 exactly", "last_number", "36"),
+    ("about 2.50", "last_number", "2.5"),
+    ("The items are 1,2,3", "last_number", "3"),
+    ("no digits here", "last_number", None),
+    ("Reasoning...\n\nFinal answer: Paris.", "last_line", "paris"),
+    ("**Answer:** Blue  whale", "last_line", "blue whale"),
+    ("line one\n  \n", "last_line", "line one"),
+    ("", "last_line", None),
 ])
 def test_final_answer(text: str, how: str, want: str | None) -> None:
     assert final_answer(text, how) == want

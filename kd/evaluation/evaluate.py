@@ -217,16 +217,26 @@ class TeacherView:
         return [((t.exp() * (t - mean)).sum().item(), t.shape[0]) for t in self.logprobs]
 
 
+def _content(o: Output) -> list[int]:
+    """The answer's token ids without its end-of-turn token."""
+    return o.ids[:-1] if o.stopped else o.ids
+
+
+def _degenerate(o: Output) -> str | None:
+    """Why an answer is degenerate, or None: an answer that decodes to nothing is empty."""
+    return degeneracy(_content(o)) if o.text else "empty"
+
+
 def _scores(run: Run, outputs: list[Output], kl: list[tuple[float, int]] | None, judge: list[float],
-            teacher: list[Output]) -> list[Scores]:
+            degenerate: list[str | None], teacher: list[Output]) -> list[Scores]:
     out = []
     for i, (p, o) in enumerate(zip(run.prompts, outputs, strict=True)):
-        content = o.ids[:-1] if o.stopped else o.ids
+        content = _content(o)
         out.append(Scores(
             kl=kl[i] if kl else None, judge=judge[i], rouge=rouge(o.text, teacher[i].text),
             exact=exact_match(o.text, p.reference) if p.exact_target else None,
             contains=contains_match(o.text, p.reference) if p.exact_target else None,
-            stopped=o.stopped, degenerate=degeneracy(content) if o.text else "empty",
+            stopped=o.stopped, degenerate=degenerate[i],
             distinct_2=distinct_n(content, 2), longest_run=longest_run(content), length=o.length))
     return out
 
@@ -253,9 +263,11 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
     else:
         kl = t.kl(model) if same_tok else None
     # A degenerate answer scores the judge's floor without a forward pass (it is what the floor is for).
-    sound = [i for i, o in enumerate(outputs) if o.text and degeneracy(o.ids[:-1] if o.stopped else o.ids) is None]
+    degenerate = [_degenerate(o) for o in outputs]
+    sound = [i for i, why in enumerate(degenerate) if why is None]
     judged = dict(zip(sound, teacher_judge(t.model, [scored[i] for i in sound], batch_size, device), strict=True))
-    scores = _scores(run, outputs, kl, [judged.get(i, REPEAT_FLOOR) for i in range(len(outputs))], t.outputs)
+    scores = _scores(run, outputs, kl, [judged.get(i, REPEAT_FLOOR) for i in range(len(outputs))], degenerate,
+                     t.outputs)
     return ModelResult(name, kind, about, outputs, scores, generated - start, time.perf_counter() - generated)
 
 

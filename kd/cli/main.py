@@ -20,8 +20,8 @@ from kd.errors import KdError
 from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
 from kd.pipeline.check import check
 from kd.pipeline.spec import dvc_yaml
+from kd.pipeline.status import forecast_failed, status
 from kd.pipeline.status import render as render_status
-from kd.pipeline.status import status
 from kd.provenance import audit
 from kd.provenance.diff import diff, sides
 from kd.provenance.diff import render as render_diff
@@ -152,9 +152,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """For each generation stage `dvc repro` would run: requests cached vs new, estimated tokens and cost."""
-    _report(args, status(Path(args.root)), render_status)
-    return 0
+    """For each generation stage `dvc repro` would run: requests cached vs new, estimated tokens and cost ("≈":
+    approximate). Works before the first build: a stage that cannot be forecast yet says why and which stage
+    builds what it lacks. Exit 0; 1 only when stages would run and none of them could be forecast."""
+    report = status(Path(args.root))
+    _report(args, report, render_status)
+    return 1 if forecast_failed(report) else 0
 
 
 def cmd_cache_share(args: argparse.Namespace) -> int:

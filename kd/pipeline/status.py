@@ -2,11 +2,16 @@
 
 DVC decides what is stale (its own `status`, so kd and `dvc repro` never disagree); stages downstream of a
 stale one will rerun too once their inputs change, so they are listed with an approximate forecast made
-from today's upstream data.
+from today's upstream data, and so is a stale stage that is also downstream of another stale one.
+
+A partly built project (a fresh clone, a student not trained yet) still gets every forecast that can be made:
+a stage whose inputs are missing is forecast as far as they allow, or gets a line saying why it cannot be,
+naming the stage that builds what it lacks.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +70,41 @@ def _graph(graph: list[Stage]) -> dict[str, dict[str, Any]]:
 
 
 def _downstream(graph: dict[str, dict[str, Any]], stale: set[str]) -> dict[str, str]:
-    """Stages that will rerun because a stale stage rewrites one of their deps: name -> upstream stage."""
+    """Stages whose inputs a stale stage upstream will rewrite: name -> the nearest such stage. Stale stages are
+    included: their forecast, made from today's upstream data, is then only approximate."""
     found: dict[str, str] = {}
-    frontier = list(stale)
+    frontier = deque(n for n in graph if n in stale)
     while frontier:
-        up = frontier.pop()
+        up = frontier.popleft()
         outs = graph.get(up, {}).get("outs", [])
         for name, st in graph.items():
-            if name in stale or name in found:
+            if name == up or name in found:
                 continue
-            if any(d == o or d.startswith(o.rstrip("/") + "/") for d in st["deps"] for o in outs):
+            if any(_within(d, o) for d in st["deps"] for o in outs):
                 found[name] = up
                 frontier.append(name)
     return found
 
 
+def _within(path: str, out: str) -> bool:
+    return path == out or path.startswith(out.rstrip("/") + "/")
+
+
+def _missing(graph: dict[str, dict[str, Any]], name: str, root: Path) -> list[str]:
+    """`path (built by stage X)` for each input of a stage that another stage builds and that is not there yet."""
+    out = []
+    for dep in graph[name]["deps"]:
+        builders = [up for up, st in graph.items() if up != name and any(_within(dep, o) for o in st["outs"])]
+        if builders and not (root / dep).exists():
+            out.append(f"{dep} (built by stage `{builders[0]}`, not run yet)")
+    return out
+
+
 def status(root: Path) -> dict[str, Any]:
-    """Forecasts for every generation stage that `dvc repro` would run, in dvc.yaml order."""
+    """Forecasts for every generation stage that `dvc repro` would run, in dvc.yaml order.
+
+    A stage that cannot be forecast gets `error` (why, and what it lacks) instead of `forecast`; the others
+    are still computed."""
     if not (root / DVC_FILE).is_file():
         raise KdError(f"{root.resolve()}: no {DVC_FILE}")
     params = load_params(root)
@@ -98,9 +121,19 @@ def status(root: Path) -> dict[str, Any]:
         if st["dataset"] and st["dataset"] in params.datasets:
             ds = st["dataset"]
             cfg = params.datasets[ds]
-            fc = forecast(ds, params, root, cache,
-                          None if cfg.method == "feature" else
-                          lambda askers, ds=ds, cfg=cfg: method(cfg.method)(ds, cfg, root, data_dir, askers), data_dir)
+            missing = _missing(graph, name, root)
+            try:
+                fc = forecast(ds, params, root, cache,
+                              None if cfg.method == "feature" else
+                              lambda askers, ds=ds, cfg=cfg: method(cfg.method)(ds, cfg, root, data_dir, askers),
+                              data_dir)
+            except KdError as e:
+                # what it lacks says more than the first error its absence caused
+                row["error"] = f"cannot forecast yet: needs {', '.join(missing)}" if missing else f"cannot forecast: {e}"
+                rows.append(row)
+                continue
+            if missing:
+                fc.notes.append(f"needs {', '.join(missing)}")
             if name in later:
                 fc.approximate = True
                 fc.notes.append(f"made from today's inputs; upstream {later[name]} will change them")
@@ -108,6 +141,11 @@ def status(root: Path) -> dict[str, Any]:
         rows.append(row)
     totals = _totals([s["forecast"] for s in rows if "forecast" in s])
     return {"stages": rows, "total": totals}
+
+
+def forecast_failed(report: dict[str, Any]) -> bool:
+    """True when there were generation stages to forecast and none could be (`kd status` exits 1)."""
+    return any("error" in r for r in report["stages"]) and not any("forecast" in r for r in report["stages"])
 
 
 def _totals(forecasts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,6 +165,10 @@ def render(report: dict[str, Any], style: Any) -> str:
     lines = [s.bold("stage          new requests  cached   est. prompt  est. completion  est. cost")]
     for row in report["stages"]:
         f = row.get("forecast")
+        if "error" in row:
+            lines.append(f"{row['stage']:<14} {row['error']}")
+            lines.append(s.dim(f"  why: {'; '.join(row['why'])}"))
+            continue
         if f is None:
             lines.append(f"{row['stage']:<14} {s.dim('(not a generation stage)')}  {'; '.join(row['why'])[:80]}")
             continue

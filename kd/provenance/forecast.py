@@ -5,6 +5,11 @@ forecast renders exactly the requests the build would render. A request the cach
 placeholder answer; whatever is rendered from a placeholder (curation answers to questions not asked yet,
 later Self-Instruct rounds whose demos are new generations) is an estimate, marked "≈", and so are counts
 of requests asked after any placeholder (how many rounds run depends on the real answers).
+
+A local model that is not built yet (the `teacher` stage, a student used as a generator) has no digest, and
+its digest is part of every request key. The forecast then assumes the model whose answers the cache holds
+(a fresh clone after `kd cache pull`: the hits are counted, marked "≈"), or, when the cache holds none,
+counts every request as new ("≈"). Token counts then come from characters (4 a token), also estimates.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from kd.paths import CACHE_DIR, under
 from kd.provenance.lineage import iter_lines, loads
 from kd.runtime.ask import Asker
 from kd.runtime.local import LocalTeacher
-from kd.runtime.roles import role_identity, roles
+from kd.runtime.roles import Role, role_identity, roles
 from kd.runtime.tokenize import encode
 
 MARK = "kdforecastplaceholder"  # one token no seed or template contains; survives novelty and word filters
@@ -139,7 +144,8 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
         return feature_forecast(name, params, root, data_dir, getattr(cache, "dir", None))
     rs = roles(cfg)
     blind = _Blind()
-    stand_ins = {r: _StandIn(role_identity(role, params, root), blind) for r, role in rs.items()}
+    identities = {r: _identity(role, params, root, getattr(cache, "dir", None)) for r, role in rs.items()}
+    stand_ins = {r: _StandIn(identity, blind) for r, (identity, _) in identities.items()}
     peeks = {r: _Peek(cache, blind) for r in rs}
     askers = {r: Asker(stand_ins[r], peeks[r], f"{name} {r} (forecast)") for r in rs}  # type: ignore[arg-type]
     run(askers)
@@ -150,8 +156,10 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
         fc.new += asker.new
         fc.estimated += sum(MARK in json.dumps(q) for q in asked)
         fc.approximate = fc.approximate or peeks[r].after_blind > 0
-        prompt, completion = _tokens(asked, peeks[r].hits, data_dir / name / "records.jsonl", params, role.teacher,
-                                     root)
+        if note := identities[r][1]:
+            fc.approximate = True
+            fc.notes.append(note)
+        prompt, completion = _tokens(asked, peeks[r].hits, params, role.teacher, root)
         fc.prompt_tokens += prompt
         fc.completion_tokens += completion
         cost = cost_of(params, role.teacher, prompt, completion) if role.teacher else 0.0  # a reward model is yours
@@ -161,17 +169,23 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     return fc
 
 
-def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], records: Path, params: Params,
-            teacher: str | None, root: Path) -> tuple[int, int]:
-    """Estimated (prompt, completion) tokens of the requests a role would send."""
+def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], params: Params, teacher: str | None,
+            root: Path) -> tuple[int, int]:
+    """Estimated (prompt, completion) tokens of the requests a role would send.
+
+    The evidence is what the stage itself will see when it prints this forecast: this forecast's cache hits,
+    not the dataset's last build (DVC deletes it before the stage runs, so `kd status` and the stage would
+    disagree). A request's completion never counts more than its `max_tokens`.
+    """
     if not asked:
         return 0, 0
-    per_token, completion = _calibration(hits, records, params, teacher, root)
+    per_token, completion = _calibration(hits, params, teacher, root)
     prompt_tokens = completion_tokens = 0
     for q in asked:
         prompt_tokens += round((_chars(q.get("messages") or []) + len(q.get("completion") or "")) / per_token)
         if "sampling" in q:  # scoring requests (log-likelihood, reward) generate nothing
-            completion_tokens += round(completion if completion is not None else q["sampling"]["max_tokens"] / 2)
+            cap = q["sampling"]["max_tokens"]
+            completion_tokens += round(min(completion, cap) if completion is not None else cap / 2)
     return prompt_tokens, completion_tokens
 
 
@@ -179,22 +193,53 @@ def _chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(m.get("content", "")) for m in messages)
 
 
-def _calibration(hits: list[dict[str, Any]], records: Path, params: Params, teacher: str | None,
+def _calibration(hits: list[dict[str, Any]], params: Params, teacher: str | None,
                  root: Path) -> tuple[float, float | None]:
-    """(characters per prompt token, mean completion tokens) from answers this dataset already has.
-
-    Cached answers of the same dataset are the best evidence (the teacher's own token counts, chat template
-    included); then the dataset's last build; then the local teacher's tokenizer, or 4 characters a token.
-    """
+    """(characters per prompt token, mean completion tokens) from the cached answers of the same dataset (the
+    teacher's own token counts, chat template included); else the local teacher's tokenizer, or 4 characters
+    a token, and no completion evidence."""
     usage = [(_chars(h["request"].get("messages") or []), h["response"].get("usage") or {}) for h in hits]
-    if not usage and records.is_file():
-        for line in iter_lines(records.read_bytes()):
-            for r in (loads(line).get("provenance") or {}).get("requests") or []:
-                usage.append((0, r.get("usage") or {}))
     prompt = [(c, u.get("prompt_tokens", 0)) for c, u in usage if c and u.get("prompt_tokens")]
     completion = [u["completion_tokens"] for _, u in usage if "completion_tokens" in u]
     per_token = sum(c for c, _ in prompt) / sum(t for _, t in prompt) if prompt else _tokenizer_ratio(params, teacher, root)
     return per_token, (sum(completion) / len(completion) if completion else None)
+
+
+def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) -> tuple[dict[str, Any], str | None]:
+    """The identity a role's request keys carry, and a note when it is assumed: a local model directory that is
+    not built yet has no digest (see the module doc)."""
+    if role.kind == "reward":
+        if (root / role.path).is_dir():
+            return role_identity(role, params, root), None
+        return ({"backend": "reward_model", "model": Path(role.path).name, "digest": None},
+                f"{role.path} is not built yet: its digest is part of every request key, so all its requests count as new")
+    cfg = params.teachers[role.teacher]
+    if cfg.backend != "local" or under(root, cfg.path).is_dir():
+        return role_identity(role, params, root), None
+    shape = {"backend": "local", "model": under(root, cfg.path).name, "revision": cfg.revision,
+             "dtype": LocalTeacher(role.teacher, cfg, root).dtype_name}
+    known = _cached_identities(cache_dir, shape)
+    if len(known) == 1:
+        identity = known[0]
+        return identity, (f"{cfg.path} is not built yet: keys assume it will be the model whose answers the cache "
+                          f"holds (digest {str(identity.get('digest'))[:12]})")
+    why = "the cache holds answers of several models like it" if known else "the cache holds no answers of a model like it"
+    return ({**shape, "digest": None},
+            f"{cfg.path} is not built yet and {why}: its digest is part of every request key, so all requests "
+            f"count as new")
+
+
+def _cached_identities(cache_dir: Path | None, shape: dict[str, Any]) -> list[dict[str, Any]]:
+    """Distinct teacher identities in the request cache that match `shape` in everything but the digest."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(cache_dir.glob("*/*.json")) if cache_dir is not None and cache_dir.is_dir() else []:
+        try:
+            identity = json.loads(path.read_bytes())["request"]["teacher"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged entry answers nothing; `kd cache verify` reports it
+        if isinstance(identity, dict) and all(identity.get(k) == v for k, v in shape.items()):
+            found[json.dumps(identity, sort_keys=True)] = identity
+    return list(found.values())
 
 
 def _tokenizer_ratio(params: Params, teacher: str | None, root: Path) -> float:
@@ -219,10 +264,11 @@ def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cach
     tcfg = params.teachers[cfg.teacher]
     path = data_dir / cfg.dataset / "records.jsonl"
     fc = Forecast(name, "feature", cfg.teacher)
-    if not path.is_file() or not under(root, tcfg.path).is_dir():
-        fc.approximate = True
-        fc.notes.append(f"data/{cfg.dataset} or {tcfg.path} is not built yet")
-        return fc
+    # the keys need the teacher's tokenizer and digest, and the records to score: no guess is worth printing
+    lacking = [str(p) for p, there in ((f"data/{cfg.dataset}", path.is_file()),
+                                       (tcfg.path, under(root, tcfg.path).is_dir())) if not there]
+    if lacking:
+        raise KdError(f"datasets.{name}: {' and '.join(lacking)} not built yet")
     teacher = LocalTeacher(cfg.teacher, tcfg, root)
     tok, identity = teacher.tokenizer(), teacher.identity
     cache = FeatureCache.within(cache_dir or root / CACHE_DIR)

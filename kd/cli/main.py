@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("target", help="a record id or unique prefix (DATASET:PREFIX), or a model directory")
     _output_options(p)
     p.set_defaults(fn=cmd_audit)
-    p = sub.add_parser("status", help=cmd_status.__doc__)
+    p = sub.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
     _output_options(p)
     p.set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)

@@ -174,7 +174,7 @@ def render(report: dict[str, Any], style: Any) -> str:
             continue
         a = "≈" if f["approximate"] else ""
         lines.append(f"{row['stage']:<14} {a + str(f['new']):>12}  {a + str(f['cached']):>6}   "
-                     f"{f['prompt_tokens']:>11}  {f['completion_tokens']:>15}  {money(f['cost'])}")
+                     f"{a + str(f['prompt_tokens']):>11}  {a + str(f['completion_tokens']):>15}  {money(f['cost'])}")
         lines.append(s.dim(f"  why: {'; '.join(row['why'])}"))
         if f["estimated"]:
             lines.append(s.dim(f"  ≈{f['estimated']} of the new requests are rendered from answers not known yet"))
@@ -182,7 +182,7 @@ def render(report: dict[str, Any], style: Any) -> str:
             lines.append(s.dim(f"  {note}"))
     t = report["total"]
     a = "≈" if t["approximate"] else ""
-    lines.append(s.bold(f"{'total':<14} {a + str(t['new']):>12}  {a + str(t['cached']):>6}   {t['prompt_tokens']:>11}  "
-                        f"{t['completion_tokens']:>15}  {money(t['cost'])}"))
+    lines.append(s.bold(f"{'total':<14} {a + str(t['new']):>12}  {a + str(t['cached']):>6}   "
+                        f"{a + str(t['prompt_tokens']):>11}  {a + str(t['completion_tokens']):>15}  {money(t['cost'])}"))
     return "\n".join(lines) + "\n"
 

@@ -223,7 +223,8 @@ def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) ->
         identity = known[0]
         return identity, (f"{cfg.path} is not built yet: keys assume it will be the model whose answers the cache "
                           f"holds (digest {str(identity.get('digest'))[:12]})")
-    why = "the cache holds answers of several models like it" if known else "the cache holds no answers of a model like it"
+    like = f"a {shape['dtype']} model named {shape['model']}"  # a bf16 machine's answers do not serve a float32 one
+    why = f"the cache holds answers of several {like}" if known else f"the cache holds no answers of {like}"
     return ({**shape, "digest": None},
             f"{cfg.path} is not built yet and {why}: its digest is part of every request key, so all requests "
             f"count as new, their tokens at {DEFAULT_CHARS_PER_TOKEN:g} characters each")

@@ -12,6 +12,7 @@ import pytest
 
 from kd.cache.store import CACHE_FORMAT, RequestCache, check_entry, request_key
 from kd.errors import KdError
+from kd.paths import CACHE_DIR
 from kd.records import canonical_json, sha256_text
 from kd.runtime.ask import Asker, Call
 
@@ -166,8 +167,10 @@ def test_entry_without_read_permission_is_a_miss(tmp_path):
 
 
 # the same, where tests run as root: the read fails as it would without permission
-def test_entry_failing_to_read_is_a_miss(tmp_path, monkeypatch):
-    cache = RequestCache(tmp_path)
+def test_entry_failing_to_read_is_a_miss_and_verify_reports_it(tmp_path, monkeypatch):
+    from kdproject import kd
+
+    cache = RequestCache(tmp_path / CACHE_DIR)
     key = request_key(request())
     cache.put(key, request(), RESPONSE)
     real = Path.read_bytes
@@ -178,6 +181,8 @@ def test_entry_failing_to_read_is_a_miss(tmp_path, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
+    code, out = kd(tmp_path, "cache", "verify")
+    assert code == 1 and f"{key}.json (unreadable: Permission denied)" in out
     assert cache.get_entry(key) is None
     assert cache.get(key) is None and cache.stats.corrupted == [key]
 

@@ -220,7 +220,8 @@ def test_unusable_cache_dir_stops_before_any_request(tmp_path):
 
 
 # bug: a read-only (or otherwise unusable) .kd/cache under `dvc repro` sent every request, then died with a traceback
-# on the first write, losing the paid answers; now one line naming the directory, before any request
+# on the first write, losing the paid answers (now one line naming the directory, before any request); and a NaN entry
+# crashed the stage
 def test_stage_with_unwritable_cache_fails_in_one_line_before_asking(tmp_path):
     from fake_openai import FakeOpenAI
     from kdproject import labeling, make_project, repro, sh
@@ -240,6 +241,12 @@ def test_stage_with_unwritable_cache_fails_in_one_line_before_asking(tmp_path):
         assert "Traceback" not in r.stderr + r.stdout and "damaged" not in r.stderr
         cache.unlink() if cache.is_file() else cache.chmod(0o755)
         assert "qa: 4 records (0 cached, 4 new" in repro(root).stdout and server.received == 4
+        # and a NaN in an entry, under dvc repro: asked again and counted in the summary, no traceback
+        entry = next(cache.glob("*/*.json"))
+        entry.write_bytes(entry.read_bytes().replace(b'"prompt_tokens":', b'"prompt_tokens":NaN,"x":'))
+        rerun = sh(root, "dvc", "repro", "-f")
+        assert "qa: 4 records (3 cached, 1 new" in rerun.stdout and server.received == 5
+        assert "; 1 damaged cache entry asked again" in rerun.stdout and "Traceback" not in rerun.stderr
 
 
 # bug: the feature stage computed a batch of teacher forward passes before finding the feature cache unwritable

@@ -121,9 +121,11 @@ def damaged_entries(cache: RequestCache) -> dict[str, str]:
         path = cache.path(key)
         if how in ("nan", "infinity"):
             cache.put(key, request(sample_index=i), {**RESPONSE, "score": 0.5})
-            path.write_bytes(path.read_bytes().replace(b'"score":0.5', b'"score":NaN' if how == "nan" else b'"score":-Infinity'))
+            bad = b'"score":NaN' if how == "nan" else b'"score":-Infinity'
+            path.write_bytes(path.read_bytes().replace(b'"score":0.5', bad))
         elif how == "no usage":
-            write_entry(cache, key, {"request": request(sample_index=i), "response": {"text": "hi", "finish_reason": "stop"}})
+            write_entry(cache, key, {"request": request(sample_index=i),
+                                     "response": {"text": "hi", "finish_reason": "stop"}})
         elif how == "usage not counts":
             write_entry(cache, key, {"request": request(sample_index=i),
                                      "response": {**RESPONSE, "usage": {"prompt_tokens": "3", "completion_tokens": 1}}})
@@ -134,8 +136,8 @@ def damaged_entries(cache: RequestCache) -> dict[str, str]:
     return kinds
 
 
-# bug: an entry holding NaN/Infinity (or not UTF-8) made check_entry raise (canonical_json refuses NaN) and one lacking usage passed
-# it, so every stage reading either crashed with a traceback; they must be misses that are asked again and counted
+# bug: an entry holding NaN/Infinity (or not UTF-8) made check_entry raise (canonical_json refuses NaN) and one
+# lacking usage passed it, so every stage reading either crashed with a traceback; now misses, asked again, counted
 def test_nan_missing_usage_and_unreadable_entries_are_misses_asked_again(tmp_path, capsys):
     cache = RequestCache(tmp_path)
     damaged = damaged_entries(cache)
@@ -151,7 +153,8 @@ def test_nan_missing_usage_and_unreadable_entries_are_misses_asked_again(tmp_pat
     assert sorted(cache.stats.corrupted) == sorted(damaged)
     assert cache.stats.note() == f"; {len(damaged)} damaged cache entries asked again"
     err = capsys.readouterr().err
-    assert "holding NaN/Infinity" in err and "no usage" in err and "usage holds" in err
+    for why in ("holds NaN", "holds -Infinity", "not UTF-8", "no usage", "usage holds"):
+        assert why in err
     assert all(RequestCache(tmp_path).get(k) == RESPONSE for k in damaged)  # and replaced by good answers
 
 

@@ -31,9 +31,9 @@ def test_push_clone_pull_rebuilds_with_zero_teacher_requests_and_rejects_corrupt
         repro(a)
         commit(a, "build qa")
         assert server.received == N
-        assert kd(a, "cache", "push") == (0, f"kd cache push (to remote 'store'): requests: {N} pushed, 0 already there, "
-                                             f"0 skipped as damaged; features: 0 pushed, 0 already there, 0 skipped as "
-                                             f"damaged\n")
+        assert kd(a, "cache", "push") == (0, f"kd cache push (to remote 'store'): requests: {N} pushed, 0 already "
+                                             f"there, 0 skipped as damaged; features: 0 pushed, 0 already there, 0 "
+                                             f"skipped as damaged\n")
         assert len(remote_objects(remote)) == N
         code, out = kd(a, "cache", "push")  # incremental: nothing new
         assert code == 0 and f"requests: 0 pushed, {N} already there" in out
@@ -105,7 +105,8 @@ def features(i: int, k: int = 4) -> tuple[Item, dict]:
     g = torch.Generator().manual_seed(i)
     return item, {"input_ids": torch.tensor(ids, dtype=torch.int32),
                   "topk_ids": torch.arange(c * k, dtype=torch.int32).reshape(c, k),
-                  "topk_logprobs": -torch.rand(c, k, generator=g).half(), "tail_logprob": -torch.rand(c, generator=g).half()}
+                  "topk_logprobs": -torch.rand(c, k, generator=g).half(),
+                  "tail_logprob": -torch.rand(c, generator=g).half()}
 
 
 def fill(root: Path, good: int) -> tuple[RequestCache, FeatureCache, list[Item]]:
@@ -175,7 +176,7 @@ def test_verify_push_pull_report_bad_entries_go_on_and_carry_the_feature_cache(t
     assert code == 1, out
     assert ("kd cache pull (from remote 'store'): requests: 3 installed, 0 already present, 1 skipped as bad; "
             "features: 2 installed, 0 already present, 1 skipped as bad") in out
-    assert "holding NaN" in out and "checksum mismatch" in out
+    assert "holds NaN, which JSON does not allow" in out and "checksum mismatch" in out
     assert not (b / CACHE_DIR / key[:2] / f"{key}.json").exists()
     for i in range(3):
         k = answer(i)[0]

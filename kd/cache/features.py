@@ -92,8 +92,9 @@ class FeatureCache:
         os.close(fd)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         try:
-            save_file(tensors, tmp, metadata={"key": item.key, "format": str(FORMAT), "completion_start": str(item.start),
-                                              "checksum": tensors_checksum({k: v.numpy() for k, v in tensors.items()})})
+            meta = {"key": item.key, "format": str(FORMAT), "completion_start": str(item.start),
+                    "checksum": tensors_checksum({k: v.numpy() for k, v in tensors.items()})}
+            save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

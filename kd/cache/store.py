@@ -104,7 +104,8 @@ class RequestCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
         except OSError as e:
-            raise KdError(f"{path.parent}: cannot write to the request cache ({e.strerror or type(e).__name__})") from None
+            raise KdError(f"{path.parent}: cannot write to the request cache "
+                          f"({e.strerror or type(e).__name__})") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(canonical_json(entry))
@@ -134,8 +135,12 @@ def unreadable(e: OSError) -> str:
     return f"unreadable: {e.strerror or type(e).__name__}"
 
 
+class NotJson(ValueError):
+    """NaN, Infinity or -Infinity in a file: Python's json reads them, JSON (and canonical_json) does not."""
+
+
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    raise NotJson(f"holds {name}, which JSON does not allow")
 
 
 def parse_json(raw: bytes) -> Any:
@@ -148,8 +153,12 @@ def check_entry(raw: bytes, key: str) -> str | None:
     `kd cache verify`, push and pull). Never raises, whatever the bytes."""
     try:
         entry = parse_json(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError and NaN/Infinity are ValueErrors
-        return "not valid JSON: truncated, overwritten, not UTF-8 or holding NaN/Infinity"
+    except NotJson as e:
+        return str(e)
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except (ValueError, RecursionError):
+        return "not valid JSON: truncated or overwritten"
     if not isinstance(entry, dict) or entry.get("key") != key:
         return "its key does not match its file name"
     if entry.get("cache_format") != CACHE_FORMAT:

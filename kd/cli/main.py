@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("cache", help="request cache and feature cache tools")
     cache_sub = p.add_subparsers(dest="cache_command", required=True)
     v = cache_sub.add_parser("verify", help=cmd_cache.__doc__)
-    v.add_argument("--fix", action="store_true", help="remove damaged entries (the next build asks or computes them again)")
+    v.add_argument("--fix", action="store_true",
+                   help="remove damaged entries (the next build asks or computes them again)")
     v.set_defaults(fn=cmd_cache)
     for verb, where in (("push", "to"), ("pull", "from")):
         c = cache_sub.add_parser(verb, help=f"copy entries the other side lacks {where} the DVC remote")

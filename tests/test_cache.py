@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
+from pathlib import Path
 
-from kd.cache.store import RequestCache, request_key
+import pytest
+
+from kd.cache.store import CACHE_FORMAT, RequestCache, check_entry, request_key
+from kd.errors import KdError
+from kd.paths import CACHE_DIR
+from kd.records import canonical_json, sha256_text
+from kd.runtime.ask import Asker, Call
 
 
 def request(**over) -> dict:
@@ -81,3 +90,185 @@ def test_concurrent_writers_leave_whole_entries(tmp_path):
         t.join()
     fresh = RequestCache(tmp_path)
     assert all(fresh.get(k) == RESPONSE for k in keys) and not fresh.stats.corrupted
+
+
+def write_entry(cache: RequestCache, key: str, body: dict) -> None:
+    """An entry with a correct checksum over whatever `body` holds (what a buggy or older writer could leave)."""
+    entry = {"cache_format": CACHE_FORMAT, "key": key, "checksum": sha256_text(canonical_json(body)), **body}
+    cache.path(key).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(key).write_text(canonical_json(entry))
+
+
+class CountingTeacher:
+    """A Teacher (kd.runtime.teachers protocol) that answers RESPONSE and counts what it was asked."""
+
+    identity = request()["teacher"]
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def generate(self, items, on_result) -> None:
+        for key, _ in items:
+            self.asked.append(key)
+            on_result(key, RESPONSE)
+
+
+def damaged_entries(cache: RequestCache) -> dict[str, str]:
+    """sample index -> how its entry is damaged, written into `cache`: every way an entry was seen to crash a reader."""
+    kinds = {}
+    for i, how in enumerate(("nan", "infinity", "no usage", "usage not counts", "not utf-8")):
+        key = request_key(request(sample_index=i))
+        path = cache.path(key)
+        if how in ("nan", "infinity"):
+            cache.put(key, request(sample_index=i), {**RESPONSE, "score": 0.5})
+            bad = b'"score":NaN' if how == "nan" else b'"score":-Infinity'
+            path.write_bytes(path.read_bytes().replace(b'"score":0.5', bad))
+        elif how == "no usage":
+            write_entry(cache, key, {"request": request(sample_index=i),
+                                     "response": {"text": "hi", "finish_reason": "stop"}})
+        elif how == "usage not counts":
+            write_entry(cache, key, {"request": request(sample_index=i),
+                                     "response": {**RESPONSE, "usage": {"prompt_tokens": "3", "completion_tokens": 1}}})
+        else:
+            cache.put(key, request(sample_index=i), {**RESPONSE, "text": "héllo"})
+            path.write_bytes(path.read_bytes().replace("é".encode(), b"\xe9"))
+        kinds[key] = how
+    return kinds
+
+
+# bug: an entry holding NaN/Infinity (or not UTF-8) made check_entry raise (canonical_json refuses NaN) and one
+# lacking usage passed it, so every stage reading either crashed with a traceback; now misses, asked again, counted
+def test_nan_missing_usage_and_unreadable_entries_are_misses_asked_again(tmp_path, capsys):
+    cache = RequestCache(tmp_path)
+    damaged = damaged_entries(cache)
+    for key, how in damaged.items():
+        assert check_entry(cache.path(key).read_bytes(), key), how
+        assert cache.get_entry(key) is None, how
+    teacher = CountingTeacher()
+    asker = Asker(teacher, cache, "qa")
+    calls = [Call(request_key(request(sample_index=i)), request(sample_index=i), None) for i in range(len(damaged) + 1)]
+    answers = asker.ask(calls)
+    assert all(a == RESPONSE for a in answers.values()) and len(answers) == len(damaged) + 1
+    assert sorted(teacher.asked) == sorted(c.key for c in calls)  # every damaged entry asked again, plus one new
+    assert sorted(cache.stats.corrupted) == sorted(damaged)
+    assert cache.stats.note() == f"; {len(damaged)} damaged cache entries asked again"
+    err = capsys.readouterr().err
+    for why in ("holds NaN", "holds -Infinity", "not UTF-8", "no usage", "usage holds"):
+        assert why in err
+    assert all(RequestCache(tmp_path).get(k) == RESPONSE for k in damaged)  # and replaced by good answers
+
+
+# bug: an unreadable entry (permission denied) raised PermissionError out of every reader
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_entry_without_read_permission_is_a_miss(tmp_path):
+    cache = RequestCache(tmp_path)
+    key = request_key(request())
+    cache.put(key, request(), RESPONSE)
+    cache.path(key).chmod(0)
+    assert cache.get_entry(key) is None
+    assert cache.get(key) is None and cache.stats.corrupted == [key]
+
+
+# the same, where tests run as root: the read fails as it would without permission
+def test_entry_failing_to_read_is_a_miss_and_verify_reports_it(tmp_path, monkeypatch):
+    from kdproject import kd
+
+    cache = RequestCache(tmp_path / CACHE_DIR)
+    key = request_key(request())
+    cache.put(key, request(), RESPONSE)
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self.name.endswith(".json"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    code, out = kd(tmp_path, "cache", "verify")
+    assert code == 1 and f"{key}.json (unreadable: Permission denied)" in out
+    assert cache.get_entry(key) is None
+    assert cache.get(key) is None and cache.stats.corrupted == [key]
+
+
+# bug: a read-only .kd/cache let the stage send its requests and then crash on the first put, losing paid answers
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_cache_stops_before_any_request(tmp_path):
+    cache = RequestCache(tmp_path / "cache")
+    cache.put(request_key(request()), request(), RESPONSE)
+    for d in (cache.dir, *cache.dir.iterdir()):
+        d.chmod(0o555)
+    try:
+        teacher = CountingTeacher()
+        asker = Asker(teacher, cache, "qa")
+        with pytest.raises(KdError, match=f"^{re.escape(str(cache.dir))}: the request cache directory is not writable"):
+            asker.ask([Call(request_key(request(sample_index=1)), request(sample_index=1), None)])
+        assert teacher.asked == []
+        # everything cached: a read-only (shared) cache still serves a build that asks nothing
+        assert asker.ask([Call(request_key(request()), request(), None)]) and teacher.asked == []
+    finally:
+        for d in (cache.dir, *cache.dir.iterdir()):
+            d.chmod(0o755)
+
+
+# bug: an unusable cache directory (here a file in its place; read-only above) surfaced as a traceback after answers
+# came back; it must be one line naming the directory before any request (runs as root too)
+def test_unusable_cache_dir_stops_before_any_request(tmp_path):
+    (tmp_path / "cache").write_text("not a directory")
+    cache = RequestCache(tmp_path / "cache")
+    teacher = CountingTeacher()
+    assert cache.get(request_key(request())) is None  # reading through it is a plain miss
+    with pytest.raises(KdError, match="cache: the request cache is a file, not a directory"):
+        Asker(teacher, cache, "qa").ask([Call(request_key(request()), request(), None)])
+    assert teacher.asked == []
+
+
+# bug: a read-only (or otherwise unusable) .kd/cache under `dvc repro` sent every request, then died with a traceback
+# on the first write, losing the paid answers (now one line naming the directory, before any request); and a NaN entry
+# crashed the stage
+def test_stage_with_unwritable_cache_fails_in_one_line_before_asking(tmp_path):
+    from fake_openai import FakeOpenAI
+    from kdproject import labeling, make_project, repro, sh
+
+    with FakeOpenAI() as server:
+        root = make_project(tmp_path / "p", server.url, {"qa": labeling(4)})
+        cache = root / ".kd" / "cache"
+        cache.parent.mkdir()
+        if os.geteuid() == 0:  # root writes into read-only directories: a file in its place is unusable to anyone
+            cache.write_text("")
+        else:
+            cache.mkdir()
+            cache.chmod(0o555)
+        r = sh(root, "dvc", "repro", check=False)
+        assert r.returncode != 0 and server.received == 0
+        assert r.stderr.startswith("kd: error: .kd/cache: the request cache "), r.stderr
+        assert "Traceback" not in r.stderr + r.stdout and "damaged" not in r.stderr
+        cache.unlink() if cache.is_file() else cache.chmod(0o755)
+        assert "qa: 4 records (0 cached, 4 new" in repro(root).stdout and server.received == 4
+        # and a NaN in an entry, under dvc repro: asked again and counted in the summary, no traceback
+        entry = next(cache.glob("*/*.json"))
+        entry.write_bytes(entry.read_bytes().replace(b'"prompt_tokens":', b'"prompt_tokens":NaN,"x":'))
+        rerun = sh(root, "dvc", "repro", "-f")
+        assert "qa: 4 records (3 cached, 1 new" in rerun.stdout and server.received == 5
+        assert "; 1 damaged cache entry asked again" in rerun.stdout and "Traceback" not in rerun.stderr
+
+
+# bug: the feature stage computed a batch of teacher forward passes before finding the feature cache unwritable
+def test_feature_stage_with_unwritable_cache_fails_before_the_teacher_runs(tmp_path, tiny_model_dir, monkeypatch):
+    from kd.cache.features import FeatureCache
+    from kd.config import Feature
+    from kd.config import LocalTeacher as LocalConfig
+    from kd.elicit.feature import elicit_features
+    from kd.records import write_dataset
+    from kd.runtime.local import LocalTeacher
+
+    monkeypatch.chdir(tmp_path)  # the teacher digest memo lives under the working directory
+    rec = {"prompt": [{"role": "user", "content": "What is 1 + 1?"}],
+           "completion": [{"role": "assistant", "content": "Two."}], "category": ""}
+    write_dataset(tmp_path / "data" / "src", "src", "labeling", [rec], [], {}, None)
+    cfg = Feature(method="feature", teacher="tiny", dataset="src", top_k=4, max_length=64, batch_size=2)
+    teacher = LocalTeacher("tiny", LocalConfig(backend="local", path=str(tiny_model_dir), dtype="float32"), tmp_path)
+    monkeypatch.setattr(LocalTeacher, "loaded", lambda self: pytest.fail("the teacher ran"))
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(KdError, match="cache: the feature cache is a file, not a directory"):
+        elicit_features("logits", cfg, teacher, tmp_path / "data", FeatureCache(tmp_path / "cache").dir)
+    assert not (tmp_path / "data" / "logits").exists()

@@ -12,12 +12,11 @@ from pathlib import Path
 import yaml
 
 from kd.cache import share as cache_share
-from kd.cache.store import RequestCache, check_entry
 from kd.cli.term import Style, emit, use_colour
 from kd.config import load_params
 from kd.config.docs import PARAMS_DOC, params_reference
 from kd.errors import KdError
-from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
+from kd.paths import DATA_DIR, DVC_FILE
 from kd.pipeline.check import check
 from kd.pipeline.spec import dvc_yaml
 from kd.pipeline.status import forecast_failed, status
@@ -100,19 +99,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """Verify every entry of the request cache; damaged ones are listed (and removed with --fix)."""
-    cache = RequestCache(Path(args.root) / CACHE_DIR)
-    total, bad = 0, []
-    for f in sorted(cache.dir.glob("*/*.json")) if cache.dir.exists() else []:
-        total += 1
-        if problem := check_entry(f.read_bytes(), f.stem):
-            bad.append((f, problem))
-    for f, problem in bad:
-        print(f"damaged: {f} ({problem})")
+    """Verify every entry of the request cache and the feature cache; damaged or unreadable ones are listed with
+    why (and removed with --fix: the next build asks or computes them again)."""
+    counts, damaged = cache_share.verify(Path(args.root))
+    kept = 0
+    for d in damaged:
+        print(f"damaged {d.kind[:-1]} entry: {d.path} ({d.problem})")
         if args.fix:
-            f.unlink()
-    print(f"kd cache: {total} entries, {len(bad)} damaged" + (" (removed)" if bad and args.fix else ""))
-    return 1 if bad and not args.fix else 0
+            try:
+                d.path.unlink(missing_ok=True)
+            except OSError as e:
+                kept += 1
+                print(f"kd cache: cannot remove {d.path} ({e.strerror or type(e).__name__})", file=sys.stderr)
+    parts = [f"{kind}: {n} entries, {sum(d.kind == kind for d in damaged)} damaged" for kind, n in counts.items()]
+    removed = f" ({len(damaged) - kept} removed)" if damaged and args.fix else ""
+    print(f"kd cache verify: {'; '.join(parts)}{removed}")
+    return 1 if (damaged and not args.fix) or kept else 0
 
 
 def _report(args: argparse.Namespace, report: dict, render) -> None:
@@ -161,14 +163,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_share(args: argparse.Namespace) -> int:
-    """Push or pull request-cache entries through the project's DVC remote (incremental, verified)."""
-    fn = cache_share.push if args.cache_command == "push" else cache_share.pull
-    result = fn(Path(args.root), args.remote, args.jobs)
-    for key, why in result.rejected:
-        print(f"kd cache {args.cache_command}: {key[:16]}: {why}", file=sys.stderr)
-    verb = "pushed to" if args.cache_command == "push" else "pulled from"
-    print(f"kd cache {args.cache_command}: {result.moved} entries {verb} remote '{result.remote}', "
-          f"{result.already} already there, {len(result.rejected)} rejected")
+    """Push or pull request-cache and feature-cache entries through the project's DVC remote (incremental,
+    verified). Exit status 1 when any entry was skipped as bad, after everything else has moved."""
+    push = args.cache_command == "push"
+    result = (cache_share.push if push else cache_share.pull)(Path(args.root), args.remote, args.jobs)
+    for kind, key, why in result.rejected:
+        print(f"kd cache {args.cache_command}: {kind} {key[:16]}: {why}", file=sys.stderr)
+    words = ("pushed", "already there", "skipped as damaged") if push else ("installed", "already present",
+                                                                          "skipped as bad")
+    parts = [f"{m.kind}: {m.moved} {words[0]}, {m.already} {words[1]}, {len(m.rejected)} {words[2]}"
+             for m in result.kinds]
+    print(f"kd cache {args.cache_command} ({'to' if push else 'from'} remote '{result.remote}'): {'; '.join(parts)}")
     return 1 if result.rejected else 0
 
 
@@ -195,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-n", type=int, default=3, help="records to print")
     p.add_argument("--rejected", action="store_true", help="print rejections instead of records")
     p.set_defaults(fn=cmd_show)
-    p = sub.add_parser("cache", help="request cache tools")
+    p = sub.add_parser("cache", help="request cache and feature cache tools")
     cache_sub = p.add_subparsers(dest="cache_command", required=True)
     v = cache_sub.add_parser("verify", help=cmd_cache.__doc__)
-    v.add_argument("--fix", action="store_true", help="remove damaged entries (they are re-asked on the next build)")
+    v.add_argument("--fix", action="store_true",
+                   help="remove damaged entries (the next build asks or computes them again)")
     v.set_defaults(fn=cmd_cache)
     for verb, where in (("push", "to"), ("pull", "from")):
         c = cache_sub.add_parser(verb, help=f"copy entries the other side lacks {where} the DVC remote")

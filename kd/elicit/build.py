@@ -78,7 +78,7 @@ def build_dataset(name: str, method: str, run_method: Method, root: Path = Path(
     paid_cost = _cost(params, rs, askers, "new_usage")
     by_role = "".join(f"; {r}: {a.cached} cached, {a.new} new" for r, a in askers.items()) if len(rs) > 1 else ""
     return (f"{summary.line(name, manifest, totals)}; paid for {totals.new} requests: {paid['prompt_tokens']} prompt + "
-            f"{paid['completion_tokens']} completion tokens, {money(paid_cost)}{by_role}")
+            f"{paid['completion_tokens']} completion tokens, {money(paid_cost)}{by_role}{cache.stats.note()}")
 
 
 def _cost(params: Params, rs: dict[str, Role], askers: dict[str, Asker], usage: str) -> float | None:

@@ -110,6 +110,8 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher, data_dir: Pa
     bar = tqdm(total=sum(len(it.ids) - it.start for it in misses), desc=f"{name}: teacher", unit="tok",
                file=sys.stderr, disable=None if misses else True, dynamic_ncols=True)
     try:
+        if misses:
+            cache.ensure_writable()  # before the teacher runs: a read-only cache must not waste forward passes
         model = teacher.loaded()[0] if misses else None
         for i in range(0, len(misses), cfg.batch_size):
             batch = misses[i:i + cfg.batch_size]

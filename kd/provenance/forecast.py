@@ -87,6 +87,9 @@ class _Peek:
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
         pass
 
+    def ensure_writable(self) -> None:
+        pass  # a forecast writes nothing, so a read-only cache is no reason to refuse one
+
 
 @dataclass
 class Forecast:

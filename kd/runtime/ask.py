@@ -64,6 +64,7 @@ class Asker:
                 answers[key] = hit
         self.cached += len(unique) - len(misses)
         if misses:
+            self.cache.ensure_writable()  # a read-only cache fails here, before any answer is paid for and lost
             bar = tqdm(total=len(misses), desc=f"{self.label}: teacher", unit="req", file=sys.stderr,
                        disable=None, dynamic_ncols=True)
 

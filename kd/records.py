@@ -86,6 +86,24 @@ def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
         os.replace(tmp_dir, out_dir)
 
 
+def ensure_writable(*dirs: Path) -> None:
+    """Probe that a stage can write its outputs' directories, so it fails when it starts, not after the teacher
+    answered (answers cost money and time; a stage that cannot write them loses its work).
+
+    Raises:
+        KdError: naming the first directory that cannot be created or written.
+    """
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", dir=d)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise KdError(f"{d}: cannot write there ({e.strerror}); nothing was asked or built: make it writable and "
+                          f"run the stage again") from None
+
+
 def write_dataset(
     out_dir: Path,
     name: str,

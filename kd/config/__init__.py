@@ -32,7 +32,10 @@ from kd.secrets import is_secret_key, looks_secret
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_inputs",
-           "dataset_teachers", "load_params"]
+           "dataset_teachers", "load_params", "PARAMS_STAGE"]
+
+PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)
+STAGE_NAMES = (PARAMS_STAGE, "teacher", "evaluate")  # stages of their own: no dataset or model may take the name
 
 
 
@@ -66,6 +69,11 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Params:
+        for section in ("datasets", "students", "reward_models"):
+            for name in getattr(self, section):
+                if name in STAGE_NAMES:
+                    raise ValueError(f"{section}.{name}: '{name}' names a stage of its own in dvc.yaml; choose "
+                                     f"another name (reserved: {', '.join(STAGE_NAMES)})")
         for name, ds in self.datasets.items():
             for key, teacher in dataset_teachers(ds).items():
                 if teacher not in self.teachers:

@@ -94,9 +94,13 @@ def ensure_writable(*dirs: Path) -> None:
         KdError: naming the first directory that cannot be created or written.
     """
     for d in dirs:
+        existing = d
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent  # where the stage would create it: nothing is created by the probe
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", dir=d)
+            if not existing.is_dir():
+                raise NotADirectoryError(20, f"{existing} is not a directory")
+            fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", dir=existing)
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:

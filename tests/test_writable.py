@@ -39,7 +39,7 @@ def test_read_only_directory_is_named(tmp_path: Path) -> None:
         os.chmod(tmp_path / "data", stat.S_IRWXU)
 
 
-def test_probe_creates_missing_directories_and_leaves_nothing(tmp_path: Path) -> None:
+def test_probe_leaves_nothing_behind(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    ensure_writable(tmp_path / "data", tmp_path / "metrics")
-    assert (tmp_path / "metrics").is_dir() and os.listdir(tmp_path / "data") == []
+    ensure_writable(tmp_path / "data", tmp_path / "metrics" / "deeper")  # a missing one: its parent is probed
+    assert sorted(os.listdir(tmp_path)) == ["data"] and os.listdir(tmp_path / "data") == []

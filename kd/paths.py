@@ -14,6 +14,10 @@ CACHE_DIR = KD_DIR / "cache"  # the request cache
 CHECKPOINTS_DIR = KD_DIR / "checkpoints"  # resumable training state, outside the outs DVC deletes
 DIGEST_MEMO = KD_DIR / "digests.json"  # model directory digests by (path, size, mtime)
 PARAMS_FILE = "params.yaml"
+# the `params` stage's out, which every other stage depends on: written only when params.yaml validates, and always
+# with the same bytes, so it orders the graph (validation before any stage's outs are removed) without making
+# anything stale
+PARAMS_CHECKED = DATA_DIR / "params.checked"
 DVC_FILE = "dvc.yaml"
 
 

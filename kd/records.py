@@ -14,6 +14,7 @@ from typing import Any
 
 from kd import __version__
 from kd.errors import KdError
+from kd.paths import DATA_DIR
 
 RECORDS_FILE = "records.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -21,6 +22,7 @@ MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 # Fields that describe where a record came from; everything else is content and goes into the id.
 NON_CONTENT_FIELDS = ("id", "provenance")
+MANIFEST_KEYS = ("name", "method", "files", "fingerprint", "records", "rejected")  # what readers of a manifest use
 
 
 def canonical_json(obj: Any) -> str:
@@ -82,6 +84,28 @@ def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, out_dir)
+
+
+def ensure_writable(*dirs: Path) -> None:
+    """Probe that a stage can write its outputs' directories, so it fails when it starts, not after the teacher
+    answered (answers cost money and time; a stage that cannot write them loses its work).
+
+    Raises:
+        KdError: naming the first directory that cannot be created or written.
+    """
+    for d in dirs:
+        existing = d
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent  # where the stage would create it: nothing is created by the probe
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(20, f"{existing} is not a directory")
+            fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", dir=existing)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise KdError(f"{d}: cannot write there ({e.strerror}); nothing was asked or built: make it writable and "
+                          f"run the stage again") from None
 
 
 def write_dataset(
@@ -183,10 +207,56 @@ def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[st
     return rows
 
 
-def read_dataset(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Return (manifest, records) of a dataset directory written by `write_dataset`."""
-    manifest_path = out_dir / MANIFEST_FILE
-    if not manifest_path.exists():
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """A dataset's manifest.json; missing, truncated or not a manifest is one KdError line naming the file."""
+    path = out_dir / MANIFEST_FILE
+    if not path.exists():
         raise KdError(f"{out_dir}: no {MANIFEST_FILE}; build it first (`dvc repro`)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    return manifest, read_jsonl(out_dir / manifest["files"]["records"])
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise KdError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KdError(f"{path}: not a valid manifest ({getattr(e, 'msg', None) or e.reason}); "
+                      f"{restore_hint(out_dir)}") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise KdError(f"{path}: not a kd manifest (lacks {', '.join(missing)}); {restore_hint(out_dir)}")
+    return manifest
+
+
+def restore_hint(out_dir: Path) -> str:
+    """How to get a damaged dataset back: from DVC's cache, or by building it again."""
+    return f"restore it with `dvc checkout {DATA_DIR / out_dir.name}` or rebuild it (`dvc repro -f {out_dir.name}`)"
+
+
+def dataset_problems(manifest: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """What differs between a dataset's records and its manifest: count, fingerprint (over the ids in file order),
+    and each record's id against its content. Empty when the records are the ones the manifest names."""
+    problems = []
+    if len(records) != manifest["records"]:
+        problems.append(f"{manifest['files']['records']} holds {len(records)} records, "
+                        f"{MANIFEST_FILE} says {manifest['records']}")
+    ids = [str(r.get("id")) for r in records]
+    if fingerprint(ids) != manifest["fingerprint"]:
+        problems.append(f"the record ids give fingerprint {fingerprint(ids)[:12]}, {MANIFEST_FILE} says "
+                        f"{str(manifest['fingerprint'])[:12]}")
+    for n, rec in enumerate(records, 1):
+        if rec.get("id") != content_id(rec):
+            problems.append(f"record {n} ({str(rec.get('id'))[:12]}): its id is not the hash of its content "
+                            f"(edited by hand?)")
+            break
+    return problems
+
+
+def read_dataset(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return (manifest, records) of a dataset directory written by `write_dataset`, re-checked against each other.
+
+    Raises:
+        KdError: one line naming the dataset, what differs (count, fingerprint or a record's id) and how to fix it.
+    """
+    manifest = read_manifest(out_dir)
+    records = read_jsonl(out_dir / manifest["files"]["records"])
+    if problems := dataset_problems(manifest, records):
+        raise KdError(f"{out_dir}: damaged: {problems[0]}; {restore_hint(out_dir)}")
+    return manifest, records

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from kd.config import PARAMS_STAGE
 from kd.errors import KdError
 
 
@@ -22,7 +23,10 @@ def run(main: Callable[[], str | None]) -> None:
     try:
         line = main()
     except KdError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        stage = os.environ.get("DVC_STAGE", "")  # set by `dvc repro`, which removed this stage's outputs first
+        hint = "" if stage in ("", PARAMS_STAGE) else \
+            f"; `dvc checkout {stage}` brings back the outputs dvc repro removed before running the stage"
+        print(f"kd: error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("kd: interrupted; answers received so far are cached", file=sys.stderr)

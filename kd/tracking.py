@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kd.paths import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
 from kd.secrets import REDACTED, is_secret_key, looks_secret
 
 MAX_PARAM_CHARS = 6000  # MLflow truncates longer values with a warning; we cut them ourselves, visibly
 MAX_DIGEST_CHARS = 36  # MLflow rejects longer dataset digests
+DIRTY_SUFFIX = "+dirty"  # after a commit: the worktree's tracked inputs differed from it (git_modified)
+DVC_LOCK = "dvc.lock"
+BUILD_WRITES = tuple(f"{d}/" for d in (METRICS_DIR, PLOTS_DIR, REPORTS_DIR))  # git-tracked outs of the stages
 
 
 def tracking_uri(root: Path) -> str:
@@ -34,12 +38,30 @@ def configured_uri() -> str:
 
 
 def git_commit(root: Path) -> str:
-    """`git rev-parse HEAD` of the project, or "unknown" outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+    """`git rev-parse HEAD` of the project, with DIRTY_SUFFIX when a tracked input differs from it (git_modified);
+    "unknown" outside a git checkout. A dirty commit is not what the model learned from: edit -> `dvc repro` ->
+    commit would otherwise name the commit before the edit."""
+    head = _git(root, "rev-parse", "HEAD").strip()
+    if not head:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    return head + DIRTY_SUFFIX if git_modified(root) else head
+
+
+def git_modified(root: Path) -> list[str]:
+    """Tracked files that differ from HEAD (staged or not), leaving out what a build itself rewrites: dvc.lock,
+    .gitignore files DVC keeps, and the git-tracked metrics, plots and reports of the stages."""
+    out = _git(root, "diff", "--name-only", "--relative", "-z", "HEAD")  # paths relative to the project root
+    paths = [p for p in out.split("\0") if p]
+    paths = [p for p in paths if p != DVC_LOCK and Path(p).name != ".gitignore" and not p.startswith(BUILD_WRITES)]
+    return sorted(paths)
+
+
+def _git(root: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -135,8 +135,9 @@ def test_unreadable_seed_line_names_file_and_line(project):
 
 
 def test_check_reports_missing_dvc_dep(project):
-    dvc = (project / "dvc.yaml").read_text().replace("      - prompts/common/persona.jinja\n", "", 1)
-    (project / "dvc.yaml").write_text(dvc)
+    dvc = (project / "dvc.yaml").read_text()
+    i = dvc.index("  sft:")
+    (project / "dvc.yaml").write_text(dvc[:i] + dvc[i:].replace("      - prompts/common/persona.jinja\n", "", 1))
     r = subprocess.run([sys.executable, "-m", "kd.cli", "check"], cwd=project, capture_output=True, text=True)
     assert r.returncode == 2
     assert "dvc.yaml: stage sft: deps lacks prompts/common/persona.jinja" in r.stderr

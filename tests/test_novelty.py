@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from kd.runtime.novelty import NoveltyIndex, lcs_length, rouge_l, words
+import pytest
+
+from kd.runtime.novelty import EXACT_BELOW, NoveltyIndex, lcs_length, rouge_l, words
 
 
 def lcs_dp(a: list, b: list) -> int:
@@ -39,8 +41,27 @@ def test_index_decisions_match_all_pairs_definition():
     for text in texts:
         tokens = words(text)
         expected = all(2 * lcs_dp(tokens, k) / (len(tokens) + len(k)) <= 0.7 for k in kept)
-        added, score, _ = index.admit(text)
+        true_max = max((2 * lcs_dp(tokens, k) / (len(tokens) + len(k)) for k in kept), default=0.0)
+        added, closest = index.admit(text)
         assert added == expected
+        # the recorded maximum is the measured one, or a bound at least as large: never a bound posing as a measurement
+        assert closest.score == pytest.approx(true_max) if closest.exact else closest.score >= true_max - 1e-12
         if added:
             kept.append(tokens)
     assert 0 < len(kept) < len(texts)
+
+
+# Bug: when the index's bound short-cut every comparison, provenance said "max ROUGE-L 0.000" and audit printed it
+# as a measurement, although the closest kept instruction shared most of its words.
+def test_novelty_records_a_measurement_or_a_labelled_bound():
+    index = NoveltyIndex(0.7)
+    index.add("gamma beta alpha delta epsilon zeta")
+    closest = index.nearest("alpha beta gamma eta theta iota")  # bound 0.5 <= 0.7: no LCS was needed to admit it
+    assert closest.exact and closest.score == pytest.approx(1 / 6) and closest.index == 0
+    assert "0.167" in closest.describe(0.7) and "(measured)" in closest.describe(0.7)
+    for i in range(EXACT_BELOW + 5):  # more near candidates than kd measures below the threshold
+        index.add(f"gamma beta alpha w{i} x{i} y{i}")
+    closest = index.nearest("alpha beta gamma eta theta iota")
+    assert not closest.exact and closest.score == pytest.approx(0.5)
+    assert "upper bound" in closest.describe(0.7) and "not measured" in closest.describe(0.7)
+    assert index.nearest("nothing shared here").score == 0.0 and index.nearest("nothing shared here").exact

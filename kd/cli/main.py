@@ -24,7 +24,14 @@ from kd.pipeline.status import render as render_status
 from kd.provenance import audit
 from kd.provenance.diff import diff, sides
 from kd.provenance.diff import render as render_diff
-from kd.records import atomic_write_text, read_dataset, read_jsonl
+from kd.records import (
+    atomic_write_text,
+    dataset_problems,
+    fingerprint,
+    read_jsonl,
+    read_manifest,
+    restore_hint,
+)
 from kd.runtime.models import INFO_FILE
 
 
@@ -72,11 +79,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     path = Path(args.dataset)
     if not path.exists() and (Path(args.root) / DATA_DIR / args.dataset).exists():
         path = Path(args.root) / DATA_DIR / args.dataset
-    manifest, records = read_dataset(path)
+    manifest = read_manifest(path)
+    records = read_jsonl(path / manifest["files"]["records"])
+    problems = dataset_problems(manifest, records)  # show what is there, not what the manifest claims
     rejected = manifest["rejected"]
-    print(f"{manifest['name']} ({manifest['method']}): {manifest['records']} records, "
+    print(f"{manifest['name']} ({manifest['method']}): {len(records)} records, "
           f"{sum(rejected.values())} rejected {json.dumps(rejected) if rejected else ''}")
-    print(f"  fingerprint {manifest['fingerprint']}")
+    print(f"  fingerprint {fingerprint(str(r.get('id')) for r in records)}")
+    for problem in problems:
+        print(f"  DAMAGED     {problem}")
+    if problems:
+        print(f"  fix         {restore_hint(path)}")
+        return 1
     print(f"  teacher     {json.dumps(manifest['teacher'])}")
     for t in manifest["templates"]:
         print(f"  template    {t['path']}  sha256 {t['sha256'][:12]}")

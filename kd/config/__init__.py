@@ -6,7 +6,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from kd.config.base import Strict
@@ -26,13 +25,17 @@ from kd.config.datasets import (
 from kd.config.errors import format_errors
 from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
+from kd.config.yamlfile import read_params_yaml
 from kd.errors import KdError
 from kd.secrets import is_secret_key, looks_secret
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_inputs",
-           "dataset_teachers", "load_params"]
+           "dataset_teachers", "load_params", "PARAMS_STAGE"]
+
+PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)
+STAGE_NAMES = (PARAMS_STAGE, "teacher", "evaluate")  # stages of their own: no dataset or model may take the name
 
 
 
@@ -66,6 +69,11 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Params:
+        for section in ("datasets", "students", "reward_models"):
+            for name in getattr(self, section):
+                if name in STAGE_NAMES:
+                    raise ValueError(f"{section}.{name}: '{name}' names a stage of its own in dvc.yaml; choose "
+                                     f"another name (reserved: {', '.join(STAGE_NAMES)})")
         for name, ds in self.datasets.items():
             for key, teacher in dataset_teachers(ds).items():
                 if teacher not in self.teachers:
@@ -200,13 +208,12 @@ def load_params(root: Path | str = ".", file: str = "params.yaml") -> Params:
     root = Path(root)
     path = root / file
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KdError(f"{file}: not found in {root.resolve()}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise KdError(f"{file}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise KdError(f"{file}: not UTF-8 text ({e.reason})") from None
+    data = read_params_yaml(text, file)
     if not isinstance(data, dict):
         raise KdError(f"{file}: expected a mapping of keys at the top level")
     try:

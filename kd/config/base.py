@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def root_of(info: ValidationInfo) -> Path | None:

@@ -21,8 +21,10 @@ HEADER = """\
 # params.yaml reference
 
 Generated from the pydantic models in `kd/config/` by `kd docs --write`; do not edit by hand (a test fails when
-this page and the models disagree). Unknown keys are errors, and so are values out of range; every mistake is
-reported with its key path (`datasets.sft.sampling.temperature: ...`).
+this page and the models disagree). Unknown keys are errors, and so are values out of range, values of another
+type (nothing is coerced: `"1"` is not a number, `true` is not 1; an int is a float), `.inf` and `.nan`, and a key
+written twice; every mistake is reported with its key path (`datasets.sft.sampling.temperature: ...`). Numbers
+are read as YAML 1.2 reads them (and DVC): `3e-4` is a float.
 
 A key's type links to the table of its section. `a | b` is a closed choice.
 """

@@ -72,6 +72,11 @@ def format_errors(err: ValidationError, data: Any, model: type[BaseModel], sourc
             msg = "required key is missing"
         elif e["type"] in ("literal_error", "union_tag_invalid"):
             msg = msg.replace("Input should be", "must be")
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number, not .inf or .nan"
+        elif e["type"].endswith("_type") and isinstance(e.get("input"), str | bool):  # strict: nothing is coerced
+            got = "a string (quoted in YAML?)" if isinstance(e["input"], str) else str(e["input"]).lower()
+            msg = f"{msg.replace('Input should be', 'must be')}, not {got}"
         if "." in msg.split(":")[0] and msg.startswith(("datasets.", "teachers.")):
             lines.append(f"{source}: {msg}")  # cross-reference errors already carry their key path
         else:

@@ -89,6 +89,11 @@ class Hidden(Strict):
     loss: Literal["l2", "cosine"] = Field("cosine", description="l2: mean squared error; cosine: 1 − cosine similarity")
     weight: float = Field(1.0, ge=0, description="weight of this term added to the objective's loss")
 
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _pairs_from_yaml(cls, value: Any) -> Any:  # YAML has lists, not tuples; strict mode refuses lists as tuples
+        return [tuple(p) if isinstance(p, list) else p for p in value] if isinstance(value, list) else value
+
 
 class Rank(Strict):
     """Rank optimisation on a feedback dataset (objectives dpo, rrhf, pro; survey §3.2.4).

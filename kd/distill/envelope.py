@@ -27,7 +27,7 @@ from kd.distill import checkpoint
 from kd.distill.loop import Result
 from kd.errors import KdError
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
-from kd.records import atomic_write_text, read_dataset, write_json
+from kd.records import atomic_write_text, ensure_writable, read_dataset, write_json
 from kd.runtime.device import resolve_device
 from kd.runtime.init import init_digest
 from kd.runtime.models import DatasetRef, MlflowRef, ModelInfo, save_model
@@ -143,6 +143,7 @@ def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Par
     """
     import torch
 
+    ensure_writable(root / MODELS_DIR, root / METRICS_DIR, root / PLOTS_DIR)  # before training, not after it
     t = cfg.training
     digest = checkpoint.run_hash(cfg.model_dump(mode="json"), {d["name"]: d["fingerprint"] for d in datasets},
                                  logits["fingerprint"] if logits else None, init_digest(cfg.init, params, root))

@@ -18,7 +18,7 @@ from kd.elicit.common import Summary
 from kd.paths import CACHE_DIR, DATA_DIR, METRICS_DIR
 from kd.provenance.cards import render_card
 from kd.provenance.forecast import cost_of, forecast, money
-from kd.records import MANIFEST_FILE, write_dataset, write_json
+from kd.records import MANIFEST_FILE, ensure_writable, write_dataset, write_json
 from kd.runtime.ask import Asker, Totals
 from kd.runtime.roles import Role, make_backends, roles
 
@@ -36,6 +36,8 @@ def build_dataset(name: str, method: str, run_method: Method, root: Path = Path(
     params = load_params(root)
     cfg = dataset_config(params, name, method)
     data_dir = data_dir or root / DATA_DIR
+    metrics_dir = metrics_dir or root / METRICS_DIR
+    ensure_writable(data_dir, metrics_dir)  # before any request: answers must not be lost at the end
     cache = RequestCache(cache_dir or root / CACHE_DIR)
 
     rs = roles(cfg)  # feedback and self-knowledge ask a generator and a judge; the others one teacher
@@ -72,7 +74,7 @@ def build_dataset(name: str, method: str, run_method: Method, root: Path = Path(
         **totals.usage,
         **({"cost": cost} if cost is not None else {}),  # unknown without a price: no number rather than 0
     }
-    write_json((metrics_dir or root / METRICS_DIR) / f"{name}.json", metrics)
+    write_json(metrics_dir / f"{name}.json", metrics)
     # what this run paid for (new requests only) varies run to run, so it goes to stdout, not to metrics
     paid = totals.new_usage
     paid_cost = _cost(params, rs, askers, "new_usage")

@@ -63,13 +63,13 @@ def expand(name: str, cfg: Expansion, root: Path, data_dir: Path,
         if text is None:
             rejected.append(rejection(reason, call, response, **({"original": original} if original else {})))
             return
-        added, score, _ = novelty.admit(text)
+        added, closest = novelty.admit(text)
         if not added:
-            rejected.append(rejection("not_novel", call, response, rouge_l=round(score, 4)))
+            rejected.append(rejection("not_novel", call, response, rouge_l=round(closest.score, 4)))
             return
-        detail = f"max ROUGE-L {score:.3f} <= {cfg.novelty_threshold}"
         kept.append(_record(name, text, category, request_provenance(call, response), parents, seeds_used,
-                            [{"name": "rouge_l_novelty", "passed": True, "detail": detail}]))
+                            [{"name": "rouge_l_novelty", "passed": True, "detail": closest.describe(cfg.novelty_threshold),
+                              "max_rouge_l": round(closest.score, 4), "measured": closest.exact}]))
 
     for _ in range(cfg.max_rounds):
         if len(kept) >= cfg.target:

@@ -27,6 +27,7 @@ from kd.provenance.forecast import cost_of, feature_forecast, money
 from kd.records import (
     RECORDS_FILE,
     REJECTED_FILE,
+    ensure_writable,
     finalize,
     read_dataset,
     replace_dir,
@@ -178,6 +179,8 @@ def build_features(name: str, root: Path = Path("."), data_dir: Path | None = No
     cfg: Feature = dataset_config(params, name, "feature")
     data_dir = data_dir or root / DATA_DIR
     cache_dir = cache_dir or root / CACHE_DIR
+    metrics_dir = metrics_dir or root / METRICS_DIR
+    ensure_writable(data_dir, metrics_dir)  # before the teacher's forward passes, not after them
     print(feature_forecast(name, params, root, data_dir, cache_dir).line(), flush=True)
     teacher = LocalTeacher(cfg.teacher, params.teachers[cfg.teacher], root)
 
@@ -194,6 +197,6 @@ def build_features(name: str, root: Path = Path("."), data_dir: Path | None = No
         "rejected_by_reason": manifest["rejected"],
         **{k: manifest[k] for k in ("tokens", "completion_tokens", "bytes_per_token", "top_k")},
     }
-    write_json((metrics_dir or root / METRICS_DIR) / f"{name}.json", metrics)
+    write_json(metrics_dir / f"{name}.json", metrics)
     totals = Totals(cached=result["cached"], new=result["new"])
     return summary.line(name, manifest, totals)

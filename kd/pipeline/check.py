@@ -51,15 +51,14 @@ def warnings(params: Params) -> list[str]:
     return out
 
 
-def check(root: Path) -> str:
-    """The one-line verdict when all is well; warnings (kd.pipeline.check.warnings) go to stderr.
+def validate(root: Path) -> tuple[Params, set[str]]:
+    """params.yaml, every template its datasets name and every seed file they read; returns (params, templates).
+    What the `params` stage runs before any other stage (kd.pipeline.spec), and `kd check` before comparing dvc.yaml.
 
     Raises:
-        KdError: one line per problem, each naming the params key, file or stage at fault.
+        KdError: one line per problem, each naming the params key or file at fault.
     """
     params = load_params(root)
-    for w in warnings(params):
-        print(f"kd: warning: {w}", file=sys.stderr)
     problems: list[str] = []
     templates: set[str] = set()
     for name, cfg in params.datasets.items():
@@ -72,6 +71,18 @@ def check(root: Path) -> str:
             problems.append(f"datasets.{name}: {e}")
     if problems:
         raise KdError("\n".join(problems))
+    return params, templates
+
+
+def check(root: Path) -> str:
+    """The one-line verdict when all is well; warnings (kd.pipeline.check.warnings) go to stderr.
+
+    Raises:
+        KdError: one line per problem, each naming the params key, file or stage at fault.
+    """
+    params, templates = validate(root)
+    for w in warnings(params):
+        print(f"kd: warning: {w}", file=sys.stderr)
     expected = dvc_data(params, root)
     path = root / DVC_FILE
     if not path.is_file():

@@ -14,16 +14,16 @@ from typing import Any, Literal
 
 import yaml
 
-from kd.config import Dataset, Params, RewardModel, Student
+from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
 from kd.config.students import FromPretrained
 from kd.elicit import curation, expansion, feedback, labeling
-from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, REPORTS_DIR
+from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PARAMS_CHECKED, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR
 from kd.pipeline.code import closure
 from kd.prompts import load_prompt
 from kd.runtime import judges
 from kd.runtime.roles import roles
 
-Kind = Literal["teacher", "dataset", "student", "reward_model", "evaluate"]
+Kind = Literal["params", "teacher", "dataset", "student", "reward_model", "evaluate"]
 HEADER = """\
 # Written by `kd pipeline --write` from params.yaml: edit params.yaml, then run it again (`kd check` fails when
 # this file and params.yaml disagree). Each stage lists as deps exactly the code, templates, seeds, data and
@@ -175,19 +175,25 @@ def _evaluate(params: Params, root: Path) -> Stage:
 
 
 def stages(params: Params, root: Path) -> list[Stage]:
-    """Every stage `params` declares, in build order: the embedded teacher, datasets, students and reward models
-    (in params order), the evaluation.
+    """Every stage `params` declares, in build order: the `params` check, the embedded teacher, datasets, students
+    and reward models (in params order), the evaluation.
+
+    Every stage depends on the `params` stage's out, so `dvc repro` validates params.yaml, templates and seeds
+    before DVC removes any stage's outputs (it does so before running a stage's command): a typo stops the build
+    with the data intact.
 
     Raises:
         KdError: a template that does not load (its path, line and what is wrong).
     """
     out = []
+    checked: set[str] = set()  # the templates and seeds the `params` stage validates
     if _embedded_used(params):
         script = _script("teacher")
         out.append(Stage("teacher", "teacher", f"python {script}", deps=closure(root, script),
                          params=["embedded_teacher"], outs=[params.embedded_teacher.out]))
     for name, cfg in params.datasets.items():
         reads = dataset_reads(name, cfg, params, root)
+        checked |= {*reads["templates"], *reads["seeds"]}
         script = _script(cfg.method)
         out.append(Stage(
             name, "dataset", f"python {script} {name}",
@@ -199,7 +205,12 @@ def stages(params: Params, root: Path) -> list[Stage]:
     out += [reward_model_stage(n, cfg, params, root) for n, cfg in params.reward_models.items()]
     if params.evaluation is not None:
         out.append(_evaluate(params, root))
-    return out
+    for st in out:
+        st.deps.insert(0, str(PARAMS_CHECKED))
+    script = _script(PARAMS_STAGE)
+    check = Stage(PARAMS_STAGE, "params", f"python {script}", deps=closure(root, script) + [PARAMS_FILE, *sorted(checked)],
+                  params=[], outs=[str(PARAMS_CHECKED)])
+    return [check, *out]
 
 
 def dvc_data(params: Params, root: Path) -> dict[str, Any]:

@@ -65,8 +65,9 @@ def method(name: str) -> Method:
 
 
 def _graph(graph: list[Stage]) -> dict[str, dict[str, Any]]:
+    # the `params` check is no build: it rewrites its out with the same bytes, so nothing reruns because of it
     return {s.name: {"outs": s.outs, "deps": s.deps, "dataset": s.builds if s.kind == "dataset" else None}
-            for s in graph}
+            for s in graph if s.kind != "params"}
 
 
 def _downstream(graph: dict[str, dict[str, Any]], stale: set[str]) -> dict[str, str]:

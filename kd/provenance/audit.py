@@ -18,6 +18,7 @@ from kd.provenance.lineage import find_by_id, loads
 from kd.provenance.revisions import git, resolve_rev, template_origin
 from kd.records import MANIFEST_FILE, RECORDS_FILE, read_jsonl, seed_id
 from kd.runtime.models import INFO_FILE, ModelInfo, read_info
+from kd.tracking import DIRTY_SUFFIX
 
 MAX_DESCENDANTS = 100  # records followed downstream when asking which models learned from a record
 
@@ -186,7 +187,7 @@ def audit_model(root: Path, model_dir: Path, data_dir: Path | None = None) -> di
     project = _Project(root, data_dir or root / DATA_DIR)
     commit = info.git_commit
     try:
-        known = bool(commit) and resolve_rev(root, commit) is not None
+        known = bool(commit) and resolve_rev(root, commit.removesuffix(DIRTY_SUFFIX)) is not None
     except KdError:
         known = False
     return {
@@ -195,7 +196,7 @@ def audit_model(root: Path, model_dir: Path, data_dir: Path | None = None) -> di
         "datasets": [_fingerprint_check(project, d.model_dump()) for d in info.datasets],
         "logits": _fingerprint_check(project, info.logits.model_dump()) if info.logits else None,
         "git_commit": {"commit": commit, "in_repository": known,
-                       "subject": git(root, "log", "-1", "--format=%s", commit).decode().strip() if known else None},
+                       "subject": git(root, "log", "-1", "--format=%s", commit.removesuffix(DIRTY_SUFFIX)).decode().strip() if known else None},
         "metrics": info.metrics,
         "mlflow": mlflow_run(root, info.mlflow.tracking_uri, info.mlflow.run_id),
     }

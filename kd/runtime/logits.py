@@ -18,14 +18,13 @@ The feature stage (kd.elicit.feature) writes it; students (kd.distill) read it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FORMAT
 from kd.errors import KdError
-from kd.records import MANIFEST_FILE, canonical_json, read_jsonl
+from kd.records import MANIFEST_FILE, canonical_json, read_dataset
 from kd.runtime.tokenize import tokenizer_digest
 
 LOGITS_FILE = "logits.safetensors"
@@ -113,13 +112,11 @@ def load_logits(path: Path | str) -> LogitsStore:
     from safetensors.torch import load_file
 
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.exists():
+    if not (path / MANIFEST_FILE).exists():
         raise KdError(f"{path}: no {MANIFEST_FILE}; build the logits dataset first (`dvc repro {path.name}`)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest, records = read_dataset(path)  # re-checked against its manifest
     if manifest.get("method") != "feature":
         raise KdError(f"{path}: a {manifest.get('method')} dataset, not a feature (logits) dataset")
-    records = read_jsonl(path / manifest["files"]["records"])
     arrays = load_file(str(path / manifest["files"]["logits"]))
     if arrays["offsets"].shape[0] != len(records) + 1:
         raise KdError(f"{path}: {LOGITS_FILE} holds {arrays['offsets'].shape[0] - 1} records but records.jsonl "

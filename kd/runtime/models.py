@@ -23,11 +23,14 @@ from kd.errors import KdError
 from kd.paths import DIGEST_MEMO, under
 from kd.records import replace_dir
 from kd.runtime.device import resolve_device, resolve_dtype
+from kd.tracking import DIRTY_SUFFIX
 
 INFO_FILE = "kd_model.json"
 CARD_FILE = "README.md"
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 PROVENANCE_FILES = (CARD_FILE, INFO_FILE)
+DIRTY_NOTE = (" — not a clean commit: tracked files (templates, seeds, params, code) had uncommitted changes, "
+              "so this commit does not hold everything the model learned from")
 
 
 class DatasetRef(BaseModel):
@@ -159,7 +162,7 @@ Distilled by kd with objective **{info.objective}**, initialised {describe_init(
 Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logits else "none"}
 
 ## Provenance
-- git commit: `{info.git_commit}`
+- git commit: `{info.git_commit}`{DIRTY_NOTE if info.git_commit.endswith(DIRTY_SUFFIX) else ''}
 - MLflow run: `{info.mlflow.run_id}` (tracking URI `{info.mlflow.tracking_uri}`)
 
 ## Final metrics

@@ -14,10 +14,27 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
+EXACT_BELOW = 32  # kept instructions measured exactly below the threshold, so the recorded maximum is usually exact
+
+
+class Closest(NamedTuple):
+    """The closest kept instruction: ROUGE-L F1 (exact, or an upper bound when `exact` is False) and its index
+    (-1 when none shares a word)."""
+
+    score: float
+    index: int
+    exact: bool
+
+    def describe(self, threshold: float) -> str:
+        """For provenance and `kd audit`: a measurement, or the bound that proved novelty, never one for the other."""
+        if self.exact:
+            return f"max ROUGE-L {self.score:.3f} <= {threshold} (measured)"
+        return f"max ROUGE-L <= {self.score:.3f} <= {threshold} (upper bound; not measured)"
 
 
 def words(text: str) -> list[str]:
@@ -77,28 +94,45 @@ class NoveltyIndex:
     def _ids(self, text: str) -> list[int]:
         return [self._vocab.setdefault(w, len(self._vocab)) for w in words(text)]
 
-    def nearest(self, text: str) -> tuple[float, int]:
-        """(ROUGE-L F1, index) of the closest kept instruction among those that could exceed the
-        threshold; (0.0, -1) when none can."""
+    def nearest(self, text: str) -> Closest:
+        """The closest kept instruction: its exact ROUGE-L F1 when kd measured it, else an upper bound.
+
+        Every kept instruction whose bound exceeds the threshold is measured exactly; below the threshold, at most
+        EXACT_BELOW more are, best bound first, which usually proves the maximum exact. Otherwise the score is the
+        largest bound left unmeasured and `exact` is False: novelty was proved by the bound, not by a measurement.
+        """
         ids = self._ids(text)
         n = len(self._docs)
         if not ids or n == 0:
-            return 0.0, -1
+            return Closest(0.0, -1, True)
         overlap = np.zeros(n, dtype=np.int32)
         for t, c in Counter(ids).items():
             p = self._postings.get(t)
             if p is not None:
                 overlap[p.docs[: p.size]] += np.minimum(p.counts[: p.size], c)
         bound = 2.0 * overlap / (len(ids) + self._lengths[:n])
-        candidates = np.flatnonzero(bound > self.threshold)
+        above = np.flatnonzero(bound > self.threshold)
+        below = np.flatnonzero((bound <= self.threshold) & (bound > 0))
+        if len(below) > EXACT_BELOW:
+            below = below[np.argpartition(-bound[below], EXACT_BELOW)[: EXACT_BELOW + 1]]
         best, best_i = 0.0, -1
-        for i in candidates[np.argsort(-bound[candidates], kind="stable")]:
+        for i in above[np.argsort(-bound[above], kind="stable")]:
             if bound[i] <= best:
-                break
+                break  # every one left has a lower bound than the best measured
             score = rouge_l(ids, self._docs[i])
             if score > best:
                 best, best_i = score, int(i)
-        return best, best_i
+        if best > self.threshold:
+            return Closest(best, best_i, True)
+        for k, i in enumerate(below[np.argsort(-bound[below], kind="stable")]):
+            if bound[i] <= best:
+                break
+            if k == EXACT_BELOW:
+                return Closest(float(bound[i]), best_i, False)  # the budget is spent: this bound is all we know
+            score = rouge_l(ids, self._docs[i])
+            if score > best:
+                best, best_i = score, int(i)
+        return Closest(best, best_i, True)
 
     def add(self, text: str) -> int:
         ids = self._ids(text)
@@ -111,10 +145,10 @@ class NoveltyIndex:
             self._postings.setdefault(t, _Postings()).append(doc, c)
         return doc
 
-    def admit(self, text: str) -> tuple[bool, float, int]:
-        """Add `text` if it is novel; return (added, closest score, index of the closest)."""
-        score, nearest = self.nearest(text)
-        if score > self.threshold:
-            return False, score, nearest
+    def admit(self, text: str) -> tuple[bool, Closest]:
+        """Add `text` if it is novel; return (added, the closest kept instruction)."""
+        closest = self.nearest(text)
+        if closest.score > self.threshold:
+            return False, closest
         self.add(text)
-        return True, score, nearest
+        return True, closest

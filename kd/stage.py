@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from kd.errors import KdError
+from kd.secrets import redact
 
 
 def dataset_argv(description: str) -> argparse.Namespace:
@@ -22,7 +23,7 @@ def run(main: Callable[[], str | None]) -> None:
     try:
         line = main()
     except KdError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {redact(str(e))}", file=sys.stderr)  # no message may carry a key (kd.secrets)
         sys.exit(2)
     except KeyboardInterrupt:
         print("kd: interrupted; answers received so far are cached", file=sys.stderr)

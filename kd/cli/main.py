@@ -27,6 +27,7 @@ from kd.provenance.diff import diff, sides
 from kd.provenance.diff import render as render_diff
 from kd.records import atomic_write_text, read_dataset, read_jsonl
 from kd.runtime.models import INFO_FILE
+from kd.secrets import redact
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.fn(args))
     except KdError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {redact(str(e))}", file=sys.stderr)  # no message may carry a key (kd.secrets)
         sys.exit(2)
 
 

@@ -170,3 +170,84 @@ def test_kd_check_reports_unpinned_remote_code(project: Path) -> None:
     assert f"teachers.custom.code_digest: trust_remote_code: true runs the Python code in models/custom; read it, " \
            f"then pin it with `code_digest: {code_digest(d)}`" in str(err.value)
     assert not (project / "CODE_RAN").exists()
+
+
+# ------------------------------------------------------------------------------------------ the canary build
+
+
+# Issue 11 "done when": a build with a canary key in the environment, after an attempt with canary credentials in
+# `base_url` that must be refused, leaves neither canary in any file of the project (data, cache, dvc.lock,
+# mlflow.db, model cards, DVC's own files) nor in anything it printed. Before, the URL passed `kd check` and
+# went to dvc.lock and into error messages whole.
+def test_canary_build_writes_and_prints_no_secret(tmp_path: Path, tiny_model_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import secrets
+    import shutil
+
+    from fake_openai import FakeOpenAI
+    from kdproject import commit, labeling, make_project, records, sh
+    from studentproject import student
+
+    from kd.pipeline.spec import dvc_yaml
+
+    key, password = f"sk-canary-{secrets.token_hex(16)}", f"Pw-canary-{secrets.token_hex(8)}"
+    monkeypatch.setenv("CANARY_API_KEY", key)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the build's own mlflow.db, under the project
+    printed: list[str] = []
+
+    def run(*cmd: str) -> Any:
+        r = sh(root, *cmd, check=False)
+        printed.extend([r.stdout, r.stderr])
+        return r
+
+    with FakeOpenAI(api_key=key, served_model="fake-served-1") as server:
+        root = make_project(tmp_path / "p", server.url, {"qa": labeling(6)})
+        shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["teachers"]["fake"]["api_key_env"] = "CANARY_API_KEY"
+        params["teachers"]["tiny"] = {"backend": "local", "path": "models/tiny", "dtype": "float32"}
+        params["students"] = {"s": {**student("sft", training={"max_steps": 2, "max_length": 512}), "datasets": ["qa"]}}
+
+        def write(base_url: str) -> None:
+            params["teachers"]["fake"]["base_url"] = base_url
+            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+        write(server.url.replace("http://", f"http://admin:{password}@"))
+        refused = run("python", "-m", "kd.cli", "check")
+        assert refused.returncode == 2 and "teachers.fake.base_url: http://***@127.0.0.1:" in refused.stderr
+        assert run("dvc", "repro").returncode != 0  # the stage refuses the params before any request
+        assert server.received == 0
+
+        write(server.url)
+        (root / "dvc.yaml").write_text(dvc_yaml(load_params(root), root))
+        (root / ".gitignore").write_text(".kd/\nmodels/tiny/\n")
+        commit(root, "canary project")
+        built = run("dvc", "repro")
+        assert built.returncode == 0, built.stdout + built.stderr
+        assert run("git", "add", "-A").returncode == 0 and run("git", "commit", "-qm", "built").returncode == 0
+        audit = run("python", "-m", "kd.cli", "audit", records(root, "qa")[0]["id"][:12])
+        assert audit.returncode == 0, audit.stderr
+        for r in (run("python", "-m", "kd.cli", "show", "data/qa"), run("python", "-m", "kd.cli", "audit", "models/s")):
+            assert r.returncode == 0, r.stderr
+
+    # the key was used, the endpoint and the server's model name are on record, and the audit shows them
+    assert server.answered == 6 and all(f"Bearer {key}" in json.dumps(h) for h in server.headers)
+    host = server.url.removesuffix("/v1")
+    assert records(root, "qa")[0]["provenance"]["requests"][0]["served_by"] == {"endpoint": host, "model": "fake-served-1"}
+    assert f"served   by {host}, model fake-served-1" in audit.stdout
+    for must in ("dvc.lock", "mlflow.db", "models/s/README.md", "models/s/kd_model.json", "data/qa/records.jsonl"):
+        assert (root / must).is_file(), must
+    for canary in (key, password):
+        leaks = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
+        assert leaks == [] and not any(canary in text for text in printed), canary
+
+
+# Regression: MLflow's param redaction (kd.tracking.redact) knew key names and `sk-…` values, not URLs with
+# credentials nor gsk_/AIza keys.
+def test_mlflow_params_redact_urls_and_every_key_shape() -> None:
+    from kd.tracking import redact as redact_params
+
+    flat = {"t.base_url": "http://admin:pw@h/v1", "t.url": f"https://h/v1?key={GOOGLE}", "t.note": "gsk_" + "a1" * 12,
+            "t.fine": "https://api.openai.com/v1", "t.api_key_env": "OPENAI_API_KEY"}
+    assert redact_params(flat) == {"t.base_url": "***", "t.url": "***", "t.note": "***",
+                                   "t.fine": "https://api.openai.com/v1", "t.api_key_env": "OPENAI_API_KEY"}

@@ -251,3 +251,19 @@ def test_mlflow_params_redact_urls_and_every_key_shape() -> None:
             "t.fine": "https://api.openai.com/v1", "t.api_key_env": "OPENAI_API_KEY"}
     assert redact_params(flat) == {"t.base_url": "***", "t.url": "***", "t.note": "***",
                                    "t.fine": "https://api.openai.com/v1", "t.api_key_env": "OPENAI_API_KEY"}
+
+
+# Regression: the same hole in a student's `init: {kind: from_pretrained}` on a local directory: `revision: x`
+# let the directory's code run.
+def test_remote_code_in_a_local_init_directory_needs_its_digest_pinned(tmp_path: Path) -> None:
+    from kd.config.students import FromPretrained
+    from kd.runtime.init import init_student
+
+    d = model_dir(tmp_path)
+    init = FromPretrained(kind="from_pretrained", path="models/custom", trust_remote_code=True, revision="deadbeef")
+    with pytest.raises(KdError) as err:
+        init_student(init, None, tmp_path, key="students.s.init")
+    assert str(err.value).startswith("students.s.init.code_digest: trust_remote_code: true runs the Python code")
+    assert code_digest(d) in str(err.value) and not (tmp_path / "CODE_RAN").exists()
+    with pytest.raises(ValidationError):  # neither pin: refused by params validation already
+        FromPretrained(kind="from_pretrained", path="models/custom", trust_remote_code=True)

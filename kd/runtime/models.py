@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd.config import LocalTeacher, Params
+from kd.config.students import FromPretrained
 from kd.errors import KdError
 from kd.paths import DIGEST_MEMO, under
 from kd.records import replace_dir
@@ -123,9 +124,9 @@ def code_digest(path: Path) -> str:
     return _hash_files(path, code_files(path))
 
 
-def trusted_code(path: Path, cfg: LocalTeacher, key: str) -> bool:
-    """Whether transformers may run the code in a local teacher's directory: only when the params ask for it
-    and pin exactly the code that is there (a `revision` pins nothing in a local directory).
+def trusted_code(path: Path, cfg: LocalTeacher | FromPretrained, key: str) -> bool:
+    """Whether transformers may run the code in a local model directory (a teacher, a `from_pretrained` init):
+    only when the params ask for it and pin exactly the code that is there (a `revision` pins nothing locally).
 
     Raises:
         KdError: naming `<key>.code_digest`, with the directory's actual digest to copy in after reading the code.

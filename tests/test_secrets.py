@@ -58,7 +58,7 @@ def test_plain_urls_stay_valid() -> None:
 
 
 # Regression: a key typed into api_key_env (gsk_…, 64-hex, AIza…) passed the name pattern and was then echoed.
-@pytest.mark.parametrize("key", ["gsk_" + "a1B2c3D4" * 7, HEX64, GOOGLE, "sk-proj-abcdefghijklmnopqrstuv"])
+@pytest.mark.parametrize("key", ["gsk_" + "a1B2c3D4" * 7, HEX64, "9f86d081" * 8, GOOGLE, "sk-proj-abcdefghijklmnopqrstuv"])
 def test_a_key_in_api_key_env_is_refused_without_echo(project: Path, key: str) -> None:
     msg = with_teacher(project, api_key_env=key)
     assert "teachers.remote.api_key_env: must name an environment variable; the value looks like an API key" in msg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -64,10 +64,10 @@ class OpenAITeacher(Strict):
             raise ValueError(why_refused("base_url", url))
         return url
 
-    @field_validator("api_key_env")
+    @field_validator("api_key_env", mode="before")  # before the name pattern, whose message says less
     @classmethod
-    def _a_name_not_a_key(cls, name: str | None) -> str | None:
-        if name is not None and looks_like_key(name):
+    def _a_name_not_a_key(cls, name: Any) -> Any:
+        if isinstance(name, str) and looks_like_key(name):
             raise ValueError(why_refused("api_key_env", name))
         return name
 

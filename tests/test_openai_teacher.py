@@ -268,7 +268,7 @@ def test_retry_after_parses_seconds_and_dates() -> None:
 # Regression: answers did not record the server (endpoint) nor the model it reported, so pointing base_url at
 # another server with the same `model` left no trace in provenance.
 def test_each_answer_records_the_endpoint_and_the_model_the_server_reported() -> None:
-    with FakeOpenAI(served_model="fake-2026-01-01") as server:
+    with FakeOpenAI(served_model="fake-2026-01-01\x1b\x07") as server:  # control characters are dropped
         teacher = OpenAITeacher("gpt", config(server))
         answers = ask(teacher, items(2, teacher))
     host = server.url.removesuffix("/v1")

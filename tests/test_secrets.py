@@ -234,7 +234,7 @@ def test_canary_build_writes_and_prints_no_secret(tmp_path: Path, tiny_model_dir
     assert server.answered == 6 and all(f"Bearer {key}" in json.dumps(h) for h in server.headers)
     host = server.url.removesuffix("/v1")
     assert records(root, "qa")[0]["provenance"]["requests"][0]["served_by"] == {"endpoint": host, "model": "fake-served-1"}
-    assert f"served   by {host}, model fake-served-1" in audit.stdout
+    assert f"served   by {host}, model fake-served-1 (asked for fake)" in audit.stdout
     for must in ("dvc.lock", "mlflow.db", "models/s/README.md", "models/s/kd_model.json", "data/qa/records.jsonl"):
         assert (root / must).is_file(), must
     for canary in (key, password):

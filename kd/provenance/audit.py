@@ -278,8 +278,10 @@ def _render_step(node: dict[str, Any], s: Any, lines: list[str], pad: str) -> No
             lines.append(f"{pad}    {label:<9}{t['path']}  sha256 {t['sha256'][:16]}  {today}; {where}")
         lines.append(f"{pad}    teacher  {json.dumps(r['teacher'], sort_keys=True)}")
         if r.get("served_by"):  # an OpenAI-compatible server: where the answer came from, and what it said it ran
-            served = r["served_by"]
-            lines.append(f"{pad}    served   by {served.get('endpoint')}, model {served.get('model') or '(not reported)'}")
+            served, asked = r["served_by"], (r.get("teacher") or {}).get("model")
+            other = f" (asked for {asked})" if served.get("model") and served["model"] != asked else ""
+            lines.append(f"{pad}    served   by {served.get('endpoint')}, model {served.get('model') or '(not reported)'}"
+                         f"{other}")
         lines.append(f"{pad}    sampling {json.dumps(r['sampling'], sort_keys=True)}  sample {r['sample_index']}")
         usage = r["usage"] or {}
         lines.append(f"{pad}    usage    {usage.get('prompt_tokens', '?')} prompt + "

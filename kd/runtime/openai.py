@@ -162,6 +162,11 @@ def _parse(content: bytes, served_at: str) -> dict[str, Any]:
     usage = data.get("usage") or {}
     model = data.get("model")
     return {"text": text, "finish_reason": str(finish),
-            "served_by": {"endpoint": served_at, "model": model[:200] if isinstance(model, str) else None},
+            "served_by": {"endpoint": served_at, "model": _printable(model[:200]) if isinstance(model, str) else None},
             "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                       "completion_tokens": int(usage.get("completion_tokens") or 0)}}
+
+
+def _printable(text: str) -> str:
+    """A server's string fit to print: no control characters (a terminal escape must not reach `kd audit`)."""
+    return "".join(c for c in text if c.isprintable())

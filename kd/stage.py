@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from kd.config import PARAMS_STAGE
 from kd.errors import KdError
+from kd.secrets import redact
 
 
 def dataset_argv(description: str) -> argparse.Namespace:
@@ -26,7 +27,7 @@ def run(main: Callable[[], str | None]) -> None:
         stage = os.environ.get("DVC_STAGE", "")  # set by `dvc repro`, which removed this stage's outputs first
         hint = "" if stage in ("", PARAMS_STAGE) else \
             f"; `dvc checkout {stage}` brings back the outputs dvc repro removed before running the stage"
-        print(f"kd: error: {e}{hint}", file=sys.stderr)
+        print(f"kd: error: {redact(str(e))}{hint}", file=sys.stderr)  # no message may carry a key (kd.secrets)
         sys.exit(2)
     except KeyboardInterrupt:
         print("kd: interrupted; answers received so far are cached", file=sys.stderr)

@@ -20,6 +20,7 @@ normally:
 `kill_pid_at=N`: when request N+1 arrives, SIGKILL is sent to `server.kill_pid` before it is answered, so
 exactly N requests were answered before the kill. `api_key`: requests without `Authorization: Bearer
 <api_key>` get 401 (whose body echoes the key it got, as real servers partly do, to test scrubbing).
+`served_model`: the model name its answers report (OpenAI reports a dated snapshot of the one asked for).
 
 Run by hand: `python tests/fake_openai.py --port 8000 --latency 0.2` (blocks; Ctrl-C stops it).
 """
@@ -56,7 +57,8 @@ class FakeOpenAI:
 
     def __init__(self, latency_s: float = 0.0, faults: list[str] | None = None,
                  answer: Callable[[list[dict[str, Any]]], str] | None = None,
-                 kill_pid_at: int | None = None, api_key: str | None = None) -> None:
+                 kill_pid_at: int | None = None, api_key: str | None = None,
+                 served_model: str | None = None, port: int = 0) -> None:
         unknown = [f for f in faults or [] if f not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
@@ -66,6 +68,8 @@ class FakeOpenAI:
         self.kill_pid_at = kill_pid_at
         self.kill_pid: int | None = None
         self.api_key = api_key
+        self.served_model = served_model  # the `model` its answers report; None: the requested one (as vLLM does)
+        self.port = port  # 0: a free one
         self.timeout_sleep_s = 2.0  # how long a "timeout" fault stalls before answering anyway
         self.received = 0  # POSTs to /v1/chat/completions
         self.answered = 0  # complete, valid 200 completions sent
@@ -82,9 +86,9 @@ class FakeOpenAI:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self, port: int = 0) -> FakeOpenAI:
+    def start(self, port: int | None = None) -> FakeOpenAI:
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._httpd = _Server(("127.0.0.1", port), handler)
+        self._httpd = _Server(("127.0.0.1", self.port if port is None else port), handler)
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-openai", daemon=True)
@@ -128,7 +132,7 @@ class FakeOpenAI:
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": 0,
-            "model": body.get("model", "fake"),
+            "model": self.served_model or body.get("model", "fake"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(text),

@@ -260,3 +260,27 @@ def test_retry_after_parses_seconds_and_dates() -> None:
     assert _retry_after(None) is None and _retry_after("soon") is None
     future = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < _retry_after(future) <= 30
+
+
+# ------------------------------------------------------------------------------------------ who answered
+
+
+# Regression: answers did not record the server (endpoint) nor the model it reported, so pointing base_url at
+# another server with the same `model` left no trace in provenance.
+def test_each_answer_records_the_endpoint_and_the_model_the_server_reported() -> None:
+    with FakeOpenAI(served_model="fake-2026-01-01\x1b\x07") as server:  # control characters are dropped
+        teacher = OpenAITeacher("gpt", config(server))
+        answers = ask(teacher, items(2, teacher))
+    host = server.url.removesuffix("/v1")
+    assert [a["served_by"] for a in answers.values()] == [{"endpoint": host, "model": "fake-2026-01-01"}] * 2
+    assert "base_url" not in json.dumps(teacher.identity) and host not in json.dumps(teacher.identity)
+
+
+# Regression: a key typed into api_key_env was echoed by "environment variable … is not set".
+def test_a_key_typed_as_the_variable_name_is_never_echoed() -> None:
+    key = "gsk_" + "A1b2C3d4" * 7
+    with FakeOpenAI() as server:
+        cfg = config(server).model_copy(update={"api_key_env": key})  # as if validation had been bypassed
+        with pytest.raises(KdError) as err:
+            OpenAITeacher("gpt", cfg)
+    assert "teachers.gpt.api_key_env" in str(err.value) and key[:10] not in str(err.value)

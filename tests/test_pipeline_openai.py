@@ -104,7 +104,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path: Path, canary
         ref_root = make_project(tmp_path / "ref", reference.url, concurrency=1)
         assert run_stage(ref_root, canary).returncode == 0
 
-    with FakeOpenAI(api_key=canary, kill_pid_at=5) as server:
+    # the same endpoint as the reference: each record names the server that answered it (`served_by`)
+    with FakeOpenAI(api_key=canary, kill_pid_at=5, port=int(reference.url.split(":")[-1].split("/")[0])) as server:
         root = make_project(tmp_path / "killed", server.url, concurrency=1)
         proc = subprocess.Popen([sys.executable, "stages/labeling.py", NAME], cwd=root, env=stage_env(canary),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -33,6 +33,7 @@ from kd.records import (
     restore_hint,
 )
 from kd.runtime.models import INFO_FILE
+from kd.secrets import redact
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.fn(args))
     except KdError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {redact(str(e))}", file=sys.stderr)  # no message may carry a key (kd.secrets)
         sys.exit(2)
 
 

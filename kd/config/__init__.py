@@ -27,7 +27,7 @@ from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, Re
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
 from kd.config.yamlfile import read_params_yaml
 from kd.errors import KdError
-from kd.secrets import is_secret_key, looks_secret
+from kd.secrets import is_secret_key, looks_secret, redact, why_refused
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
@@ -59,12 +59,11 @@ class Params(Strict):
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
         for path, key, value in _walk(data, ()):
-            if isinstance(key, str) and is_secret_key(key) and value not in (None, ""):
-                raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
-                              f"environment variable and name it with `api_key_env`")
+            where = redact(".".join(map(str, path)))  # a key typed as a mapping key is a key too
+            if isinstance(key, str) and (is_secret_key(key) and value not in (None, "") or looks_secret(key)):
+                raise KdError(f"params.yaml: {where}: {why_refused(key, '')}")
             if isinstance(value, str) and looks_secret(value):
-                raise KdError(f"params.yaml: {'.'.join(map(str, path))}: looks like a secret; keep keys in an "
-                              f"environment variable and name it with `api_key_env`")
+                raise KdError(f"params.yaml: {where}: {why_refused(str(key), value)}")
         return data
 
     @model_validator(mode="after")

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
+from kd.secrets import redact
+
 TAGS = ("method", "backend", "kind")  # discriminator fields of the tagged unions in params.yaml
 
 
@@ -59,7 +61,11 @@ def _user_path(loc: tuple, data: Any) -> tuple[tuple, tuple]:
 
 
 def format_errors(err: ValidationError, data: Any, model: type[BaseModel], source: str = "params.yaml") -> str:
-    """One line per error: the file, the key path as the user wrote it, and what is allowed."""
+    """One line per error: the file, the key path as the user wrote it, and what is allowed.
+
+    Only pydantic's `msg` is shown, never its `input_value`, and each line is redacted (kd.secrets): a rejected
+    value may be a key typed in the wrong place, and a message may quote it (a union tag, a custom validator).
+    """
     lines = []
     for e in err.errors():
         path, loc = _user_path(tuple(e["loc"]), data)
@@ -81,4 +87,4 @@ def format_errors(err: ValidationError, data: Any, model: type[BaseModel], sourc
             lines.append(f"{source}: {msg}")  # cross-reference errors already carry their key path
         else:
             lines.append(f"{source}: {where}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
+    return "\n".join(dict.fromkeys(redact(line) for line in lines))

@@ -44,12 +44,17 @@ class FromPretrained(Strict):
     kind: Literal["from_pretrained"] = Field(description="how the model is initialised")
     path: str = Field(description="a local model directory (e.g. models/<sft student>), or a hub id when online")
     revision: str | None = Field(None, description="a pinned revision (commit) of the model")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision` "
+                                                       "(hub id) or `code_digest` (local directory)")
+    code_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                    description="sha256 of a local directory's code, required by trust_remote_code "
+                                                "there (read the code, then copy in the digest the error prints)")
 
     @model_validator(mode="after")
     def _remote_code_needs_pin(self) -> FromPretrained:
-        if self.trust_remote_code and not self.revision:
-            raise ValueError("trust_remote_code: true needs a pinned `revision` next to it")
+        if self.trust_remote_code and not (self.revision or self.code_digest):
+            raise ValueError("trust_remote_code: true needs a pinned `revision` (hub id) or `code_digest` (local "
+                             "directory) next to it")
         return self
 
 

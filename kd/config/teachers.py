@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from kd.config.base import Strict
+from kd.secrets import looks_like_key, url_has_secret, why_refused
 
 
 class Price(Strict):
@@ -29,15 +30,13 @@ class LocalTeacher(Strict):
                             "AVX-512 BF16), else float32 (bf16 is emulated and ~6x slower on AVX2-only CPUs)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call; higher = faster, more memory")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; needs `revision`")
-    revision: str | None = Field(None, description="a pinned revision (commit) of the model, recorded in provenance")
+    trust_remote_code: bool = Field(False, description="run the Python code (*.py) in the model directory; refused "
+                                                       "unless `code_digest` pins that code")
+    code_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                    description="sha256 of the directory's code, required by trust_remote_code "
+                                                "(read the code, then copy in the digest the error prints)")
+    revision: str | None = Field(None, description="a label for the model's version, recorded in provenance")
     price: Price | None = Field(None, description="cost per million tokens; null = free (your own hardware)")
-
-    @model_validator(mode="after")
-    def _remote_code_needs_pin(self) -> LocalTeacher:
-        if self.trust_remote_code and not self.revision:
-            raise ValueError("trust_remote_code: true needs a pinned `revision` next to it")
-        return self
 
 
 class OpenAITeacher(Strict):
@@ -57,6 +56,20 @@ class OpenAITeacher(Strict):
     backoff_max_s: float = Field(60.0, ge=0, description="cap on one retry delay")
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
     price: Price | None = Field(None, description="cost per million input/output tokens; null = unknown (no cost shown)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str) -> str:
+        if url_has_secret(url):
+            raise ValueError(why_refused("base_url", url))
+        return url
+
+    @field_validator("api_key_env", mode="before")  # before the name pattern, whose message says less
+    @classmethod
+    def _a_name_not_a_key(cls, name: Any) -> Any:
+        if isinstance(name, str) and looks_like_key(name):
+            raise ValueError(why_refused("api_key_env", name))
+        return name
 
 
 Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")]

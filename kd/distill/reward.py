@@ -27,6 +27,7 @@ from kd.errors import KdError
 from kd.paths import under
 from kd.records import canonical_json, sha256_text
 from kd.runtime.init import freeze, init_student
+from kd.runtime.models import trusted_code
 from kd.runtime.scoring import RewardScorer
 from kd.runtime.tokenize import encode
 
@@ -201,7 +202,8 @@ def _from_pretrained(init: FromPretrained, root: Path, dtype: Any, key: str) -> 
 
     local = under(root, init.path)
     where = str(local) if local.is_dir() else init.path  # else a hub id; needs the network
-    kw = {"revision": init.revision, "trust_remote_code": init.trust_remote_code}
+    trust = trusted_code(local, init, key) if local.is_dir() else init.trust_remote_code  # a hub id: `revision` pins
+    kw = {"revision": init.revision, "trust_remote_code": trust}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         model, info = AutoModelForSequenceClassification.from_pretrained(

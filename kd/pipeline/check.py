@@ -11,12 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from kd.config import Labeling, Params, load_params
+from kd.config import Labeling, LocalTeacher, Params, load_params
 from kd.config.students import FromConfig, FromTeacher
 from kd.errors import KdError
-from kd.paths import DVC_FILE
+from kd.paths import DVC_FILE, under
 from kd.pipeline.spec import dataset_reads, differences, dvc_data
 from kd.records import load_seeds
+from kd.runtime.models import trusted_code
 
 MODE_SEEKING = ("reverse_kl", "jsd", "skew_reverse_kl")
 
@@ -69,6 +70,12 @@ def validate(root: Path) -> tuple[Params, set[str]]:
                 load_seeds(root, f, ())
         except KdError as e:
             problems.append(f"datasets.{name}: {e}")
+    for name, teacher in params.teachers.items():  # pinned code is checked now, not when a stage loads it
+        if isinstance(teacher, LocalTeacher) and teacher.trust_remote_code and under(root, teacher.path).is_dir():
+            try:
+                trusted_code(under(root, teacher.path), teacher, f"teachers.{name}")
+            except KdError as e:
+                problems.append(str(e))
     if problems:
         raise KdError("\n".join(problems))
     return params, templates

@@ -129,7 +129,7 @@ def _request(project: _Project, r: dict[str, Any]) -> dict[str, Any]:
         "template": project.template(t.get("path", ""), t.get("sha256", "")) if t else None,
         "includes": [project.template(p, h) for p, h in sorted((t.get("includes") or {}).items())],
         "teacher": r.get("teacher"), "sampling": r.get("sampling"), "sample_index": r.get("sample_index"),
-        "usage": r.get("usage"), "finish_reason": r.get("finish_reason"),
+        "usage": r.get("usage"), "finish_reason": r.get("finish_reason"), "served_by": r.get("served_by"),
         "messages": entry["request"]["messages"] if entry else None,
     }
 
@@ -278,6 +278,11 @@ def _render_step(node: dict[str, Any], s: Any, lines: list[str], pad: str) -> No
                 s.yellow("in no commit")
             lines.append(f"{pad}    {label:<9}{t['path']}  sha256 {t['sha256'][:16]}  {today}; {where}")
         lines.append(f"{pad}    teacher  {json.dumps(r['teacher'], sort_keys=True)}")
+        if r.get("served_by"):  # an OpenAI-compatible server: where the answer came from, and what it said it ran
+            served, asked = r["served_by"], (r.get("teacher") or {}).get("model")
+            other = f" (asked for {asked})" if served.get("model") and served["model"] != asked else ""
+            lines.append(f"{pad}    served   by {served.get('endpoint')}, model {served.get('model') or '(not reported)'}"
+                         f"{other}")
         lines.append(f"{pad}    sampling {json.dumps(r['sampling'], sort_keys=True)}  sample {r['sample_index']}")
         usage = r["usage"] or {}
         lines.append(f"{pad}    usage    {usage.get('prompt_tokens', '?')} prompt + "

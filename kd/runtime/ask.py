@@ -99,9 +99,12 @@ def verdict(response: dict[str, Any], allow_truncated: bool) -> str | None:
 
 
 def request_provenance(call: Call, response: dict[str, Any]) -> dict[str, Any]:
+    """What a record says about one request: its key, template, teacher, sampling, usage and, for a server,
+    who answered (`served_by`, kept with the cached answer: a cache hit names the server that gave it)."""
+    served = {"served_by": response["served_by"]} if response.get("served_by") else {}
     if call.prompt is None:  # white-box scoring (kd.runtime.scoring): no template, no sampling
         return {"key": call.key, "kind": call.request["kind"], "teacher": call.request["teacher"],
-                "sample_index": 0, "usage": response["usage"], "finish_reason": response["finish_reason"]}
+                "sample_index": 0, "usage": response["usage"], "finish_reason": response["finish_reason"], **served}
     return {
         "key": call.key,
         "template": call.prompt.provenance(),
@@ -110,6 +113,7 @@ def request_provenance(call: Call, response: dict[str, Any]) -> dict[str, Any]:
         "sample_index": call.request["sample_index"],
         "usage": response["usage"],
         "finish_reason": response["finish_reason"],
+        **served,
     }
 
 

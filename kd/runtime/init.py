@@ -16,7 +16,7 @@ from kd.config import Params
 from kd.config.students import FromConfig, FromPretrained, FromTeacher, Init
 from kd.errors import KdError
 from kd.paths import under
-from kd.runtime.models import directory_digest, load_teacher, teacher_path
+from kd.runtime.models import directory_digest, load_teacher, teacher_path, trusted_code
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
@@ -116,7 +116,8 @@ def _from_pretrained(cfg: FromPretrained, root: Path, dtype: Any, key: str) -> t
 
     local = under(root, cfg.path)
     where = str(local) if local.is_dir() else cfg.path  # else a hub id; needs the network
-    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    trust = trusted_code(local, cfg, key) if local.is_dir() else cfg.trust_remote_code  # a hub id: `revision` pins
+    kw = {"revision": cfg.revision, "trust_remote_code": trust}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True, **kw)

@@ -14,7 +14,7 @@ from kd.config import LocalTeacher as LocalConfig
 from kd.errors import KdError
 from kd.paths import under
 from kd.runtime.device import resolve_device, resolve_dtype_name
-from kd.runtime.models import directory_digest, load_causal_lm
+from kd.runtime.models import directory_digest, load_causal_lm, trusted_code
 
 
 def seed_of(key: str) -> int:
@@ -27,6 +27,7 @@ class LocalTeacher:
 
     def __init__(self, name: str, cfg: LocalConfig, root: Path) -> None:
         self.name, self.cfg = name, cfg
+        self.key = f"teachers.{name}"  # the params section its errors name
         self.path = under(root, cfg.path)
         self.device = resolve_device(cfg.device)
         self._identity: dict[str, Any] | None = None
@@ -53,13 +54,13 @@ class LocalTeacher:
             from transformers import AutoTokenizer
 
             self._tok = AutoTokenizer.from_pretrained(self.path, revision=self.cfg.revision,
-                                                      trust_remote_code=self.cfg.trust_remote_code)
+                                                      trust_remote_code=trusted_code(self.path, self.cfg, self.key))
         return self._tok
 
     def loaded(self) -> tuple[Any, Any]:
         """(model on its device, in eval mode; tokenizer), loaded on first use."""
         if self._model is None:
-            self._model, self._tok = load_causal_lm(self.path, self.cfg)
+            self._model, self._tok = load_causal_lm(self.path, self.cfg, self.key)
             self._model.to(self.device)
         return self._model, self._tok
 
@@ -68,7 +69,7 @@ class LocalTeacher:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.path, revision=self.cfg.revision,
-                                            trust_remote_code=self.cfg.trust_remote_code)
+                                            trust_remote_code=trusted_code(self.path, self.cfg, self.key))
         return max(len(self.tokenizer()), int(getattr(config.get_text_config(), "vocab_size", 0) or 0))
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd.config import LocalTeacher, Params
+from kd.config.students import FromPretrained
 from kd.errors import KdError
 from kd.paths import DIGEST_MEMO, under
 from kd.records import replace_dir
@@ -28,6 +29,10 @@ from kd.tracking import DIRTY_SUFFIX
 INFO_FILE = "kd_model.json"
 CARD_FILE = "README.md"
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+# Code a model directory may carry, which `trust_remote_code` runs (modelling/tokenizer modules, native extensions).
+CODE_FILES = (".py", ".so", ".pyd", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h")
+# Weights in pickle formats: loading them can run arbitrary code, so kd never does (safetensors only).
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PROVENANCE_FILES = (CARD_FILE, INFO_FILE)
 DIRTY_NOTE = (" — not a clean commit: tracked files (templates, seeds, params, code) had uncommitted changes, "
               "so this commit does not hold everything the model learned from")
@@ -70,13 +75,16 @@ def directory_digest(path: Path) -> str:
     MLflow run, so a byte-identical model rebuilt elsewhere would otherwise get another identity, and a student
     used as a generator would draw different samples (sampling is seeded from the request key).
 
+    Code files anywhere in the directory (CODE_FILES) are part of it: with `trust_remote_code` they decide what
+    the model computes, so editing them must change every cache key that names this model.
+
     Hashing gigabytes on every stage start is wasteful, so digests are memoised by (path, size, mtime).
     """
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES
-                   and p.name not in PROVENANCE_FILES)
+    files = sorted({p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILES
+                    and p.name not in PROVENANCE_FILES} | set(code_files(path)))
     if not files:
         raise KdError(f"{path}: no model files (expected safetensors, config.json and tokenizer files)")
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    stamp = [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo_key = str(path.resolve())
     try:
         memo = json.loads(DIGEST_MEMO.read_text())
@@ -84,14 +92,7 @@ def directory_digest(path: Path) -> str:
         memo = {}
     if memo.get(memo_key, {}).get("stamp") == stamp:
         return memo[memo_key]["digest"]
-    h = hashlib.sha256()
-    for p in files:
-        fh = hashlib.sha256()
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                fh.update(chunk)
-        h.update(f"{p.name}:{fh.hexdigest()}\n".encode())
-    digest = h.hexdigest()
+    digest = _hash_files(path, files)
     memo[memo_key] = {"stamp": stamp, "digest": digest}
     try:
         DIGEST_MEMO.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,58 @@ def directory_digest(path: Path) -> str:
     return digest
 
 
+def _hash_files(root: Path, files: list[Path]) -> str:
+    """sha256 over `relative/path:sha256-of-content` lines, in the given order."""
+    h = hashlib.sha256()
+    for p in files:
+        fh = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                fh.update(chunk)
+        h.update(f"{p.relative_to(root).as_posix()}:{fh.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def code_files(path: Path) -> list[Path]:
+    """The code files anywhere under a model directory (what `trust_remote_code` may import or load)."""
+    return sorted(p for p in path.rglob("*") if p.suffix in CODE_FILES and p.is_file()
+                  and "__pycache__" not in p.relative_to(path).parts)
+
+
+def code_digest(path: Path) -> str:
+    """sha256 of a model directory's code (CODE_FILES, by relative path and content): what `code_digest` pins."""
+    return _hash_files(path, code_files(path))
+
+
+def trusted_code(path: Path, cfg: LocalTeacher | FromPretrained, key: str) -> bool:
+    """Whether transformers may run the code in a local model directory (a teacher, a `from_pretrained` init):
+    only when the params ask for it and pin exactly the code that is there (a `revision` pins nothing locally).
+
+    Raises:
+        KdError: naming `<key>.code_digest`, with the directory's actual digest to copy in after reading the code.
+    """
+    if not cfg.trust_remote_code:
+        return False
+    actual = code_digest(path)
+    if cfg.code_digest is None:
+        raise KdError(f"{key}.code_digest: trust_remote_code: true runs the Python code in {cfg.path}; read it, then "
+                      f"pin it with `code_digest: {actual}`")
+    if cfg.code_digest != actual:
+        raise KdError(f"{key}.code_digest: the code in {cfg.path} is not the code pinned (it hashes to {actual}); "
+                      f"read what changed, then pin the new digest")
+    return True
+
+
+def require_safetensors(path: Path, key: str) -> None:
+    """Refuse a model directory whose weights are pickles only: loading a pickle can run any code."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_WEIGHTS)
+    found = f"it has only pickle weights ({', '.join(pickles[:3])})" if pickles else "it has no weights"
+    raise KdError(f"{key}: {path}: {found}; kd loads safetensors only (convert them with "
+                  f"`transformers` save_pretrained, where you trust the file)")
+
+
 def teacher_path(params: Params, teacher: str, root: Path) -> Path:
     """The directory of a local teacher, checked to exist (the `teacher` stage builds the embedded one)."""
     cfg = params.teachers[teacher]
@@ -112,16 +165,18 @@ def teacher_path(params: Params, teacher: str, root: Path) -> Path:
     return path
 
 
-def load_causal_lm(path: Path, cfg: LocalTeacher, dtype: Any = None) -> tuple[Any, Any]:
+def load_causal_lm(path: Path, cfg: LocalTeacher, key: str, dtype: Any = None) -> tuple[Any, Any]:
     """(model in eval mode on CPU, tokenizer) of a local model directory, safetensors only.
 
-    `dtype` defaults to the config's (`auto` resolved for this machine: kd.runtime.device).
+    `key` names the params section (`teachers.<name>`) in errors; `dtype` defaults to the config's (`auto`
+    resolved for this machine: kd.runtime.device). Its code runs only when pinned (`trusted_code`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_safetensors(path, f"{key}.path")
     if dtype is None:
         dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    kw = {"revision": cfg.revision, "trust_remote_code": trusted_code(path, cfg, key)}
     tok = AutoTokenizer.from_pretrained(path, **kw)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw).eval()
     return model, tok
@@ -130,7 +185,7 @@ def load_causal_lm(path: Path, cfg: LocalTeacher, dtype: Any = None) -> tuple[An
 def load_teacher(params: Params, teacher: str, root: Path, dtype: Any = None) -> tuple[Any, Any]:
     """A local teacher's model (eval mode, no gradients) and tokenizer, for online scoring."""
     cfg = params.teachers[teacher]
-    model, tok = load_causal_lm(teacher_path(params, teacher, root), cfg, dtype)
+    model, tok = load_causal_lm(teacher_path(params, teacher, root), cfg, f"teachers.{teacher}", dtype)
     model.requires_grad_(False)
     return model, tok
 

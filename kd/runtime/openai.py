@@ -4,6 +4,9 @@ Requests run concurrently on one asyncio loop, bounded by `concurrency`, so thro
 server. This is the only retry layer: exponential backoff with full jitter on 408/409/429/5xx, timeouts,
 dropped connections and unreadable bodies; `Retry-After` honoured up to a cap; other 4xx fail at once.
 The API key is read from the environment variable the params name and lives only in this object.
+
+Each answer records who gave it (`served_by`: the endpoint, scheme://host[:port] of `base_url`, and the model name
+the server reported), so provenance tells which server answered even when the cache answers for another one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import SecretStr
 
 from kd.config import OpenAITeacher as OpenAIConfig
 from kd.errors import KdError, TeacherError
+from kd.secrets import REDACTED, endpoint, looks_like_key
 
 RETRY_STATUS = {408, 409, 429}
 
@@ -28,7 +32,9 @@ RETRY_STATUS = {408, 409, 429}
 def identity(cfg: OpenAIConfig) -> dict[str, Any]:
     """What the cache key and provenance record about the teacher; needs no API key (`kd status` uses it).
 
-    The URL is left out on purpose: the same model behind another host answers the same requests.
+    The URL is left out on purpose: the same model behind another host (a teammate's vLLM, a gateway, another
+    port) answers the same requests, and a shared cache is only useful if their keys agree. Which server did answer
+    is recorded with each answer (`served_by`); pin `revision` to keep answers of another snapshot apart.
     """
     return {"backend": "openai", "model": cfg.model, "revision": cfg.revision}
 
@@ -36,11 +42,14 @@ def identity(cfg: OpenAIConfig) -> dict[str, Any]:
 class OpenAITeacher:
     def __init__(self, name: str, cfg: OpenAIConfig) -> None:
         self.name, self.cfg = name, cfg
+        self.endpoint = endpoint(cfg.base_url)  # what errors and provenance show: no credentials, path or query
         self._key: SecretStr | None = None
         if cfg.api_key_env:
             value = os.environ.get(cfg.api_key_env)
             if not value:
-                raise KdError(f"teachers.{name}.api_key_env: environment variable {cfg.api_key_env} is not set "
+                # validation refuses a key typed as the name; this guards a config built around validation
+                shown = REDACTED if looks_like_key(cfg.api_key_env) else cfg.api_key_env
+                raise KdError(f"teachers.{name}.api_key_env: environment variable {shown} is not set "
                               f"(export it, or set api_key_env: null for a server without keys)")
             self._key = SecretStr(value)
         self.requests_sent = 0
@@ -100,21 +109,21 @@ class OpenAITeacher:
             else:
                 if r.status_code == 200:
                     try:
-                        return _parse(r.content)
+                        return _parse(r.content, self.endpoint)
                     except ValueError as e:
                         last = f"unreadable response ({e})"
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:
                     last = f"HTTP {r.status_code}: {self._scrub(r.text, 200)}"
                     retry_after = _retry_after(r.headers.get("retry-after"))
                 else:
-                    raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}) refused a request with HTTP "
+                    raise TeacherError(f"teacher '{self.name}' ({self.endpoint}) refused a request with HTTP "
                                        f"{r.status_code}: {self._scrub(r.text, 300)}")
             if attempt == self.cfg.max_attempts:
                 break
             backoff = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
             delay = min(retry_after, self.cfg.retry_after_max_s) if retry_after is not None else backoff
             await asyncio.sleep(delay)
-        raise TeacherError(f"teacher '{self.name}' ({self.cfg.base_url}): a request failed {self.cfg.max_attempts} "
+        raise TeacherError(f"teacher '{self.name}' ({self.endpoint}): a request failed {self.cfg.max_attempts} "
                            f"times; last: {last}. Answers received so far are cached: rerun to resume.")
 
     def _scrub(self, text: str, limit: int) -> str:
@@ -139,8 +148,8 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _parse(content: bytes) -> dict[str, Any]:
-    """The one answer of a chat-completions body; raises ValueError when it is not one."""
+def _parse(content: bytes, served_at: str) -> dict[str, Any]:
+    """The one answer of a chat-completions body, with who gave it; raises ValueError when it is not one."""
     try:
         data = json.loads(content)
         choice = data["choices"][0]
@@ -151,6 +160,13 @@ def _parse(content: bytes) -> dict[str, Any]:
         raise ValueError("message.content is not a string")
     finish = choice.get("finish_reason") or "stop"
     usage = data.get("usage") or {}
+    model = data.get("model")
     return {"text": text, "finish_reason": str(finish),
+            "served_by": {"endpoint": served_at, "model": _printable(model[:200]) if isinstance(model, str) else None},
             "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                       "completion_tokens": int(usage.get("completion_tokens") or 0)}}
+
+
+def _printable(text: str) -> str:
+    """A server's string fit to print: no control characters (a terminal escape must not reach `kd audit`)."""
+    return "".join(c for c in text if c.isprintable())

@@ -3,7 +3,8 @@
 A teacher has an `identity` (what the cache key and provenance record about it) and
 `generate(items, on_result)`: it answers `(key, request)` pairs and calls `on_result(key, response)` as
 each answer arrives, so the caller can persist it at once. A response is
-`{"text": str, "finish_reason": "stop" | "length", "usage": {"prompt_tokens": int, "completion_tokens": int}}`.
+`{"text": str, "finish_reason": "stop" | "length", "usage": {"prompt_tokens": int, "completion_tokens": int}}`,
+plus, from a server, `served_by: {"endpoint", "model"}` (who answered; provenance, not part of any key).
 A request that cannot be answered after the allowed attempts raises `TeacherError`.
 """
 

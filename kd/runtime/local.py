@@ -35,6 +35,7 @@ class LocalTeacher:
         self._identity: dict[str, Any] | None = None
         self._model = self._tok = None
         self._context: int | None = None
+        self._token_bytes: int | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -90,9 +91,12 @@ class LocalTeacher:
         if not items:
             return
         tok = self.tokenizer()
+        # a 1 MB row takes seconds to tokenise; its bytes alone prove it too long in microseconds
+        items = self._refuse_too_long(items, {k: self.least_tokens(r["messages"]) for k, r in items}, on_result,
+                                      "at least ")
         prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
                    for k, r in items}
-        items = self._refuse_too_long(items, prompts, on_result)
+        items = self._refuse_too_long(items, {k: len(p) for k, p in prompts.items()}, on_result)
         if not items:
             return
         self.loaded()
@@ -110,17 +114,32 @@ class LocalTeacher:
                                                               batch[0][1]["sampling"]), strict=True):
                     on_result(key, response)
 
-    def _refuse_too_long(self, items: list[tuple[str, dict[str, Any]]], prompts: dict[str, list[int]],
-                         on_result: Any) -> list[tuple[str, dict[str, Any]]]:
-        """The items whose prompt leaves room for `max_tokens`; the others are answered `too_long` at once."""
+    def least_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """A lower bound on a prompt's tokens without tokenising it: its text's bytes over the most bytes one token
+        stands for."""
+        if self._token_bytes is None:
+            tok = self.tokenizer()
+            backend = getattr(tok, "backend_tokenizer", None)
+            # byte-level BPE spells each byte as one character; otherwise a character may be up to 4 bytes
+            byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+            added = set(tok.get_added_vocab())
+            self._token_bytes = max(len(t) if byte_level and t not in added else len(t.encode())
+                                    for t in tok.get_vocab())
+        size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+        return size // max(self._token_bytes, 1)
+
+    def _refuse_too_long(self, items: list[tuple[str, dict[str, Any]]], tokens: dict[str, int], on_result: Any,
+                         bound: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """The items whose prompt (of `tokens`, or at least that many) leaves room for `max_tokens`; the others are
+        answered `too_long` at once."""
         context = self.context_length()
         if not context:  # a config that names no context length: nothing to check against
             return items
         kept = []
         for key, req in items:
-            n, room = len(prompts[key]), context - req["sampling"]["max_tokens"]
+            n, room = tokens[key], context - req["sampling"]["max_tokens"]
             if n > room:
-                on_result(key, refused("too_long", f"prompt of {n} tokens exceeds the {room} that teacher "
+                on_result(key, refused("too_long", f"prompt of {bound}{n} tokens exceeds the {room} that teacher "
                                                    f"'{self.name}' has room for (context {context} - max_tokens "
                                                    f"{req['sampling']['max_tokens']})"))
             else:

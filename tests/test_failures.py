@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -187,6 +188,44 @@ def start_victim(tmp_path: Path, stage: str) -> tuple[subprocess.Popen, str]:
     run_id = proc.stdout.readline().strip()
     assert run_id, proc.communicate(timeout=60)
     return proc, run_id
+
+
+BUILD = """
+import sys
+from pathlib import Path
+from kd import stage
+from kd.elicit.build import build_dataset
+from kd.elicit.labeling import label
+
+stage.run(lambda: build_dataset("qa", "labeling", label, Path(sys.argv[1])))
+"""
+
+
+# Regression: SIGTERM killed a generation stage outright; like Ctrl-C it must keep the answers so far and exit 143.
+def test_sigterm_during_generation_keeps_the_answers_so_far(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    script = tmp_path / "build.py"
+    script.write_text(BUILD)
+    with FakeOpenAI(latency_s=0.3) as server:
+        labeling_project(root, openai_teacher(server), limit=8)
+        proc = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 60
+        while server.answered < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        answered = server.answered
+    assert proc.returncode == 143, err
+    assert "kd: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert not (root / "data/qa").exists()
+    with FakeOpenAI() as server:
+        labeling_project(root, openai_teacher(server), limit=8)
+        line = build(root)
+    cached = int(re.search(r"\((\d+) cached, ", line).group(1))
+    # every answer the client received is cached (the last one sent may still have been on the wire)
+    assert answered - 1 <= cached <= answered and cached >= 1
+    assert f"({cached} cached, {8 - cached} new" in line and server.received == 8 - cached
 
 
 def status(uri: str, run_id: str) -> str:

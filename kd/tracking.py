@@ -140,15 +140,16 @@ def _alive(tag: str) -> bool:
     return now != "Z" and (not started or now is None or now == started)
 
 
-def close_orphans(client: Any, experiment_id: str, stage: str) -> list[str]:
-    """End as KILLED the RUNNING runs of `stage` started on this host by a process that is gone; their ids."""
+def close_orphans(client: Any, experiment_id: str, stage: str, keep: str | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs of `stage` started on this host by a process that is gone, except `keep`
+    (a killed training run about to be continued from its checkpoint); their ids."""
     host = socket.gethostname()
     quoted = stage.replace("'", "\\'")
     runs = client.search_runs([experiment_id], f"tags.dvc_stage = '{quoted}' and attributes.status = 'RUNNING'")
     closed = []
     for r in runs:
         tags = r.data.tags
-        if tags.get("kd.host") == host and "kd.process" in tags and not _alive(tags["kd.process"]):
+        if r.info.run_id != keep and tags.get("kd.host") == host and "kd.process" in tags and not _alive(tags["kd.process"]):
             client.set_tag(r.info.run_id, "kd.ended", "process gone (killed); closed by the next run of the stage")
             client.set_terminated(r.info.run_id, status="KILLED")
             closed.append(r.info.run_id)
@@ -179,13 +180,13 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(project)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(project)
-    close_orphans(client, experiment_id, stage)
     if run_id is not None:
         try:
             if client.get_run(run_id).info.experiment_id != experiment_id:
                 run_id = None
         except mlflow.exceptions.MlflowException:
             run_id = None
+    close_orphans(client, experiment_id, stage, keep=run_id)
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=stage).info.run_id
     else:

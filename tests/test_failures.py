@@ -99,6 +99,10 @@ def test_failures_of_the_teacher_still_stop_the_stage(tmp_path: Path, fault: str
     (400, '{"error": {"code": "content_filter"}}', "refused_by_server"),
     (422, '{"detail": "invalid value for messages"}', "refused_by_server"),
     (400, '{"error": {"message": "The model `gpt-9` does not exist"}}', None),  # about the teacher: fail
+    # about what kd sends with every request: every record would be refused, so the stage fails
+    (400, '{"error": {"message": "Unsupported parameter: \'max_tokens\' is not supported with this model.", '
+          '"code": "unsupported_parameter"}}', None),
+    (400, '{"error": {"message": "Unrecognized request argument supplied: seed"}}', None),
     (401, "context length", None), (403, "", None), (404, "", None), (402, "", None), (429, "", None),
 ])
 def test_which_client_errors_are_about_the_request(status: int, body: str, reason: str | None) -> None:
@@ -268,3 +272,19 @@ def test_next_run_closes_the_runs_of_killed_processes_only(tmp_path: Path, track
     for run in (live, again):
         run.end()
     client.set_terminated(elsewhere)
+
+
+# Regression guard: a killed training run continued from its checkpoint is taken over, not closed as an orphan.
+def test_a_killed_run_continued_from_its_checkpoint_is_not_closed(tmp_path: Path, tracking: str) -> None:
+    import mlflow
+
+    from kd import tracking as kd_tracking
+
+    proc, killed = start_victim(tmp_path, "victim-resume")
+    proc.kill()
+    proc.wait(timeout=60)
+    resumed = kd_tracking.start_run(tmp_path, "kd-test", "victim-resume", {"victim": 1}, [], run_id=killed)
+    assert resumed.run_id == killed and status(tracking, killed) == "RUNNING"
+    tags = mlflow.MlflowClient(tracking).get_run(killed).data.tags
+    assert "kd.ended" not in tags and tags["kd.process"] == kd_tracking.process_tag(os.getpid())
+    resumed.end()

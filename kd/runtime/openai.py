@@ -32,9 +32,11 @@ REQUEST_STATUS = {400, 413, 422}  # about this request's content; 401/403/404 ar
 # size", TGI's "must have less than N tokens" ...
 _TOO_LONG = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many (input )?tokens|prompt is too long"
                        r"|must have less than \d+ tokens|input is too long", re.IGNORECASE)
-# a 400 that is really about the teacher (some servers answer an unknown model with 400): the stage must fail
+# a 400 about the teacher or about what kd sends every request (an unknown model, a parameter this model does not
+# take, e.g. OpenAI's reasoning models refusing `max_tokens`): every record would be refused, so the stage fails
 _NOT_THE_REQUEST = re.compile(r"model\b.{0,80}\b(not found|does not exist|not exist|unknown)|invalid[_ ]api[_ ]key"
-                              r"|unauthori[sz]ed", re.IGNORECASE)
+                              r"|unauthori[sz]ed|unsupported[_ ](parameter|value)|unrecognized request argument"
+                              r"|not supported with this model|extra inputs are not permitted", re.IGNORECASE)
 
 
 def identity(cfg: OpenAIConfig) -> dict[str, Any]:

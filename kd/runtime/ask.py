@@ -48,7 +48,6 @@ class Asker:
     label: str
     cached: int = 0
     new: int = 0
-    refused: int = 0  # answered by a refusal (too long, refused by the server): neither cached nor an answer
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})  # paid for now
 
@@ -80,9 +79,7 @@ class Asker:
 
             def on_result(key: str, response: dict[str, Any]) -> None:
                 answers[key] = response
-                if is_refused(response):  # about this request only; recomputed next run, never cached
-                    self.refused += 1
-                else:
+                if not is_refused(response):  # a refusal is about this request only: recomputed next run
                     self.cache.put(key, unique[key].request, response)
                     self.new += 1
                     for k, v in response["usage"].items():

@@ -4,6 +4,10 @@
 `sqlite:///mlflow.db` at the project root (MLflow 3's file store is in maintenance mode) and
 `MLFLOW_TRACKING_URI` overrides it. Datasets are logged as inputs by their manifest fingerprint, never by
 loading rows (MLflow #13020: minutes for 69k rows).
+
+A run is tagged with the host and process that runs it. Ctrl-C and SIGTERM end it KILLED (kd.stage); a process
+killed outright (`kill -9`, the OOM killer) cannot, so the next `start_run` of the same stage closes the RUNNING
+runs whose process is gone as KILLED (`close_orphans`); runs of live processes and of other hosts are left alone.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -128,6 +133,51 @@ class Run:
             raise
 
 
+def process_tag(pid: int) -> str:
+    """`<pid>:<start time>`: a pid the system later reuses for another process does not pass for this one."""
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux /proc), "Z" for a zombie, None where unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return "Z" if stat[0] == "Z" else stat[19]
+
+
+def _alive(tag: str) -> bool:
+    pid_text, _, started = tag.partition(":")
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except ValueError:
+        return True  # not a tag kd wrote: not ours to judge
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    now = _start_time(pid)
+    return now != "Z" and (not started or now is None or now == started)
+
+
+def close_orphans(client: Any, experiment_id: str, stage: str, keep: str | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs of `stage` started on this host by a process that is gone, except `keep`
+    (a killed training run about to be continued from its checkpoint); their ids."""
+    host = socket.gethostname()
+    quoted = stage.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], f"tags.dvc_stage = '{quoted}' and attributes.status = 'RUNNING'")
+    closed = []
+    for r in runs:
+        tags = r.data.tags
+        if r.info.run_id != keep and tags.get("kd.host") == host and "kd.process" in tags and not _alive(tags["kd.process"]):
+            client.set_tag(r.info.run_id, "kd.ended", "process gone (killed); closed by the next run of the stage")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
               datasets: list[dict[str, str]], context: str = "training", run_id: str | None = None) -> Run:
     """Open one run for a stage in the experiment named after the project.
@@ -158,11 +208,13 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
                 run_id = None
         except mlflow.exceptions.MlflowException:
             run_id = None
+    close_orphans(client, experiment_id, stage, keep=run_id)
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=stage).info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
-    tags = {"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context}
+    tags = {"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context,
+            "kd.host": socket.gethostname(), "kd.process": process_tag(os.getpid())}
     client.log_batch(run_id, params=[Param(k, v) for k, v in loggable_params(params).items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     inputs = [DatasetInput(Dataset(name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS], source_type="local",

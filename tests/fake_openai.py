@@ -12,6 +12,9 @@ normally:
     "500", "503" server errors (retryable), JSON error bodies
     "502"        a reverse proxy's multi-line HTML "Bad Gateway" page (retryable)
     "400", "401" client errors (not retryable)
+    "403", "404" forbidden, model not found (not retryable)
+    "context"    400 `context_length_exceeded` in OpenAI's words (the request is too long for the model)
+    "filter"     400 `content_filter` (the server refuses this request's content)
     "timeout"    sleep `timeout_sleep_s` (longer than the client's timeout), then answer
     "truncated"  status 200 announcing the full Content-Length, half the JSON bytes sent, connection closed
     "length"     a complete answer with finish_reason "length"
@@ -39,7 +42,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("429", "500", "502", "503", "400", "401", "timeout", "truncated", "length", "ok")
+FAULTS = ("429", "500", "502", "503", "400", "401", "403", "404", "context", "filter", "timeout", "truncated",
+          "length", "ok")
 
 
 def default_answer(messages: list[dict[str, Any]]) -> str:
@@ -187,8 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+    def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None,
+               code: str | int | None = None) -> None:
+        self._send(status, {"error": {"message": message, "type": kind, "code": code or status}}, headers)
 
     def do_POST(self) -> None:
         fake = self.fake
@@ -231,6 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
             case "500" | "503" | "400" | "401":
                 kind = "server_error" if fault.startswith("5") else "invalid_request_error"
                 self._error(int(fault), f"fake fault {fault}", kind)
+                return
+            case "403" | "404":
+                self._error(int(fault), f"fake fault {fault}: " + ("forbidden" if fault == "403" else
+                            f"The model `{body.get('model')}` does not exist"), "invalid_request_error")
+                return
+            case "context":
+                self._error(400, "This model's maximum context length is 8192 tokens. However, your messages resulted "
+                            "in 9100 tokens. Please reduce the length of the messages.", "invalid_request_error",
+                            code="context_length_exceeded")
+                return
+            case "filter":
+                self._error(400, "The response was filtered due to the prompt triggering content management policy.",
+                            "invalid_request_error", code="content_filter")
                 return
             case "502":
                 self._send_raw(502, _BAD_GATEWAY, "text/html")

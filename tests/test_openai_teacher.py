@@ -113,7 +113,7 @@ def test_request_body_carries_model_sampling_and_a_seed_from_the_key() -> None:
 # ------------------------------------------------------------------------------------------ refusals and bounds
 
 
-@pytest.mark.parametrize("status", ["400", "401"])
+@pytest.mark.parametrize("status", ["401", "403", "404"])
 def test_client_errors_are_not_retried(status: str) -> None:
     with FakeOpenAI(faults=[status]) as server:
         teacher = OpenAITeacher("gpt", config(server))
@@ -136,7 +136,7 @@ def test_always_failing_server_gets_exactly_max_attempts() -> None:
 
 def test_answers_before_a_fatal_failure_are_delivered() -> None:
     # concurrency 1: the first two answers reach on_result (to be cached) before the third request is refused
-    with FakeOpenAI(faults=["ok", "ok", "400"]) as server:
+    with FakeOpenAI(faults=["ok", "ok", "401"]) as server:
         teacher = OpenAITeacher("gpt", config(server, concurrency=1))
         pairs = items(4, teacher)
         answers: dict[str, dict[str, Any]] = {}

@@ -2,21 +2,32 @@
 
 A `Call` is a rendered request and its key; an `Asker` answers calls from the cache when it can and from its
 backend otherwise, persisting each answer the moment it arrives, and counts what was cached, new and paid for.
-Answers that cannot be used become rejections with a reason (`verdict`, `rejection`), never records.
+Answers that cannot be used become rejections with a reason (`verdict`, `rejection`), never records; so do
+requests the teacher refused because of the request itself (kd.runtime.refusals), which are never cached.
+While answers arrive, `Progress` shows how far the asking is.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from kd.cache.store import RequestCache, request_key
-from kd.config import Sampling
+from kd.config import Price, Sampling
 from kd.prompts import Prompt
+from kd.runtime.refusals import REASONS, is_refused
 from kd.runtime.teachers import Teacher
+
+# Without a terminal (logs, `dvc repro` output), a plain progress line at each further tenth of the requests
+# once PROGRESS_MIN_S passed since the last line, and at least every PROGRESS_MAX_S: a 9-minute stage prints
+# about ten lines, a stage of seconds none.
+PROGRESS_MIN_S = 10.0
+PROGRESS_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -65,30 +76,88 @@ class Asker:
         self.cached += len(unique) - len(misses)
         if misses:
             self.cache.ensure_writable()  # a read-only cache fails here, before any answer is paid for and lost
-            bar = tqdm(total=len(misses), desc=f"{self.label}: teacher", unit="req", file=sys.stderr,
-                       disable=None, dynamic_ncols=True)
+            progress = Progress(f"{self.label}: teacher", len(misses), self.price())
 
             def on_result(key: str, response: dict[str, Any]) -> None:
-                self.cache.put(key, unique[key].request, response)
                 answers[key] = response
-                self.new += 1
-                for k, v in response["usage"].items():
-                    self.new_usage[k] = self.new_usage.get(k, 0) + v
-                bar.update(1)
+                if not is_refused(response):  # a refusal is about this request only: recomputed next run
+                    self.cache.put(key, unique[key].request, response)
+                    self.new += 1
+                    for k, v in response["usage"].items():
+                        self.new_usage[k] = self.new_usage.get(k, 0) + v
+                progress.update(self.new_usage)
 
             try:
                 self.teacher.generate(misses, on_result)
             finally:
-                bar.close()
+                progress.close()
         for key in unique:
             for k, v in answers[key]["usage"].items():
                 self.usage[k] = self.usage.get(k, 0) + v
         return answers
 
+    def price(self) -> Price | None:
+        """The teacher's price from its params, when it has one (a reward-model scorer has none)."""
+        return getattr(getattr(self.teacher, "cfg", None), "price", None)
+
+
+class Progress:
+    """Requests done / total, rate, ETA, and tokens (and cost, when priced) paid for so far.
+
+    A tqdm bar when stderr is a terminal; otherwise plain lines (see PROGRESS_MIN_S), which logs keep.
+    """
+
+    def __init__(self, label: str, total: int, price: Price | None, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.price, self.clock = label, total, price, clock
+        self.stream = stream or sys.stderr
+        self.start = self.last = clock()
+        self.done, self.tenths, self.spent = 0, 0, ""
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        self.bar = tqdm(total=total, desc=label, unit="req", file=self.stream, dynamic_ncols=True) if tty else None
+
+    def update(self, paid: dict[str, int]) -> None:
+        """One more request done; `paid`: tokens paid for so far."""
+        self.done += 1
+        p, c = paid.get("prompt_tokens", 0), paid.get("completion_tokens", 0)
+        cost = f", ${self.price.cost(p, c):.4f}" if self.price is not None else ""
+        self.spent = f"{p:,} prompt + {c:,} completion tokens{cost}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.spent, refresh=False)
+            self.bar.update(1)
+            return
+        now, tenths = self.clock(), self.done * 10 // max(self.total, 1)
+        if (tenths > self.tenths and now - self.last >= PROGRESS_MIN_S) or now - self.last >= PROGRESS_MAX_S:
+            self.tenths, self.last = tenths, now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = duration((self.total - self.done) / rate) if rate > 0 else "?"
+        return (f"{self.label}: {self.done}/{self.total} requests ({100 * self.done // max(self.total, 1)}%), "
+                f"{rate:.2f} req/s, ETA {eta}; so far {self.spent}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """`42s`, `3m07s`, `2h05m`."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
 
 def verdict(response: dict[str, Any], allow_truncated: bool) -> str | None:
     """Why an answer cannot be used as is, or None. Failures are rejections, never records."""
     finish = response["finish_reason"]
+    if finish in REASONS:  # the teacher refused the request itself (kd.runtime.refusals)
+        return finish
     if finish == "length" and not allow_truncated:
         return "truncated"
     if finish not in ("stop", "length"):
@@ -127,6 +196,8 @@ def rejection(reason: str, call: Call | None, response: dict[str, Any] | None, *
     if response is not None:
         row["text"] = response["text"]
         row["finish_reason"] = response["finish_reason"]
+        if "error" in response:  # the teacher's own words on a refused request (no key: scrubbed by the backend)
+            row["error"] = response["error"]
     return row
 
 

@@ -2,6 +2,8 @@
 
 Sampling is reproducible per request: each request draws from its own generator seeded from its cache key,
 so its answer does not depend on which other requests share its batch or on the order they run in.
+A prompt that leaves no room for `max_tokens` in the model's context is refused as `too_long` before any
+weights load (kd.runtime.refusals), not generated for minutes past the positions the model was trained on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from kd.errors import KdError
 from kd.paths import under
 from kd.runtime.device import resolve_device, resolve_dtype_name
 from kd.runtime.models import directory_digest, load_causal_lm, trusted_code
+from kd.runtime.refusals import refused
 
 
 def seed_of(key: str) -> int:
@@ -32,6 +35,8 @@ class LocalTeacher:
         self.device = resolve_device(cfg.device)
         self._identity: dict[str, Any] | None = None
         self._model = self._tok = None
+        self._context: int | None = None
+        self._token_bytes: int | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -72,12 +77,31 @@ class LocalTeacher:
                                             trust_remote_code=trusted_code(self.path, self.cfg, self.key))
         return max(len(self.tokenizer()), int(getattr(config.get_text_config(), "vocab_size", 0) or 0))
 
+    def context_length(self) -> int:
+        """Positions the model was trained on (`max_position_embeddings`); prompt + answer must fit in them."""
+        if self._context is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.path, revision=self.cfg.revision,
+                                                trust_remote_code=trusted_code(self.path, self.cfg, self.key)
+                                                ).get_text_config()
+            sizes = [getattr(config, a, None) for a in ("max_position_embeddings", "n_positions", "max_seq_len")]
+            self._context = next((int(n) for n in sizes if isinstance(n, int) and n > 0), 0)
+        return self._context
+
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if not items:
             return
-        tok = self.loaded()[1]
+        tok = self.tokenizer()
+        # a 1 MB row takes seconds to tokenise; its bytes alone prove it too long in microseconds
+        items = self._refuse_too_long(items, {k: self.least_tokens(r["messages"]) for k, r in items}, on_result,
+                                      "at least ")
         prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
                    for k, r in items}
+        items = self._refuse_too_long(items, {k: len(p) for k, p in prompts.items()}, on_result)
+        if not items:
+            return
+        self.loaded()
         # One generate() call takes one set of sampling params; within a group, similar lengths share a batch
         # so little time goes to padding.
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -91,6 +115,38 @@ class LocalTeacher:
                                          self._generate_batch([prompts[k] for k, _ in batch], [k for k, _ in batch],
                                                               batch[0][1]["sampling"]), strict=True):
                     on_result(key, response)
+
+    def least_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """A lower bound on a prompt's tokens without tokenising it: its text's bytes over the most bytes one token
+        stands for."""
+        if self._token_bytes is None:
+            tok = self.tokenizer()
+            backend = getattr(tok, "backend_tokenizer", None)
+            # byte-level BPE spells each byte as one character; otherwise a character may be up to 4 bytes
+            byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+            added = set(tok.get_added_vocab())
+            self._token_bytes = max(len(t) if byte_level and t not in added else len(t.encode())
+                                    for t in tok.get_vocab())
+        size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+        return size // max(self._token_bytes, 1)
+
+    def _refuse_too_long(self, items: list[tuple[str, dict[str, Any]]], tokens: dict[str, int], on_result: Any,
+                         bound: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """The items whose prompt (of `tokens`, or at least that many) leaves room for `max_tokens`; the others are
+        answered `too_long` at once."""
+        context = self.context_length()
+        if not context:  # a config that names no context length: nothing to check against
+            return items
+        kept = []
+        for key, req in items:
+            n, room = tokens[key], context - req["sampling"]["max_tokens"]
+            if n > room:
+                on_result(key, refused("too_long", f"prompt of {bound}{n} tokens exceeds the {room} that teacher "
+                                                   f"'{self.name}' has room for (context {context} - max_tokens "
+                                                   f"{req['sampling']['max_tokens']})"))
+            else:
+                kept.append((key, req))
+        return kept
 
     def _generate_batch(self, prompts: list[list[int]], keys: list[str], sampling: dict[str, Any]) -> list[dict]:
         from transformers import LogitsProcessorList

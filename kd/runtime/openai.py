@@ -2,7 +2,9 @@
 
 Requests run concurrently on one asyncio loop, bounded by `concurrency`, so throughput is set by the
 server. This is the only retry layer: exponential backoff with full jitter on 408/409/429/5xx, timeouts,
-dropped connections and unreadable bodies; `Retry-After` honoured up to a cap; other 4xx fail at once.
+dropped connections and unreadable bodies; `Retry-After` honoured up to a cap. A 400/413/422 is about the
+request itself (too long for the context, invalid, content filter): that one record is rejected
+(kd.runtime.refusals) and the stage goes on. Other 4xx (401/403 keys, 404 unknown model) fail at once.
 The API key is read from the environment variable the params name and lives only in this object.
 
 Each answer records who gave it (`served_by`: the endpoint, scheme://host[:port] of `base_url`, and the model name
@@ -16,6 +18,7 @@ import email.utils
 import json
 import os
 import random
+import re
 import time
 from typing import Any
 
@@ -24,9 +27,20 @@ from pydantic import SecretStr
 
 from kd.config import OpenAITeacher as OpenAIConfig
 from kd.errors import KdError, TeacherError
-from kd.secrets import REDACTED, endpoint, looks_like_key
+from kd.runtime.refusals import MAX_ERROR_CHARS, Reason, refused
+from kd.secrets import REDACTED, endpoint, looks_like_key, redact
 
 RETRY_STATUS = {408, 409, 429}
+REQUEST_STATUS = {400, 413, 422}  # about this request's content; 401/403/404 are about the key or the model
+# OpenAI's `context_length_exceeded`, vLLM's "maximum context length", llama.cpp's "exceeds the available context
+# size", TGI's "must have less than N tokens" ...
+_TOO_LONG = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many (input )?tokens|prompt is too long"
+                       r"|must have less than \d+ tokens|input is too long", re.IGNORECASE)
+# a 400 about the teacher or about what kd sends every request (an unknown model, a parameter this model does not
+# take, e.g. OpenAI's reasoning models refusing `max_tokens`): every record would be refused, so the stage fails
+_NOT_THE_REQUEST = re.compile(r"model\b.{0,80}\b(not found|does not exist|not exist|unknown)|invalid[_ ]api[_ ]key"
+                              r"|unauthori[sz]ed|unsupported[_ ](parameter|value)|unrecognized request argument"
+                              r"|not supported with this model|extra inputs are not permitted", re.IGNORECASE)
 
 
 def identity(cfg: OpenAIConfig) -> dict[str, Any]:
@@ -116,6 +130,9 @@ class OpenAITeacher:
                     last = f"HTTP {r.status_code}: {self._scrub(r.text, 200)}"
                     retry_after = _retry_after(r.headers.get("retry-after"))
                 else:
+                    message = redact(f"HTTP {r.status_code}: {self._scrub(r.text, MAX_ERROR_CHARS)}")
+                    if reason := about_the_request(r.status_code, r.text):
+                        return refused(reason, message)
                     raise TeacherError(f"teacher '{self.name}' ({self.endpoint}) refused a request with HTTP "
                                        f"{r.status_code}: {self._scrub(r.text, 300)}")
             if attempt == self.cfg.max_attempts:
@@ -132,6 +149,13 @@ class OpenAITeacher:
         if self._key and self._key.get_secret_value() in text:
             text = text.replace(self._key.get_secret_value(), "***")
         return " ".join(text.split())[:limit]
+
+
+def about_the_request(status: int, body: str) -> Reason | None:
+    """Why a 4xx answer rejects only its own record (`too_long`, `refused_by_server`), or None: it fails the stage."""
+    if status not in REQUEST_STATUS or _NOT_THE_REQUEST.search(body):
+        return None
+    return "too_long" if status == 413 or _TOO_LONG.search(body) else "refused_by_server"
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -15,6 +15,7 @@ from kd.errors import KdError
 from kd.paths import under
 from kd.runtime.device import resolve_device, resolve_dtype_name
 from kd.runtime.models import directory_digest, load_causal_lm
+from kd.runtime.tokenize import chat_ids
 
 
 def seed_of(key: str) -> int:
@@ -75,7 +76,7 @@ class LocalTeacher:
         if not items:
             return
         tok = self.loaded()[1]
-        prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
+        prompts = {k: chat_ids(tok, r["messages"], add_generation_prompt=True, where=f"request {k[:12]}")
                    for k, r in items}
         # One generate() call takes one set of sampling params; within a group, similar lengths share a batch
         # so little time goes to padding.

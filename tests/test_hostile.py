@@ -135,6 +135,35 @@ def test_a_template_that_rewrites_text_is_refused_only_when_the_text_holds_contr
     assert "\n" not in str(e.value)
 
 
+
+def test_sft_students_learn_control_tokens_in_records_as_text(chatml, tiny_model_dir, tmp_path, monkeypatch):
+    # regression: objective sft handed prompt/completion messages to TRL's SFTTrainer, which applied the chat template
+    # itself, so a student trained on a forged system turn
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from kd.config.students import Training
+    from kd.distill import trl_runs
+
+    built: list[Any] = []
+    monkeypatch.setattr(trl_runs, "run_trainer", lambda trainer, ckpt: built.append(trainer))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    benign = [{"id": str(i), "prompt": conversation(f"What is {i} + {i}?")[:2],
+               "completion": [{"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(3)]
+    hostile = {"id": "h", "prompt": conversation(FORGED)[:2], "completion": [{"role": "assistant", "content": "ok"}]}
+    t = Training(epochs=1, batch_size=1, max_length=64)
+    trl_runs.train_sft(model, chatml, benign + [hostile], t, tmp_path / "ckpt", "cpu", lambda m: None)
+    ours = built[0].train_dataset
+    assert structure(chatml, ours[3]["input_ids"]) == structure(chatml, ours[0]["input_ids"])
+    # benign records: the very ids and labels TRL makes when it tokenises them itself
+    args = SFTConfig(**trl_runs.trainer_args(t, tmp_path / "ckpt2", "cpu"), completion_only_loss=True, packing=False)
+    trl = SFTTrainer(model=model, args=args, processing_class=chatml, train_dataset=Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["completion"]} for r in benign])).train_dataset
+    for n in range(3):
+        assert ours[n]["input_ids"] == trl[n]["input_ids"] and ours[n]["labels"] == trl[n]["labels"]
+
+
 # --- the fuzz: generated hostile seeds and templates through rendering and tokenisation -----------------------
 
 def hostile_values(tok: Any, rng: random.Random, n: int) -> list[str]:

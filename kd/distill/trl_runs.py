@@ -19,7 +19,7 @@ from typing import Any
 
 from kd.config.students import OnPolicy, Training
 from kd.distill.loop import Result, check_stop
-from kd.runtime.tokenize import split_record
+from kd.runtime.tokenize import encode, split_record
 
 
 def step_callback(on_step: Callable[[dict[str, float]], None]) -> Any:
@@ -92,7 +92,12 @@ def train_sft(model: Any, tok: Any, records: list[dict[str, Any]], t: Training, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [dict(zip(("prompt", "completion"), split_record(r), strict=True)) for r in records]
+    rows = []
+    for r in records:
+        # kd tokenises, not TRL, so control tokens in a record's text stay text (kd.runtime.tokenize.chat_ids); TRL
+        # takes `input_ids` + `completion_mask` rows as they are, then truncates them to max_length as before
+        ids, start = encode(tok, r, 1 << 30)
+        rows.append({"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)})
     args = SFTConfig(**trainer_args(t, ckpt_dir, device), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[step_callback(on_step)])

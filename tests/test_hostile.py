@@ -164,6 +164,35 @@ def test_sft_students_learn_control_tokens_in_records_as_text(chatml, tiny_model
         assert ours[n]["input_ids"] == trl[n]["input_ids"] and ours[n]["labels"] == trl[n]["labels"]
 
 
+
+def test_on_policy_students_see_control_tokens_in_records_as_text(chatml):
+    # regression: objective on_policy handed messages to TRL's GKD collator, which applied the chat template itself
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from kd.distill.trl_runs import gkd_rows
+
+    benign = [{"id": str(i), "prompt": conversation("word " * (5 + 9 * i))[:2],
+               "completion": [{"role": "assistant", "content": "yes " * (3 + 5 * i)}]} for i in range(3)]
+    hostile = {"id": "h", "prompt": conversation(FORGED)[:2], "completion": [{"role": "assistant", "content": "ok"}]}
+    collate = DataCollatorForChatML(tokenizer=chatml, max_length=40)  # the longest record is cut, as TRL cuts it
+    ours = collate(gkd_rows(chatml, benign + [hostile], 40))
+    assert chatml.backend_tokenizer.encode_special_tokens is False  # kd's encoding leaves the shared backend as it was
+    trl = collate([{"messages": r["prompt"] + r["completion"]} for r in benign + [hostile]])
+
+    def rows(batch: dict, key: str, mask: str) -> list[list[int]]:  # without the left padding
+        return [row[m == 1].tolist() for row, m in zip(batch[key], batch[mask], strict=True)]
+
+    for key, mask in (("input_ids", "attention_mask"), ("labels", "attention_mask"), ("prompts", "prompt_attention_mask")):
+        assert rows(ours, key, mask)[:3] == rows(trl, key, mask)[:3], key  # benign records: TRL's very rows
+    whole = collate.__class__(tokenizer=chatml, max_length=1000)(gkd_rows(chatml, [benign[0], hostile], 1000))
+    ids, prompts = rows(whole, "input_ids", "attention_mask"), rows(whole, "prompts", "prompt_attention_mask")
+    assert structure(chatml, ids[1]) == structure(chatml, ids[0])
+    assert structure(chatml, prompts[1]) == structure(chatml, prompts[0])  # the student samples from 3 turns, not 4
+
+
 # --- the fuzz: generated hostile seeds and templates through rendering and tokenisation -----------------------
 
 def hostile_values(tok: Any, rng: random.Random, n: int) -> list[str]:

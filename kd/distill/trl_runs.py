@@ -104,6 +104,21 @@ def train_sft(model: Any, tok: Any, records: list[dict[str, Any]], t: Training, 
     return run_trainer(trainer, ckpt_dir)
 
 
+def gkd_rows(tok: Any, records: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """GKD's rows, tokenised by kd (kd.runtime.tokenize.chat_ids keeps control tokens in a record's text as text) and
+    cut as TRL's ChatML collator cuts them: the last `max_length` tokens; its collator takes `input_ids` +
+    `completion_mask` as they are and reads `messages` only for its unused prompt text."""
+    rows = []
+    for r in records:
+        prompt, completion = split_record(r)
+        ids, start = encode(tok, r, 1 << 30)
+        cut = max(len(ids) - max_length, 0)
+        ids, start = ids[cut:], max(start - cut, 0)
+        rows.append({"messages": prompt + completion, "input_ids": ids,
+                     "completion_mask": [0] * start + [1] * (len(ids) - start)})
+    return rows
+
+
 def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, Any]], t: Training, op: OnPolicy,
                     ckpt_dir: Path, device: str, on_step: Callable[[dict[str, float]], None]) -> Result:
     """GKD: with probability λ a batch is the student's own samples, scored by the teacher online.
@@ -114,7 +129,7 @@ def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, 
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    rows = [{"messages": p + c} for p, c in map(split_record, records)]
+    rows = gkd_rows(tok, records, t.max_length)
     args = GKDConfig(**trainer_args(t, ckpt_dir, device), lmbda=op.lmbda, beta=op.beta, temperature=op.temperature,
                      max_new_tokens=op.max_new_tokens, seq_kd=False, disable_dropout=True)
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),

@@ -94,7 +94,20 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prom
 
 
 def _plain(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
+    """`text` encoded with no special token recognised in it."""
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer takes the choice per call
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    # `tokenizer(..., split_special_tokens=True)` leaves the flag set on the shared backend, and TRL's GKD collator
+    # encodes through the backend directly: it would then read the template's own control tokens as text
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    finally:
+        backend.encode_special_tokens = before
 
 
 def _spans(text: str, skeleton: list[str], marks: list[str], texts: list[str]) -> list[tuple[str, bool]] | None:

@@ -106,7 +106,7 @@ class _BoundedConcat(CodeGenerator):
 
 class Sandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox with every way to build text bounded by MAX_TEXT (Jinja bounds only `range`, to
-    MAX_RANGE items): `'a' * 10**8`, `9 ** 10**9`, a doubling `~` or `+` loop, `x.center(10**9)`, a huge
+    MAX_RANGE items): `'a' * 10**8`, `2 ** 10**8`, a doubling `~` or `+` loop, `x.center(10**9)`, a huge
     format width or `replace`/`join` fail at once instead of filling memory."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -150,11 +150,11 @@ def _within(root: Path, name: str) -> Path:
     """The file a template name means, refused unless it is a `.jinja` file inside the project (symlinks resolved)."""
     file = (root / name).resolve()
     if Path(name).is_absolute() or ".." in Path(name).parts or not file.is_relative_to(root):
-        raise KdError(f"{name}: a template may only include files inside the project directory")
+        raise KdError(f"{name}: outside the project directory; templates and their includes must lie inside it")
     if file.suffix != ".jinja":
-        raise KdError(f"{name}: only .jinja files are templates")
+        raise KdError(f"{name}: not a .jinja file; only .jinja files are templates")
     if not file.is_file():
-        raise KdError(f"template not found: {name}")
+        raise KdError(f"{name}: template not found")
     return file
 
 

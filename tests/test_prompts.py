@@ -10,6 +10,7 @@ from conftest import REPO
 
 from kd.config import load_params
 from kd.errors import KdError
+from kd.pipeline.check import render_samples
 from kd.pipeline.spec import dataset_reads
 from kd.prompts import declared_variables, load_prompt
 
@@ -34,6 +35,7 @@ def test_every_shipped_template_declares_exactly_what_it_uses(tmp_path):
         params = load_params(root)
         for name, cfg in params.datasets.items():
             used |= set(dataset_reads(name, cfg, params, root)["templates"])
+            render_samples(cfg, root)  # and each renders with its seed rows, as `kd check` renders it
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "prompts").rglob("*.jinja")}
     # the plain alternative to explain.jinja, and the text judges (the default recipe judges by likelihood);
     # tests/test_feedback.py loads the judge templates with their method's variables
@@ -109,3 +111,111 @@ def test_declared_variables_parsing():
     assert declared_variables("{# A template.\n   vars: b, a #}\nbody") == ("a", "b")
     assert declared_variables("{#- vars:\n#}") == ()
     assert declared_variables("no header") is None
+
+
+def one_line_error(fn, match: str) -> str:
+    with pytest.raises(KdError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("include", ["../" * 30 + "etc/hostname", "../outside.jinja", "ABSOLUTE", "prompts/link.jinja",
+                                     ".env"])
+def test_include_cannot_read_outside_the_project(tmp_path, include):
+    # regression: `{% include "../../../etc/hostname" %}` read (and hashed) a file outside the project, then failed
+    # with a traceback; an absolute path or a symlink out of the project did the same
+    outside = tmp_path / "outside.jinja"
+    outside.write_text("{# vars: #}SECRET-OUTSIDE")
+    root = tmp_path / "project"
+    (root / "prompts").mkdir(parents=True)
+    (root / "prompts" / "link.jinja").symlink_to(outside)
+    (root / ".env").write_text("KEY=SECRET-ENV")
+    include = str(outside) if include == "ABSOLUTE" else include
+    name = write(root, "prompts/evil.jinja", f'{{# vars: x #}}{{% block user %}}{{% include "{include}" %}}{{% endblock %}}')
+    msg = one_line_error(lambda: load_prompt(root, name, ["x"]), r"^prompts/evil\.jinja: includes ")
+    assert "SECRET" not in msg
+
+
+def test_self_recursion_is_one_line(tmp_path):
+    # regression: `{{ self.user() }}` ended in RecursionError
+    name = write(tmp_path, "r.jinja", "{# vars: x #}{% block user %}{{ self.user() }}{% endblock %}")
+    one_line_error(lambda: load_prompt(tmp_path, name, ["x"]).render("seeds/s.jsonl row 1", x=1),
+                   r"^r\.jinja \(seeds/s\.jsonl row 1\): the user block calls itself without end")
+
+
+def test_no_output_that_changes_between_runs(tmp_path):
+    # regression: `{{ lipsum }}` rendered a memory address, so the request key changed every run
+    name = write(tmp_path, "l.jinja", "{# vars: x #}{% block user %}{{ lipsum }}{% endblock %}")
+    one_line_error(lambda: load_prompt(tmp_path, name, ["x"]), r"uses lipsum but its header declares only")
+    for body in ("{{ range }}", "{{ x.upper }}", "{{ cycler(1, 2) }}"):
+        name = write(tmp_path, "a.jinja", "{# vars: x #}{% block user %}" + body + "{% endblock %}")
+        one_line_error(lambda n=name: load_prompt(tmp_path, n, ["x"]).render(x="hi"), "is not the same from run to run")
+    # kept: range, dict, namespace, cycler and joiner, whose output is plain data
+    name = write(tmp_path, "k.jinja", "{# vars: x #}{% block user %}{% set ns = namespace(n=0) %}{% set c = cycler('a', 'b') %}"
+                 "{% for i in range(3) %}{% set ns.n = ns.n + i %}{{ c.next() }}{% endfor %} {{ ns.n }} {{ dict(a=1) }}"
+                 "{% endblock %}")
+    assert load_prompt(tmp_path, name, ["x"]).render(x=0)[0]["content"] == "aba 3 {'a': 1}"
+
+
+@pytest.mark.parametrize("body", ["{{ 'a' * 10**8 }}", "{% for i in range(100000) %}{{ 'a' * 100000 }}{% endfor %}",
+                                  "{{ range(10**9)|length }}", "{{ x|center(10**9) }}", "{{ '%999999999d' % 1 }}",
+                                  "{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                                  "{% endfor %}{{ ns.s }}"])
+def test_rendered_size_is_bounded(tmp_path, body):
+    # regression: nothing bounded the rendered size (`'a' * 10**8` rendered 100 MB)
+    import time
+
+    name = write(tmp_path, "big.jinja", "{# vars: x #}{% block user %}" + body + "{% endblock %}")
+    start = time.perf_counter()
+    one_line_error(lambda: load_prompt(tmp_path, name, ["x"]).render("seeds/s.jsonl row 4", x="hi"),
+                   r"^big\.jinja \(seeds/s\.jsonl row 4\): ")
+    assert time.perf_counter() - start < 2
+
+
+def test_non_utf8_template_is_one_line_naming_the_file(tmp_path):
+    # regression: a non-UTF-8 template ended in a UnicodeDecodeError traceback
+    (tmp_path / "latin.jinja").write_bytes(b"{# vars: x #}{% block user %}caf\xe9 {{ x }}{% endblock %}")
+    one_line_error(lambda: load_prompt(tmp_path, "latin.jinja", ["x"]), r"^latin\.jinja: not UTF-8 text")
+    write(tmp_path, "main.jinja", '{# vars: x #}{% block user %}{% include "latin.jinja" %}{% endblock %}')
+    one_line_error(lambda: load_prompt(tmp_path, "main.jinja", ["x"]), r"^main\.jinja: includes latin\.jinja: not UTF-8")
+
+
+def test_kd_check_renders_templates_against_seed_rows(project):
+    # regression: `kd check` did not render templates, so a sandbox violation or a seed row without the field its
+    # method needs surfaced only mid-build
+    from kd.pipeline.check import check
+
+    check(project)  # the shipped project passes
+    template = project / "prompts" / "labeling" / "explain.jinja"
+    good = template.read_text()
+    template.write_text(good.replace("{{ instruction }}", "{{ instruction }}{{ 'a' * 10**8 }}"))
+    msg = one_line_error(lambda: check(project), r"^datasets\.\w+: prompts/labeling/explain\.jinja "
+                                                 r"\(seeds/instructions\.jsonl row 1\): blocked by the template sandbox")
+    template.write_text(good)
+    seeds = project / "seeds" / "instructions.jsonl"
+    rows = seeds.read_text().splitlines()
+    rows[4] = '{"id": "no-instruction", "category": "math", "question": "What is 2 + 2?"}'
+    seeds.write_text("\n".join(rows) + "\n")
+    msg = str(pytest.raises(KdError, check, project).value)
+    assert "seeds/instructions.jsonl: record 5 (no-instruction): needs a non-empty string `instruction`" in msg
+
+
+@pytest.mark.parametrize("kind", ["rubric", "pairwise"])
+def test_kd_check_renders_judge_templates(tmp_path, kind):
+    # a text judge's template is rendered too (with the seed row's instruction and a stand-in answer), so a judge
+    # template that cannot render fails `kd check`, naming it and the row
+    import shutil
+
+    import yaml
+
+    for d in ("prompts", "seeds"):
+        shutil.copytree(REPO / d, tmp_path / d)
+    params = yaml.safe_load((REPO / "profiles" / "survey.yaml").read_text())
+    params["datasets"]["prefs"]["judge"] = {"teacher": "smollm2", "kind": kind, "template": f"prompts/feedback/{kind}.jinja"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    render_samples(load_params(tmp_path).datasets["prefs"], tmp_path)
+    judge = tmp_path / "prompts" / "feedback" / f"{kind}.jinja"
+    judge.write_text(judge.read_text().replace("{{ instruction }}", "{{ instruction.__class__.__mro__ }}", 1))
+    one_line_error(lambda: render_samples(load_params(tmp_path).datasets["prefs"], tmp_path),
+                   rf"^prompts/feedback/{kind}\.jinja \(seeds/instructions\.jsonl row 1\): ")

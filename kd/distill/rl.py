@@ -29,7 +29,7 @@ from kd.errors import KdError
 from kd.paths import MODELS_DIR
 from kd.runtime.models import load_teacher
 from kd.runtime.scoring import judge_scores, load_reward_model, reward_scores
-from kd.runtime.tokenize import encode, record_prompt
+from kd.runtime.tokenize import chat_ids, encode, record_prompt
 
 Reward = Callable[..., list[float]]  # TRL's reward_funcs protocol: f(prompts, completions, **kw) -> one per pair
 
@@ -84,7 +84,7 @@ def prompts(records: list[dict[str, Any]], tok: Any, max_length: int, max_new_to
         if key in seen:
             continue
         seen.add(key)
-        n = len(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        n = len(chat_ids(tok, prompt, add_generation_prompt=True, where="an RL prompt"))
         if n + max_new_tokens <= max_length:
             out.append(prompt)
     return out

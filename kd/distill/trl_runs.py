@@ -19,7 +19,7 @@ from typing import Any
 
 from kd.config.students import OnPolicy, Training
 from kd.distill.loop import Result, check_stop
-from kd.runtime.tokenize import split_record
+from kd.runtime.tokenize import encode, split_record
 
 
 def step_callback(on_step: Callable[[dict[str, float]], None]) -> Any:
@@ -92,11 +92,31 @@ def train_sft(model: Any, tok: Any, records: list[dict[str, Any]], t: Training, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [dict(zip(("prompt", "completion"), split_record(r), strict=True)) for r in records]
+    rows = []
+    for r in records:
+        # kd tokenises, not TRL, so control tokens in a record's text stay text (kd.runtime.tokenize.chat_ids); TRL
+        # takes `input_ids` + `completion_mask` rows as they are, then truncates them to max_length as before
+        ids, start = encode(tok, r, 1 << 30)
+        rows.append({"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)})
     args = SFTConfig(**trainer_args(t, ckpt_dir, device), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[step_callback(on_step)])
     return run_trainer(trainer, ckpt_dir)
+
+
+def gkd_rows(tok: Any, records: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """GKD's rows, tokenised by kd (kd.runtime.tokenize.chat_ids keeps control tokens in a record's text as text) and
+    cut as TRL's ChatML collator cuts them: the last `max_length` tokens; its collator takes `input_ids` +
+    `completion_mask` as they are and reads `messages` only for its unused prompt text."""
+    rows = []
+    for r in records:
+        prompt, completion = split_record(r)
+        ids, start = encode(tok, r, 1 << 30)
+        cut = max(len(ids) - max_length, 0)
+        ids, start = ids[cut:], max(start - cut, 0)
+        rows.append({"messages": prompt + completion, "input_ids": ids,
+                     "completion_mask": [0] * start + [1] * (len(ids) - start)})
+    return rows
 
 
 def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, Any]], t: Training, op: OnPolicy,
@@ -109,7 +129,7 @@ def train_on_policy(model: Any, tok: Any, teacher: Any, records: list[dict[str, 
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    rows = [{"messages": p + c} for p, c in map(split_record, records)]
+    rows = gkd_rows(tok, records, t.max_length)
     args = GKDConfig(**trainer_args(t, ckpt_dir, device), lmbda=op.lmbda, beta=op.beta, temperature=op.temperature,
                      max_new_tokens=op.max_new_tokens, seq_kd=False, disable_dropout=True)
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),

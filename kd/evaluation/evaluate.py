@@ -60,6 +60,7 @@ from kd.runtime.models import directory_digest, load_teacher, read_info
 from kd.runtime.novelty import rouge_l, words
 from kd.runtime.quality import RUN, degeneracy, distinct_n, final_answer, longest_run
 from kd.runtime.scoring import REPEAT_FLOOR, judge_scores
+from kd.runtime.tokenize import chat_ids as conversation_ids
 from kd.runtime.tokenize import encode, tokenizer_digest
 
 VARIABLES = ("instruction", "category")  # what `evaluation.template` may use, as a labeling template
@@ -119,8 +120,7 @@ def rouge(a: str, b: str) -> float:
 
 
 def chat_ids(tok: Any, messages: tuple[dict[str, str], ...]) -> list[int]:
-    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return conversation_ids(tok, list(messages), add_generation_prompt=True, where="an evaluation prompt")
 
 
 def _progress(total: int, desc: str) -> Any:

@@ -1,7 +1,8 @@
 """`kd check`: everything that can be known wrong before a build starts, each problem on its own line.
 
-params.yaml against its schema, every template it names (syntax, sandbox, declared variables), every seed file,
-and dvc.yaml against the stage graph params.yaml gives (kd.pipeline.spec).
+params.yaml against its schema, every template it names (syntax, sandbox, declared variables), every seed file, each
+template rendered against the first rows of its seed files (as its stage will render it, without a teacher), and
+dvc.yaml against the stage graph params.yaml gives (kd.pipeline.spec).
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ from pathlib import Path
 
 import yaml
 
-from kd.config import Labeling, LocalTeacher, Params, load_params
+from kd.config import Dataset, Labeling, LocalTeacher, Params, load_params
 from kd.config.students import FromConfig, FromTeacher
+from kd.elicit import curation, expansion, labeling
+from kd.elicit.common import load_inputs
 from kd.errors import KdError
-from kd.paths import DVC_FILE, under
+from kd.paths import DATA_DIR, DVC_FILE, under
 from kd.pipeline.spec import dataset_reads, differences, dvc_data
+from kd.prompts import load_prompt
 from kd.records import load_seeds
+from kd.runtime import judges
 from kd.runtime.models import trusted_code
 
 MODE_SEEKING = ("reverse_kl", "jsd", "skew_reverse_kl")
+SAMPLE_ROWS = 3  # rows of each seed file rendered through its templates: what the first requests would be
+TEACHER_TEXT = "(the teacher's text)"  # stands in where a stage renders a teacher's earlier output
 
 
 def warnings(params: Params) -> list[str]:
@@ -52,6 +59,54 @@ def warnings(params: Params) -> list[str]:
     return out
 
 
+def render_samples(cfg: Dataset, root: Path) -> None:
+    """Render each template of a generation dataset with the first SAMPLE_ROWS rows of its seed files, as its stage
+    will: a sandbox violation, a runaway template or a seed row without a field its method needs (every row is
+    checked for that) is reported now, naming template, seed file and row, not mid-build.
+
+    Raises:
+        KdError: the first problem, one line.
+    """
+    match cfg.method:
+        case "labeling" | "feedback" | "self_knowledge":
+            prompt = load_prompt(root, cfg.template, labeling.VARIABLES)  # the three share (instruction, category)
+            judge = getattr(cfg, "judge", None)
+            judged = judge is not None and judge.template is not None
+            rubric = judged and judge.kind == "rubric"
+            judge_prompt = load_prompt(root, judge.template, judges.RUBRIC_VARIABLES if rubric
+                                       else judges.PAIRWISE_VARIABLES) if judged else None
+            for source in (s for s in cfg.inputs if s.seeds is not None):
+                for n, x in enumerate(load_inputs(root, source, root / DATA_DIR)[:SAMPLE_ROWS], 1):
+                    where = f"{source.seeds} row {n}"
+                    prompt.render(where, instruction=x.text, category=x.category)
+                    if judge_prompt is not None and rubric:
+                        judge_prompt.render(where, instruction=x.text, response=TEACHER_TEXT, aspects=list(judge.aspects),
+                                            low=judge.low, high=judge.high, allow_prose=judge.allow_prose)
+                    elif judge_prompt is not None:
+                        judge_prompt.render(where, instruction=x.text, response_a=TEACHER_TEXT,
+                                            response_b=TEACHER_TEXT, allow_prose=judge.allow_prose)
+        case "expansion":
+            seeds = load_seeds(root, cfg.seeds, ("instruction",))
+            load_prompt(root, cfg.template, expansion.SELF_INSTRUCT_VARIABLES).render(
+                f"{cfg.seeds} rows 1-{min(cfg.demos, len(seeds))}", demos=[s["instruction"] for s in seeds[:cfg.demos]])
+            for template in cfg.evol.templates if cfg.evol else []:
+                evol = load_prompt(root, template, expansion.EVOL_VARIABLES)
+                for n, s in enumerate(seeds[:SAMPLE_ROWS], 1):
+                    evol.render(f"{cfg.seeds} row {n}", instruction=s["instruction"], category=str(s.get("category", "")))
+        case "curation":
+            topics = load_seeds(root, cfg.topics, ("topic",))
+            attributes = load_seeds(root, cfg.attributes, ("attribute",))
+            question = load_prompt(root, cfg.question_template, curation.QUESTION_VARIABLES)
+            answer = load_prompt(root, cfg.answer_template, curation.ANSWER_VARIABLES)
+            for n in range(max(min(SAMPLE_ROWS, len(topics)), min(SAMPLE_ROWS, len(attributes)))):
+                t, a = topics[n % len(topics)], attributes[n % len(attributes)]
+                where = f"{cfg.topics} row {n % len(topics) + 1}, {cfg.attributes} row {n % len(attributes) + 1}"
+                question.render(where, topic=t["topic"], domain=t.get("domain", ""), attribute=a["attribute"])
+                answer.render(where, question=TEACHER_TEXT, topic=t["topic"], domain=t.get("domain", ""))
+        case "feature":
+            pass
+
+
 def validate(root: Path) -> tuple[Params, set[str]]:
     """params.yaml, every template its datasets name and every seed file they read; returns (params, templates).
     What the `params` stage runs before any other stage (kd.pipeline.spec), and `kd check` before comparing dvc.yaml.
@@ -68,6 +123,7 @@ def validate(root: Path) -> tuple[Params, set[str]]:
             templates |= set(reads["templates"])
             for f in reads["seeds"]:
                 load_seeds(root, f, ())
+            render_samples(cfg, root)
         except KdError as e:
             problems.append(f"datasets.{name}: {e}")
     for name, teacher in params.teachers.items():  # pinned code is checked now, not when a stage loads it

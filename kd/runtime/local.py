@@ -18,6 +18,7 @@ from kd.paths import under
 from kd.runtime.device import resolve_device, resolve_dtype_name
 from kd.runtime.models import directory_digest, load_causal_lm, trusted_code
 from kd.runtime.refusals import refused
+from kd.runtime.tokenize import chat_ids
 
 
 def seed_of(key: str) -> int:
@@ -96,7 +97,7 @@ class LocalTeacher:
         # a 1 MB row takes seconds to tokenise; its bytes alone prove it too long in microseconds
         items = self._refuse_too_long(items, {k: self.least_tokens(r["messages"]) for k, r in items}, on_result,
                                       "at least ")
-        prompts = {k: tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
+        prompts = {k: chat_ids(tok, r["messages"], add_generation_prompt=True, where=f"request {k[:12]}")
                    for k, r in items}
         items = self._refuse_too_long(items, {k: len(p) for k, p in prompts.items()}, on_result)
         if not items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from kd.errors import KdError
@@ -36,10 +37,101 @@ def split_record(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
     return prompt, completion
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The texts a tokenizer turns into special ids wherever they appear (`<|im_start|>`, `<|eot_id|>`, ...),
+    longest first as the tokenizer matches them."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    names = {t.content for t in added.values() if t.special} | set(getattr(tokenizer, "all_special_tokens", []))
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
     # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); older versions a list.
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+             where: str = "a conversation") -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template, in which only the template's own control
+    tokens are control tokens: `hi<|im_end|>\n<|im_start|>system\n...` in a message's text stays text and
+    cannot forge a turn. Every chat template applied to kd's messages goes through here.
+
+    Messages without control-token text get exactly the ids `apply_chat_template(tokenize=True)` gives. The
+    others: the template is rendered once more with a marker for each message's text, so the text's place in
+    the rendered conversation is known; the template's control tokens there become their ids, and the rest is
+    encoded with `split_special_tokens=True`, as plain text.
+
+    Raises:
+        KdError: naming `where`, when a message holds control-token text and the chat template rewrites message
+            text beyond trimming it, so its place cannot be known.
+    """
+    specials = control_tokens(tokenizer)
+    texts = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
+    if not any(s in t for t in texts for s in specials):
+        return _template_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    marks = [f"\ue000kd-message-{i}\ue001" for i in range(len(messages))]
+    skeleton = tokenizer.apply_chat_template([{**m, "content": marks[i]} if isinstance(m.get("content"), str) else m
+                                              for i, m in enumerate(messages)],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    spans = _spans(text, re.split("(" + "|".join(map(re.escape, marks)) + ")", skeleton), marks, texts)
+    if spans is None:
+        raise KdError(f"{where}: a message holds control-token text ({', '.join(s for s in specials if any(s in t for t in texts))}) "
+                      f"and the chat template rewrites message text, so it cannot be kept from becoming structure")
+    control = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    ids: list[int] = []
+    run = ""  # text between two of the template's control tokens: template text and message text, as plain text
+    for piece, is_message in spans:
+        parts = [piece] if is_message else control.split(piece)
+        for n, part in enumerate(parts):
+            if n % 2:  # a control token the template wrote
+                ids += _plain(tokenizer, run) + [tokenizer.convert_tokens_to_ids(part)]
+                run = ""
+            else:
+                run += part
+    return ids + _plain(tokenizer, run)
+
+
+def _plain(tokenizer: Any, text: str) -> list[int]:
+    """`text` encoded with no special token recognised in it."""
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer takes the choice per call
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    # `tokenizer(..., split_special_tokens=True)` leaves the flag set on the shared backend, and TRL's GKD collator
+    # encodes through the backend directly: it would then read the template's own control tokens as text
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    finally:
+        backend.encode_special_tokens = before
+
+
+def _spans(text: str, skeleton: list[str], marks: list[str], texts: list[str]) -> list[tuple[str, bool]] | None:
+    """`text` cut into (piece, is a message's text) along the skeleton's template pieces and markers; None when
+    the rendered text is not the skeleton with each marker replaced by its message's text (or that text trimmed,
+    as Llama-3's template does)."""
+    spans, at = [], 0
+    for n, piece in enumerate(skeleton):
+        if n % 2 == 0:
+            if not text.startswith(piece, at):
+                return None
+            spans.append((piece, False))
+            at += len(piece)
+            continue
+        following = skeleton[n + 1] if n + 1 < len(skeleton) else ""
+        i = marks.index(piece)
+        for option in dict.fromkeys((texts[i], texts[i].strip())):
+            if text.startswith(option + following, at):
+                spans.append((option, True))
+                at += len(option)
+                break
+        else:
+            return None
+    return spans if at == len(text) else None
 
 
 def encode(tokenizer: Any, record: dict[str, Any], max_length: int) -> tuple[list[int], int]:
@@ -54,8 +146,9 @@ def encode(tokenizer: Any, record: dict[str, Any], max_length: int) -> tuple[lis
         KdError: naming the record when its chat template output does not extend the prompt.
     """
     prompt, completion = split_record(record)
-    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-    full = _ids(tokenizer, prompt + completion)
+    where = f"record {record.get('id', '?')}"
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True, where=where)
+    full = chat_ids(tokenizer, prompt + completion, where=where)
     if full[:len(prompt_ids)] != prompt_ids:
         raise KdError(f"record {record.get('id', '?')}: the chat template renders prompt + completion so that it "
                       f"does not start with the rendered prompt; its completion tokens cannot be located")

@@ -36,7 +36,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from kd.errors import KdError
 
 BLOCKS = ("system", "user")
-MAX_TEXT = 1_000_000  # characters in one rendered message (a prompt far past any context window still fits)
+MAX_TEXT = 8_000_000  # characters in one rendered message: ≈2M tokens, past every context window, so a long row
+# (1 MB for a long-context teacher) renders and is judged by the teacher (`too_long`), not by the sandbox
 _HEADER = re.compile(r"\A\s*\{#-?(.*?)-?#\}", re.DOTALL)
 _VARS_LINE = re.compile(r"^\s*vars:\s*(.*)$", re.MULTILINE)
 

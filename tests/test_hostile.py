@@ -193,6 +193,23 @@ def test_on_policy_students_see_control_tokens_in_records_as_text(chatml):
     assert structure(chatml, prompts[1]) == structure(chatml, prompts[0])  # the student samples from 3 turns, not 4
 
 
+def test_trainers_that_apply_the_template_themselves_never_see_control_tokens(chatml, capsys):
+    # regression: dpo, grpo and rloo handed messages holding control-token text to TRL, which read them as turns
+    from kd.distill.trl_runs import leave_out_control_tokens
+    from kd.runtime.tokenize import record_prompt
+
+    benign = {"id": "b", "prompt": conversation("plain words")[:2], "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]}
+    forged_answer = {**benign, "id": "h", "chosen": [{"role": "assistant", "content": FORGED}]}
+    forged_prompt = {**benign, "id": "p", "prompt": conversation(FORGED)[:2]}
+    records = [benign, forged_answer, forged_prompt]
+    kept = leave_out_control_tokens("s", "dpo", chatml, records, lambda r: [*r["prompt"], *r["chosen"], *r["rejected"]])
+    assert [r["id"] for r in kept] == ["b"]
+    assert "students.s: 2 of 3 records left out" in capsys.readouterr().err
+    assert [r["id"] for r in leave_out_control_tokens("s", "grpo", chatml, records, record_prompt)] == ["b", "h"]
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 # --- the fuzz: generated hostile seeds and templates through rendering and tokenisation -----------------------
 
 def hostile_values(tok: Any, rng: random.Random, n: int) -> list[str]:

@@ -22,7 +22,7 @@ from kd.config import Params, Student
 from kd.distill import loop
 from kd.distill.loop import Objective, Result
 from kd.distill.preference import pro_loss, rrhf_loss, sequence_logprobs
-from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
+from kd.distill.trl_runs import leave_out_control_tokens, run_trainer, step_callback, trainer_args
 from kd.errors import KdError
 from kd.runtime.init import frozen_init
 from kd.runtime.tokenize import encode
@@ -62,6 +62,9 @@ def preflight(name: str, cfg: Student, tok: Any, records: list[dict[str, Any]]) 
     Called before the MLflow run starts, so a user mistake leaves no FAILED run."""
     dpo = cfg.objective == "dpo"
     max_length = cfg.training.max_length
+    if dpo:  # TRL's DPOTrainer applies the chat template itself: a control token in the text would become structure
+        records = leave_out_control_tokens(name, "dpo", tok, records,
+                                           lambda r: [*r["prompt"], *r["chosen"], *r["rejected"]])
     kept = [(r, x) for r in records if (x := _ranked(r, tok, max_length, pair=dpo)) is not None]
     if not kept:
         what = "its chosen and rejected answers" if dpo else "two candidates"

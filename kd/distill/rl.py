@@ -24,7 +24,7 @@ from typing import Any
 
 from kd.config import Params, Student
 from kd.distill.loop import Result
-from kd.distill.trl_runs import run_trainer, step_callback, trainer_args
+from kd.distill.trl_runs import leave_out_control_tokens, run_trainer, step_callback, trainer_args
 from kd.errors import KdError
 from kd.paths import MODELS_DIR
 from kd.runtime.models import load_teacher
@@ -110,6 +110,8 @@ def preflight(name: str, cfg: Student, root: Path, tok: Any, records: list[dict[
     if rl.reward_model is not None and not (root / MODELS_DIR / rl.reward_model).is_dir():
         raise KdError(f"students.{name}.rl.reward_model: models/{rl.reward_model} does not exist "
                       f"(train it first: `dvc repro {rl.reward_model}`)")
+    # TRL's RL trainers apply the chat template to prompts themselves: control-token text would become structure
+    records = leave_out_control_tokens(name, cfg.objective, tok, records, record_prompt)
     rows = prompts(records, tok, t.max_length, rl.max_new_tokens)
     if not rows:
         raise KdError(f"students.{name}.training.max_length: no prompt leaves room for rl.max_new_tokens "

@@ -13,13 +13,27 @@ https://arxiv.org/abs/2306.13649
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kd.config.students import OnPolicy, Training
 from kd.distill.loop import Result, check_stop
-from kd.runtime.tokenize import encode, split_record
+from kd.runtime.tokenize import encode, holds_control_tokens, split_record
+
+
+def leave_out_control_tokens(name: str, objective: str, tok: Any, records: list[dict[str, Any]],
+                             messages: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """`records` without those whose text holds one of the tokenizer's control tokens, said on stderr. For the
+    objectives whose TRL trainer applies the chat template itself (`dpo`, `grpo`, `rloo`): there such text would
+    become message structure (a forged turn), which kd's own encoding (kd.runtime.tokenize.chat_ids) prevents."""
+    kept = [r for r in records if not holds_control_tokens(tok, messages(r))]
+    if len(kept) < len(records):
+        print(f"kd: warning: students.{name}: {len(records) - len(kept)} of {len(records)} records left out: their "
+              f"text holds the tokenizer's control tokens, which {objective} (TRL applies the chat template) would "
+              f"read as message structure", file=sys.stderr)
+    return kept
 
 
 def step_callback(on_step: Callable[[dict[str, float]], None]) -> Any:

@@ -45,6 +45,13 @@ def control_tokens(tokenizer: Any) -> list[str]:
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
+def holds_control_tokens(tokenizer: Any, messages: list[dict[str, Any]]) -> bool:
+    """Whether any message's text contains one of the tokenizer's control tokens (kd.runtime.tokenize.chat_ids
+    keeps such text as text; a trainer that applies the chat template itself would read it as structure)."""
+    specials = control_tokens(tokenizer)
+    return any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in specials)
+
+
 def _template_ids(tokenizer: Any, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
     # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); older versions a list.
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
@@ -66,10 +73,10 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prom
         KdError: naming `where`, when a message holds control-token text and the chat template rewrites message
             text beyond trimming it, so its place cannot be known.
     """
+    if not holds_control_tokens(tokenizer, messages):
+        return _template_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     specials = control_tokens(tokenizer)
     texts = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
-    if not any(s in t for t in texts for s in specials):
-        return _template_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     marks = [f"\ue000kd-message-{i}\ue001" for i in range(len(messages))]
     skeleton = tokenizer.apply_chat_template([{**m, "content": marks[i]} if isinstance(m.get("content"), str) else m

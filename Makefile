@@ -36,9 +36,11 @@ repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 # Two workers, whole files each: the end-to-end test runs on one while the other takes every other file. One
-# thread each: two processes with two threads apiece on two cores run several times slower.
+# thread each: two processes with two threads apiece on two cores run several times slower. Files in collection
+# order (the end-to-end file first, tests/conftest.py), not xdist's default of the most tests first, which
+# started the 7-minute end-to-end file last.
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check .

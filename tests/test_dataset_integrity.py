@@ -77,3 +77,24 @@ def test_show_truncated_manifest_is_one_line(project: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "manifest.json: not a valid manifest" in err
+
+
+# Bug: a truncated manifest.json made `kd diff` and `kd audit` end in a JSONDecodeError traceback.
+@pytest.mark.parametrize("command", ["diff", "audit"])
+def test_diff_and_audit_on_a_truncated_manifest_are_one_line(project: Path, command: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    good = project / "data/copy"
+    write_dataset(good, "copy", "labeling", [rec(i) for i in range(16)], [], {}, None)
+    record_id = json.loads((project / "data/sft" / RECORDS_FILE).read_text().splitlines()[0])["id"]
+    path = project / "data/sft" / MANIFEST_FILE
+    path.write_text(path.read_text()[:40])
+    model = project / "models/student"  # audit checks each model's datasets against today's manifests
+    model.mkdir(parents=True)
+    (model / "kd_model.json").write_text(json.dumps({"name": "student", "objective": "sft", "init": {},
+                                                    "datasets": [{"name": "sft", "fingerprint": "f" * 64}]}))
+    argv = ["diff", str(good), str(project / "data/sft")] if command == "diff" else ["audit", f"sft:{record_id[:12]}"]
+    with pytest.raises(SystemExit) as e:
+        main(["--root", str(project), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "manifest.json: not a valid manifest" in err

@@ -16,7 +16,7 @@ from kd.errors import KdError
 from kd.paths import CACHE_DIR, DATA_DIR, MODELS_DIR
 from kd.provenance.lineage import find_by_id, loads
 from kd.provenance.revisions import git, resolve_rev, template_origin
-from kd.records import MANIFEST_FILE, RECORDS_FILE, read_jsonl, seed_id
+from kd.records import MANIFEST_FILE, RECORDS_FILE, read_jsonl, read_manifest, seed_id
 from kd.runtime.models import INFO_FILE, ModelInfo, read_info
 from kd.tracking import DIRTY_SUFFIX
 
@@ -45,7 +45,7 @@ class _Project:
 
     def manifest(self, dataset: str) -> dict[str, Any] | None:
         path = self.data_dir / dataset / MANIFEST_FILE
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_manifest(path.parent) if path.is_file() else None  # a damaged one: one line, not a traceback
 
     def seed(self, file: str, sid: str) -> dict[str, Any] | None:
         """Today's row of a seed file, found by searching for its id before parsing the whole file."""

@@ -59,7 +59,14 @@ class Side:
         raw = self.snap.read(self.file(self.name, MANIFEST_FILE), missing_ok=True)
         if raw is None:
             return None, b""
-        manifest = json.loads(raw)
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KdError(f"{self.label}: {self.file(self.name, MANIFEST_FILE)}: not a valid manifest "
+                          f"({getattr(e, 'msg', None) or e.reason}); restore it with `dvc checkout` or rebuild "
+                          f"it") from None
+        if not isinstance(manifest, dict):
+            raise KdError(f"{self.label}: {self.file(self.name, MANIFEST_FILE)}: not a kd manifest")
         records = self.snap.read(self.file(self.name, manifest.get("files", {}).get("records", RECORDS_FILE)))
         return manifest, records or b""
 

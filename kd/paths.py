@@ -11,6 +11,7 @@ PLOTS_DIR = Path("plots")  # plots/<model>.csv: training curves (DVC plots)
 REPORTS_DIR = Path("reports")  # the evaluation's report, metrics, plots and generations
 KD_DIR = Path(".kd")  # kd's own state, git-ignored: never a DVC out
 CACHE_DIR = KD_DIR / "cache"  # the request cache
+BATCHES_DIR = KD_DIR / "batches"  # Batch API jobs submitted and not yet collected, one JSON file per batch id
 CHECKPOINTS_DIR = KD_DIR / "checkpoints"  # resumable training state, outside the outs DVC deletes
 DIGEST_MEMO = KD_DIR / "digests.json"  # model directory digests by (path, size, mtime)
 PARAMS_FILE = "params.yaml"

@@ -25,12 +25,19 @@ exactly N requests were answered before the kill. `api_key`: requests without `A
 <api_key>` get 401 (whose body echoes the key it got, as real servers partly do, to test scrubbing).
 `served_model`: the model name its answers report (OpenAI reports a dated snapshot of the one asked for).
 
+Batch API (`/v1/files`, `/v1/batches`): an uploaded JSONL file becomes a batch that reports `in_progress` for
+`batch_polls` polls, then `batch_end` ("completed", or "failed"/"expired"/"cancelled": no output). Its lines are
+answered like online requests; `batch_faults` are consumed one per line ("context", "filter": the line goes to the
+error file with a 400). `kill_on_poll`: SIGKILL `kill_pid` at the first poll. Counters: `uploads`,
+`batches_created`, `polls`, `batch_lines`.
+
 Run by hand: `python tests/fake_openai.py --port 8000 --latency 0.2` (blocks; Ctrl-C stops it).
 """
 
 from __future__ import annotations
 
 import argparse
+import email.policy
 import json
 import os
 import select
@@ -39,6 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -83,6 +91,13 @@ class FakeOpenAI:
         self.arrivals: list[float] = []  # time.monotonic() of each POST, in arrival order
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.batch_polls = 1
+        self.batch_end = "completed"
+        self.batch_faults: list[str] = []
+        self.kill_on_poll = False
+        self.uploads = self.batches_created = self.polls = self.batch_lines = 0
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
         self.url = ""
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -195,10 +210,16 @@ class _Handler(BaseHTTPRequestHandler):
                code: str | int | None = None) -> None:
         self._send(status, {"error": {"message": message, "type": kind, "code": code or status}}, headers)
 
+    def do_GET(self) -> None:
+        _batch_get(self, self.fake)
+
     def do_POST(self) -> None:
         fake = self.fake
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        if self.path.rstrip("/") in ("/v1/files", "/v1/batches"):
+            _batch_post(self, fake, raw)
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._error(404, f"no route {self.path}", "not_found")
             return
@@ -275,6 +296,103 @@ class _Handler(BaseHTTPRequestHandler):
         if self._send(200, fake.completion(body, finish)):
             with fake._lock:
                 fake.answered += 1
+
+
+def _multipart_file(handler: _Handler, raw: bytes) -> tuple[str, bytes]:
+    """(purpose, file bytes) of a multipart upload."""
+    msg = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {handler.headers.get('Content-Type')}\r\n\r\n".encode() + raw)
+    parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True) for p in msg.iter_parts()}
+    return (parts.get("purpose") or b"").decode(), parts.get("file") or b""
+
+
+def _batch_post(handler: _Handler, fake: FakeOpenAI, raw: bytes) -> None:
+    with fake._lock:
+        if handler.path.rstrip("/") == "/v1/files":
+            purpose, data = _multipart_file(handler, raw)
+            if purpose != "batch" or not data:
+                handler._error(400, "purpose must be batch and file non-empty", "invalid_request_error")
+                return
+            fake.uploads += 1
+            fid = f"file-{len(fake.files)}"
+            fake.files[fid] = data
+            handler._send(200, {"id": fid, "object": "file", "purpose": "batch", "bytes": len(data)})
+            return
+        body = json.loads(raw)
+        if body.get("input_file_id") not in fake.files or body.get("endpoint") != "/v1/chat/completions" \
+                or body.get("completion_window") != "24h":
+            handler._error(400, "bad batch request", "invalid_request_error")
+            return
+        fake.batches_created += 1
+        bid = f"batch_{len(fake.batches)}"
+        fake.batches[bid] = {"id": bid, "object": "batch", "status": "validating", "polls": 0,
+                             "input_file_id": body["input_file_id"], "output_file_id": None, "error_file_id": None}
+        handler._send(200, _public(fake.batches[bid]))
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k != "polls"}
+
+
+def _run_batch(fake: FakeOpenAI, batch: dict[str, Any]) -> None:
+    """Answer every line of the batch's input file into an output and an error file (under the lock)."""
+    out, err = [], []
+    for n, line in enumerate(fake.files[batch["input_file_id"]].splitlines()):
+        req = json.loads(line)
+        fake.batch_lines += 1
+        fault = fake.batch_faults.pop(0) if fake.batch_faults else None
+        if fault in ("context", "filter"):
+            message = ("This model's maximum context length is 8192 tokens." if fault == "context"
+                       else "The response was filtered due to the prompt triggering content management policy.")
+            err.append({"id": f"batch_req_{n}", "custom_id": req["custom_id"],
+                        "response": {"status_code": 400, "body": {"error": {"message": message,
+                                                                            "type": "invalid_request_error"}}},
+                        "error": None})
+        else:
+            out.append({"id": f"batch_req_{n}", "custom_id": req["custom_id"],
+                        "response": {"status_code": 200, "body": fake.completion(req["body"])}, "error": None})
+    for field, rows in (("output_file_id", out), ("error_file_id", err)):
+        if rows:
+            fid = f"file-{len(fake.files)}"
+            fake.files[fid] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            batch[field] = fid
+
+
+def _batch_get(handler: _Handler, fake: FakeOpenAI) -> None:
+    path = handler.path.rstrip("/")
+    kill = False
+    with fake._lock:
+        if path.startswith("/v1/files/") and path.endswith("/content"):
+            fid = path.removeprefix("/v1/files/").removesuffix("/content")
+            if fid in fake.files:
+                handler._send_raw(200, fake.files[fid], "application/jsonl")
+            else:
+                handler._error(404, f"no file {fid}", "not_found")
+            return
+        batch = fake.batches.get(path.removeprefix("/v1/batches/"))
+        if batch is None:
+            handler._error(404, f"no route {handler.path}", "not_found")
+            return
+        fake.polls += 1
+        if fake.kill_on_poll and not fake.killed:
+            fake.killed = kill = True
+        else:
+            batch["polls"] += 1
+            if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+                if batch["polls"] > fake.batch_polls:
+                    batch["status"] = fake.batch_end
+                    if fake.batch_end == "completed":
+                        _run_batch(fake, batch)
+                    elif fake.batch_end == "failed":
+                        batch["errors"] = {"data": [{"code": "invalid_file", "message": "fake: the batch failed"}]}
+                else:
+                    batch["status"] = "in_progress"
+    if kill:
+        if fake.kill_pid is not None:
+            os.kill(fake.kill_pid, signal.SIGKILL)
+        handler.close_connection = True
+        return
+    handler._send(200, _public(batch))
 
 
 def main() -> None:

@@ -24,14 +24,15 @@ from kd.config.datasets import (
 )
 from kd.config.errors import format_errors
 from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, RewardModel, Student
-from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher
+from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher, billed_price
 from kd.config.yamlfile import read_params_yaml
 from kd.errors import KdError
 from kd.secrets import is_secret_key, looks_secret, redact, why_refused
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
-           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "dataset_config", "dataset_inputs",
+           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "billed_price", "dataset_config",
+           "dataset_inputs",
            "dataset_teachers", "load_params", "PARAMS_STAGE"]
 
 PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)

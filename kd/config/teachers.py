@@ -15,6 +15,8 @@ class Price(Strict):
 
     input_per_mtok: float = Field(ge=0, description="price per million prompt (input) tokens, e.g. USD")
     output_per_mtok: float = Field(ge=0, description="price per million completion (output) tokens, e.g. USD")
+    batch_discount: float = Field(0.5, gt=0, le=1, description="what a `mode: batch` request costs as a fraction of "
+                                                               "the online price (OpenAI's Batch API: half)")
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
@@ -56,6 +58,13 @@ class OpenAITeacher(Strict):
     backoff_max_s: float = Field(60.0, ge=0, description="cap on one retry delay")
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
     price: Price | None = Field(None, description="cost per million input/output tokens; null = unknown (no cost shown)")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online = requests sent as the stage runs (`concurrency` at once); batch = the uncached "
+                              "requests go up as Batch API jobs (/v1/files + /v1/batches: half the price, answers "
+                              "within 24 h), which a killed stage resumes polling instead of resubmitting")
+    poll_s: float = Field(30.0, gt=0, description="batch mode: first wait between polls of the batch's status; grows "
+                                                  "1.5x per poll up to poll_max_s")
+    poll_max_s: float = Field(600.0, gt=0, description="batch mode: cap on one wait between polls")
 
     @field_validator("base_url")
     @classmethod
@@ -70,6 +79,16 @@ class OpenAITeacher(Strict):
         if isinstance(name, str) and looks_like_key(name):
             raise ValueError(why_refused("api_key_env", name))
         return name
+
+
+def billed_price(cfg: Any) -> Price | None:
+    """What a teacher (or any backend config with a `price`) charges in the mode it runs in: the batch discount
+    applied to a `mode: batch` teacher. The one place forecasts, progress and summaries get a price from."""
+    price: Price | None = getattr(cfg, "price", None)
+    if price is None or getattr(cfg, "mode", "online") != "batch":
+        return price
+    return price.model_copy(update={"input_per_mtok": price.input_per_mtok * price.batch_discount,
+                                    "output_per_mtok": price.output_per_mtok * price.batch_discount})
 
 
 Teacher = Annotated[LocalTeacher | OpenAITeacher, Field(discriminator="backend")]

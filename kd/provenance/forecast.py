@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FeatureCache, feature_key
-from kd.config import Params, Price
+from kd.config import Params, Price, billed_price
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
 from kd.provenance.lineage import iter_lines, loads
@@ -133,7 +133,7 @@ def money(cost: float | None) -> str:
 def cost_of(params: Params, teacher: str, prompt_tokens: float, completion_tokens: float) -> float | None:
     """Cost from `teachers.<name>.price`; a local teacher without a price is free, a remote one unknown."""
     cfg = params.teachers[teacher]
-    price: Price | None = cfg.price
+    price: Price | None = billed_price(cfg)  # a batch teacher's discount applied
     if price is None:
         return 0.0 if cfg.backend == "local" else None
     return price.cost(prompt_tokens, completion_tokens)

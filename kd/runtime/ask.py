@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from kd.cache.store import RequestCache, request_key
-from kd.config import Price, Sampling
+from kd.config import Price, Sampling, billed_price
 from kd.prompts import Prompt
 from kd.runtime.refusals import REASONS, is_refused
 from kd.runtime.teachers import Teacher
@@ -97,8 +97,8 @@ class Asker:
         return answers
 
     def price(self) -> Price | None:
-        """The teacher's price from its params, when it has one (a reward-model scorer has none)."""
-        return getattr(getattr(self.teacher, "cfg", None), "price", None)
+        """The teacher's price from its params as billed in its mode, when it has one (a reward-model scorer has none)."""
+        return billed_price(getattr(self.teacher, "cfg", None))
 
 
 class Progress:

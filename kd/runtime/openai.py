@@ -76,8 +76,12 @@ class OpenAITeacher:
         if items:
             asyncio.run(self._run(items, on_result))
 
+    def headers(self) -> dict[str, str]:
+        """The request headers: the key, when the params name one (never logged, never in an error)."""
+        return {"Authorization": f"Bearer {self._key.get_secret_value()}"} if self._key else {}
+
     async def _run(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
-        headers = {"Authorization": f"Bearer {self._key.get_secret_value()}"} if self._key else {}
+        headers = self.headers()
         limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         async with httpx.AsyncClient(base_url=self.cfg.base_url.rstrip("/") + "/", headers=headers, limits=limits,
@@ -97,7 +101,7 @@ class OpenAITeacher:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _body(self, key: str, request: dict[str, Any]) -> dict[str, Any]:
+    def body(self, key: str, request: dict[str, Any]) -> dict[str, Any]:
         s = request["sampling"]
         body: dict[str, Any] = {"model": self.cfg.model, "messages": request["messages"], "temperature": s["temperature"],
                                 "top_p": s["top_p"], "max_tokens": s["max_tokens"], "n": 1,
@@ -110,7 +114,7 @@ class OpenAITeacher:
         return body
 
     async def _ask(self, client: httpx.AsyncClient, key: str, request: dict[str, Any]) -> dict[str, Any]:
-        body, last = self._body(key, request), "no attempt made"
+        body, last = self.body(key, request), "no attempt made"
         for attempt in range(1, self.cfg.max_attempts + 1):
             retry_after = None
             try:
@@ -119,22 +123,22 @@ class OpenAITeacher:
             except httpx.TimeoutException:
                 last = f"timed out after {self.cfg.timeout_s:g} s"
             except httpx.TransportError as e:
-                last = f"connection error ({type(e).__name__}: {self._scrub(str(e), 200)})"
+                last = f"connection error ({type(e).__name__}: {self.scrub(str(e), 200)})"
             else:
                 if r.status_code == 200:
                     try:
-                        return _parse(r.content, self.endpoint)
+                        return parse_completion(r.content, self.endpoint)
                     except ValueError as e:
                         last = f"unreadable response ({e})"
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}: {self._scrub(r.text, 200)}"
+                    last = f"HTTP {r.status_code}: {self.scrub(r.text, 200)}"
                     retry_after = _retry_after(r.headers.get("retry-after"))
                 else:
-                    message = redact(f"HTTP {r.status_code}: {self._scrub(r.text, MAX_ERROR_CHARS)}")
+                    message = redact(f"HTTP {r.status_code}: {self.scrub(r.text, MAX_ERROR_CHARS)}")
                     if reason := about_the_request(r.status_code, r.text):
                         return refused(reason, message)
                     raise TeacherError(f"teacher '{self.name}' ({self.endpoint}) refused a request with HTTP "
-                                       f"{r.status_code}: {self._scrub(r.text, 300)}")
+                                       f"{r.status_code}: {self.scrub(r.text, 300)}")
             if attempt == self.cfg.max_attempts:
                 break
             backoff = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
@@ -143,7 +147,7 @@ class OpenAITeacher:
         raise TeacherError(f"teacher '{self.name}' ({self.endpoint}): a request failed {self.cfg.max_attempts} "
                            f"times; last: {last}. Answers received so far are cached: rerun to resume.")
 
-    def _scrub(self, text: str, limit: int) -> str:
+    def scrub(self, text: str, limit: int) -> str:
         """A server's text made fit for a one-line error: key removed *before* the cut (a key straddling the
         cut would otherwise leak its head), whitespace folded (an HTML error page spans lines)."""
         if self._key and self._key.get_secret_value() in text:
@@ -172,7 +176,7 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _parse(content: bytes, served_at: str) -> dict[str, Any]:
+def parse_completion(content: bytes, served_at: str) -> dict[str, Any]:
     """The one answer of a chat-completions body, with who gave it; raises ValueError when it is not one."""
     try:
         data = json.loads(content)

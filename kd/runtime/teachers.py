@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from kd.config import LocalTeacher as LocalConfig
 from kd.config import OpenAITeacher as OpenAIConfig
+from kd.runtime.batch import BatchTeacher
 from kd.runtime.local import LocalTeacher
 from kd.runtime.openai import OpenAITeacher
 from kd.runtime.openai import identity as openai_identity
@@ -37,6 +38,8 @@ def make_teacher(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> Teac
     match cfg.backend:
         case "local":
             return LocalTeacher(name, cfg, root)
+        case "openai" if cfg.mode == "batch":
+            return BatchTeacher(name, cfg, root)
         case "openai":
             return OpenAITeacher(name, cfg)
     raise AssertionError(cfg.backend)

@@ -56,6 +56,10 @@ class OpenAITeacher(Strict):
     backoff_max_s: float = Field(60.0, ge=0, description="cap on one retry delay")
     retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
     price: Price | None = Field(None, description="cost per million input/output tokens; null = unknown (no cost shown)")
+    tokenizer: str | None = Field(
+        None, description="directory holding the tokenizer the server runs (e.g. the served model's directory), "
+                          "relative to the project root; a `feature` dataset needs it: kd encodes each record with "
+                          "it, sends the ids and stores its digest so a student with another tokenizer is refused")
 
     @field_validator("base_url")
     @classmethod

@@ -31,6 +31,11 @@ answered like online requests; `batch_faults` are consumed one per line ("contex
 error file with a 400). `kill_on_poll`: SIGKILL `kill_pid` at the first poll. Counters: `uploads`,
 `batches_created`, `polls`, `batch_lines`.
 
+`prompt_logprobs(ids, k)`: makes it also serve POST /v1/completions the way vLLM does for a `prompt` of token ids
+and `prompt_logprobs: k` (a list with None first, then per position a {"<id>": {"logprob", "rank"}} map of the top
+k plus the prompt's own token); `model_prompt_logprobs(model_dir)` computes them with a real local model.
+Faults, counts and bodies are shared with chat completions.
+
 Run by hand: `python tests/fake_openai.py --port 8000 --latency 0.2` (blocks; Ctrl-C stops it).
 """
 
@@ -70,7 +75,8 @@ class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: list[str] | None = None,
                  answer: Callable[[list[dict[str, Any]]], str] | None = None,
                  kill_pid_at: int | None = None, api_key: str | None = None,
-                 served_model: str | None = None, port: int = 0) -> None:
+                 served_model: str | None = None, port: int = 0,
+                 prompt_logprobs: Callable[[list[int], int], list[Any]] | None = None, max_logprobs: int = 20) -> None:
         unknown = [f for f in faults or [] if f not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
@@ -82,8 +88,10 @@ class FakeOpenAI:
         self.api_key = api_key
         self.served_model = served_model  # the `model` its answers report; None: the requested one (as vLLM does)
         self.port = port  # 0: a free one
+        self.prompt_logprobs = prompt_logprobs
+        self.max_logprobs = max_logprobs  # vLLM's --max-logprobs: asking for more is a 400
         self.timeout_sleep_s = 2.0  # how long a "timeout" fault stalls before answering anyway
-        self.received = 0  # POSTs to /v1/chat/completions
+        self.received = 0  # POSTs to /v1/chat/completions (and /v1/completions when served)
         self.answered = 0  # complete, valid 200 completions sent
         self.in_flight = 0
         self.max_in_flight = 0
@@ -144,6 +152,8 @@ class FakeOpenAI:
             return fault, kill
 
     def completion(self, body: dict[str, Any], finish_reason: str = "stop") -> dict[str, Any]:
+        if "prompt" in body:
+            return self.text_completion(body)
         messages = body.get("messages") or []
         text = self.answer(messages)
         prompt_tokens = sum(_tokens(str(m.get("content", ""))) for m in messages)
@@ -157,6 +167,44 @@ class FakeOpenAI:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(text),
                       "total_tokens": prompt_tokens + _tokens(text)},
         }
+
+
+    def text_completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's answer to a `prompt` of token ids with `prompt_logprobs`."""
+        ids = body["prompt"]
+        k = body.get("prompt_logprobs")
+        return {"id": "cmpl-fake", "object": "text_completion", "created": 0,
+                "model": self.served_model or body.get("model", "fake"),
+                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length",
+                             "prompt_logprobs": self.prompt_logprobs(ids, k) if k is not None else None}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
+
+
+def model_prompt_logprobs(model_dir: Any) -> Callable[[list[int], int], list[Any]]:
+    """vLLM-shaped prompt log-probs of a local transformers model (float32, one sequence per request)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lock = threading.Lock()  # one forward at a time: the handler threads share the model
+
+    def compute(ids: list[int], k: int) -> list[Any]:
+        with lock, torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        out: list[Any] = [None]
+        for t in range(1, len(ids)):
+            row = logp[t - 1]
+            values, top = row.topk(k)
+            entry = {str(i): {"logprob": float(v), "rank": r + 1, "decoded_token": ""}
+                     for r, (v, i) in enumerate(zip(values.tolist(), top.tolist(), strict=True))}
+            own = ids[t]
+            if str(own) not in entry:  # vLLM adds the prompt's own token with its rank
+                entry[str(own)] = {"logprob": float(row[own]), "rank": int((row > row[own]).sum()) + 1,
+                                   "decoded_token": ""}
+            out.append(entry)
+        return out
+
+    return compute
 
 
 # What nginx sends when the model server behind it is down: several lines of HTML.
@@ -220,7 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") in ("/v1/files", "/v1/batches"):
             _batch_post(self, fake, raw)
             return
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        routes = ("/v1/chat/completions",) + (("/v1/completions",) if fake.prompt_logprobs else ())
+        if self.path.rstrip("/") not in routes:
             self._error(404, f"no route {self.path}", "not_found")
             return
         try:
@@ -292,6 +341,10 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
                 self.close_connection = True
                 return
+        if (body.get("prompt_logprobs") or 0) > fake.max_logprobs:  # vLLM's words
+            self._error(400, f"Requested prompt logprobs of {body['prompt_logprobs']}, which is greater than max "
+                        f"allowed: {fake.max_logprobs}", "BadRequestError")
+            return
         finish = "length" if fault == "length" else "stop"
         if self._send(200, fake.completion(body, finish)):
             with fake._lock:

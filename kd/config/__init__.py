@@ -91,7 +91,7 @@ class Params(Strict):
                     raise ValueError(f"datasets.{name}.inputs.{i}.dataset: unknown dataset '{src.dataset}' "
                                      f"(declared: {', '.join(self.datasets)})")
             if ds.method == "feature":
-                self._local_teacher(f"datasets.{name}.teacher", ds.teacher)
+                self._feature_teacher(f"datasets.{name}.teacher", ds.teacher)
                 self._dataset(f"datasets.{name}.dataset", ds.dataset)
         for name in self.datasets:
             _check_acyclic(self, name, ())
@@ -161,6 +161,15 @@ class Params(Strict):
         if name not in self.reward_models:
             raise ValueError(f"{key}: unknown reward model '{name}' "
                              f"(declared in reward_models: {', '.join(self.reward_models) or 'none'})")
+
+    def _feature_teacher(self, key: str, name: str) -> None:
+        """A local teacher, or a server returning prompt log-probs (vLLM) whose tokenizer kd has locally."""
+        if name not in self.teachers:
+            raise ValueError(f"{key}: unknown teacher '{name}' (declared: {', '.join(self.teachers)})")
+        t = self.teachers[name]
+        if t.backend == "openai" and t.tokenizer is None:
+            raise ValueError(f"teachers.{name}.tokenizer: {key} scores with this server, so name the directory of "
+                             f"the tokenizer it runs (kd sends its own token ids and checks students against it)")
 
     def _local_teacher(self, key: str, name: str) -> None:
         if name not in self.teachers:

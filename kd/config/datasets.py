@@ -112,16 +112,18 @@ class Curation(_Generated):
 class Feature(Strict):
     """Feature knowledge (survey §3.1.4): the teacher's top-k log-probabilities at every completion token.
 
-    White-box, so the teacher must be `local`. Stored compactly (uint16/int32 ids + float16 log-probs) with
+    White-box: a `local` teacher, or an `openai` one served by vLLM (`prompt_logprobs`) with its `tokenizer`
+    directory named. Stored compactly (uint16/int32 ids + float16 log-probs) with
     the teacher's tokenizer hash, so a student with another tokenizer is refused.
     """
 
     method: Literal["feature"] = Field(description="the elicitation method")
-    teacher: str = Field(description="a key of `teachers`; must be a local (white-box) teacher")
+    teacher: str = Field(description="a key of `teachers`: a local one, or an openai one serving prompt log-probs "
+                                     "(vLLM) with `tokenizer` set")
     dataset: str = Field(description="the dataset whose completions are scored (prompt + completion records)")
     top_k: int = Field(20, ge=1, le=1024, description="log-probabilities kept per token; more = closer to full KD")
     max_length: int = Field(512, ge=8, description="prompt + completion tokens per record; longer are cut")
-    batch_size: int = Field(8, ge=1, description="records per teacher forward pass")
+    batch_size: int = Field(8, ge=1, description="records per teacher forward pass (local teacher)")
 
 
 _ASPECT = r"^[a-z][a-z0-9_]*$"

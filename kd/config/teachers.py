@@ -65,6 +65,10 @@ class OpenAITeacher(Strict):
     poll_s: float = Field(30.0, gt=0, description="batch mode: first wait between polls of the batch's status; grows "
                                                   "1.5x per poll up to poll_max_s")
     poll_max_s: float = Field(600.0, gt=0, description="batch mode: cap on one wait between polls")
+    tokenizer: str | None = Field(
+        None, description="directory holding the tokenizer the server runs (e.g. the served model's directory), "
+                          "relative to the project root; a `feature` dataset needs it: kd encodes each record with "
+                          "it, sends the ids and stores its digest so a student with another tokenizer is refused")
 
     @field_validator("base_url")
     @classmethod

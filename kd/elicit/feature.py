@@ -1,8 +1,8 @@
 """Feature knowledge (survey §3.1.4): the teacher's top-k log-probabilities at every completion token.
 
-The local teacher scores every record of `datasets.<name>.dataset` with one teacher-forced forward pass; the
-result is a feature dataset laid out as kd.runtime.logits describes. Each record's result is also a feature
-cache entry (kd.cache.features), written as each batch finishes, so a rerun recomputes only new or changed
+The local teacher scores every record of `datasets.<name>.dataset` with one teacher-forced forward pass, or a
+served one returns the same top-k as prompt log-probs (kd.runtime.served, e.g. vLLM); the result is a feature
+dataset laid out as kd.runtime.logits describes. Each record's result is also a feature cache entry (kd.cache.features), written as each batch finishes, so a rerun recomputes only new or changed
 records and an interrupted run loses at most one batch.
 """
 
@@ -37,6 +37,8 @@ from kd.records import (
 from kd.runtime.ask import Totals
 from kd.runtime.local import LocalTeacher
 from kd.runtime.logits import LOGITS_FILE, TAIL_FLOOR, pack, save_logits
+from kd.runtime.refusals import is_refused
+from kd.runtime.served import ServedFeatures, feature_teacher
 from kd.runtime.tokenize import encode, tokenizer_digest
 
 
@@ -67,9 +69,10 @@ def score_batch(model: Any, items: list[Item], pad_id: int, top_k: int) -> list[
     return out
 
 
-def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher, data_dir: Path, cache_dir: Path,
-                    card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
-    """Score `cfg.dataset` with the local teacher and write `data/<name>/` atomically; return counts.
+def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatures, data_dir: Path,
+                    cache_dir: Path, card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """Score `cfg.dataset` with the teacher (local, or a server's prompt log-probs) and write `data/<name>/`
+    atomically; return counts.
 
     `card(manifest)`, if given, renders the dataset card (README.md) written with the dataset.
 
@@ -113,13 +116,29 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher, data_dir: Pa
     try:
         if misses:
             cache.ensure_writable()  # before the teacher runs: a read-only cache must not waste forward passes
-        model = teacher.loaded()[0] if misses else None
-        for i in range(0, len(misses), cfg.batch_size):
-            batch = misses[i:i + cfg.batch_size]
-            for it, tensors in zip(batch, score_batch(model, batch, pad, cfg.top_k), strict=True):
-                cache.put(it, tensors)  # persisted now: a kill loses at most the batch in flight
-                results[it.key] = tensors
+        if isinstance(teacher, ServedFeatures):
+            refused: set[str] = set()
+
+            def on_result(it: Item, response: dict[str, Any]) -> None:
+                if is_refused(response):  # that record only, as for chat requests; never cached
+                    refused.add(it.key)
+                    rejected.append({"reason": response["finish_reason"], "detail": response["error"],
+                                     "source_id": it.source["id"], "source_dataset": cfg.dataset})
+                else:
+                    cache.put(it, response)  # persisted as it arrives: a kill loses only the requests in flight
+                    results[it.key] = response
                 bar.update(len(it.ids) - it.start)
+
+            teacher.score(misses, cfg.top_k, on_result)
+            items = [it for it in items if it.key not in refused]
+        else:
+            model = teacher.loaded()[0] if misses else None
+            for i in range(0, len(misses), cfg.batch_size):
+                batch = misses[i:i + cfg.batch_size]
+                for it, tensors in zip(batch, score_batch(model, batch, pad, cfg.top_k), strict=True):
+                    cache.put(it, tensors)  # persisted now: a kill loses at most the batch in flight
+                    results[it.key] = tensors
+                    bar.update(len(it.ids) - it.start)
     finally:
         bar.close()
 
@@ -172,8 +191,8 @@ def _write(name: str, cfg: Feature, items: list[Item], results: dict[str, dict[s
 
 def build_features(name: str, root: Path = Path("."), data_dir: Path | None = None, metrics_dir: Path | None = None,
                    cache_dir: Path | None = None) -> str:
-    """A feature dataset: the local teacher scores every record of its input dataset (white-box, so no requests;
-    its own cache, logits written next to the records). Returns the summary line."""
+    """A feature dataset: the teacher scores every record of its input dataset (white-box: in-process, or a
+    server's prompt log-probs; its own cache, logits written next to the records). Returns the summary line."""
     summary = Summary()
     params = load_params(root)
     cfg: Feature = dataset_config(params, name, "feature")
@@ -182,7 +201,7 @@ def build_features(name: str, root: Path = Path("."), data_dir: Path | None = No
     metrics_dir = metrics_dir or root / METRICS_DIR
     ensure_writable(data_dir, metrics_dir)  # before the teacher's forward passes, not after them
     print(feature_forecast(name, params, root, data_dir, cache_dir).line(), flush=True)
-    teacher = LocalTeacher(cfg.teacher, params.teachers[cfg.teacher], root)
+    teacher = feature_teacher(cfg.teacher, params.teachers[cfg.teacher], root)
 
     def card(manifest: dict) -> str:
         usage = {"prompt_tokens": manifest["tokens"], "completion_tokens": 0}  # scored by forward passes

@@ -27,6 +27,7 @@ from kd.provenance.lineage import iter_lines, loads
 from kd.runtime.ask import Asker
 from kd.runtime.local import LocalTeacher
 from kd.runtime.roles import Role, role_identity, roles
+from kd.runtime.served import feature_teacher
 from kd.runtime.tokenize import encode
 
 MARK = "kdforecastplaceholder"  # one token no seed or template contains; survives novelty and word filters
@@ -281,11 +282,12 @@ def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cach
     path = data_dir / cfg.dataset / "records.jsonl"
     fc = Forecast(name, "feature", cfg.teacher)
     # the keys need the teacher's tokenizer and digest, and the records to score: no guess is worth printing
+    local = tcfg.path if tcfg.backend == "local" else tcfg.tokenizer  # the served teacher's: validation sets it
     lacking = [str(p) for p, there in ((f"data/{cfg.dataset}", path.is_file()),
-                                       (tcfg.path, under(root, tcfg.path).is_dir())) if not there]
+                                       (local, under(root, local).is_dir())) if not there]
     if lacking:
         raise KdError(f"datasets.{name}: {' and '.join(lacking)} not built yet")
-    teacher = LocalTeacher(cfg.teacher, tcfg, root)
+    teacher = feature_teacher(cfg.teacher, tcfg, root)
     tok, identity = teacher.tokenizer(), teacher.identity
     cache = FeatureCache.within(cache_dir or root / CACHE_DIR)
     for line in iter_lines(path.read_bytes()):

@@ -37,10 +37,13 @@ REQUEST_STATUS = {400, 413, 422}  # about this request's content; 401/403/404 ar
 _TOO_LONG = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many (input )?tokens|prompt is too long"
                        r"|must have less than \d+ tokens|input is too long", re.IGNORECASE)
 # a 400 about the teacher or about what kd sends every request (an unknown model, a parameter this model does not
-# take, e.g. OpenAI's reasoning models refusing `max_tokens`): every record would be refused, so the stage fails
+# take, e.g. OpenAI's reasoning models refusing `max_tokens`, or vLLM a `prompt_logprobs` over its limit): every
+# record would be refused, so the stage fails
 _NOT_THE_REQUEST = re.compile(r"model\b.{0,80}\b(not found|does not exist|not exist|unknown)|invalid[_ ]api[_ ]key"
                               r"|unauthori[sz]ed|unsupported[_ ](parameter|value)|unrecognized request argument"
-                              r"|not supported with this model|extra inputs are not permitted", re.IGNORECASE)
+                              r"|not supported with this model|extra inputs are not permitted"
+                              # vLLM asked for more prompt log-probs than its --max-logprobs
+                              r"|logprobs of \d+, which is greater than max allowed", re.IGNORECASE)
 
 
 def identity(cfg: OpenAIConfig) -> dict[str, Any]:
@@ -74,13 +77,22 @@ class OpenAITeacher:
 
     def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         if items:
-            asyncio.run(self._run(items, on_result))
+            asyncio.run(self._run(items, on_result, lambda key, request: ("chat/completions",
+                                                                          self.body(key, request), parse_completion)))
 
     def headers(self) -> dict[str, str]:
         """The request headers: the key, when the params name one (never logged, never in an error)."""
         return {"Authorization": f"Bearer {self._key.get_secret_value()}"} if self._key else {}
 
-    async def _run(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def complete(self, items: list[tuple[str, dict[str, Any]]], parse: Any, on_result: Any) -> None:
+        """POST each (key, body) to `completions` (vLLM's prompt log-probs) with the same concurrency, retries and
+        per-record refusals as chat; `parse(key, content, endpoint)` raises ValueError on a body it cannot use."""
+        if items:
+            asyncio.run(self._run(items, on_result, lambda key, body: (
+                "completions", {"model": self.cfg.model, **body}, lambda content, at: parse(key, content, at))))
+
+    async def _run(self, items: list[tuple[str, dict[str, Any]]], on_result: Any, prepare: Any) -> None:
+        """`prepare(key, request)` gives (path, body, parse) when the request's turn comes."""
         headers = self.headers()
         limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
         sem = asyncio.Semaphore(self.cfg.concurrency)
@@ -89,7 +101,7 @@ class OpenAITeacher:
 
             async def one(key: str, request: dict[str, Any]) -> None:
                 async with sem:
-                    response = await self._ask(client, key, request)
+                    response = await self._ask(client, *prepare(key, request))
                 on_result(key, response)
 
             tasks = [asyncio.create_task(one(k, r)) for k, r in items]
@@ -113,13 +125,13 @@ class OpenAITeacher:
             body["response_format"] = request["response_format"]
         return body
 
-    async def _ask(self, client: httpx.AsyncClient, key: str, request: dict[str, Any]) -> dict[str, Any]:
-        body, last = self.body(key, request), "no attempt made"
+    async def _ask(self, client: httpx.AsyncClient, path: str, body: dict[str, Any], parse: Any) -> dict[str, Any]:
+        last = "no attempt made"
         for attempt in range(1, self.cfg.max_attempts + 1):
             retry_after = None
             try:
                 self.requests_sent += 1
-                r = await client.post("chat/completions", json=body)
+                r = await client.post(path, json=body)
             except httpx.TimeoutException:
                 last = f"timed out after {self.cfg.timeout_s:g} s"
             except httpx.TransportError as e:
@@ -127,7 +139,7 @@ class OpenAITeacher:
             else:
                 if r.status_code == 200:
                     try:
-                        return parse_completion(r.content, self.endpoint)
+                        return parse(r.content, self.endpoint)
                     except ValueError as e:
                         last = f"unreadable response ({e})"
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:

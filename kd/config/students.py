@@ -149,6 +149,8 @@ class Training(Strict):
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
+    processes: int = Field(1, ge=1, description="training processes (`accelerate launch --num_processes`, one per GPU); "
+                                                "global batch = batch_size × grad_accum × processes")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
     freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
                                                     "this many bottom transformer layers: faster steps, and a "

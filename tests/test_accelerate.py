@@ -118,3 +118,14 @@ def test_trl_two_processes_match_one(objective: str, datasets: list[str], batch_
     assert len(_losses(two)) == 2
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     assert _info(two)["world_size"] == 2
+
+
+# Guards: `processes` on a reward model (whose stage runs one process) would be silently ignored.
+def test_reward_model_refuses_processes() -> None:
+    from pydantic import ValidationError
+
+    from kd.config.students import RewardModel
+
+    with pytest.raises(ValidationError, match="training.processes"):
+        RewardModel(init={"kind": "from_pretrained", "path": "models/s"}, datasets=["prefs"],
+                    training={"processes": 2})

@@ -211,6 +211,12 @@ class RewardModel(Strict):
                                                          "pair accuracy in metrics; never trained on")
     training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
 
+    @model_validator(mode="after")
+    def _one_process(self) -> RewardModel:
+        if self.training.processes != 1:  # its stage runs `python`: N would be a silent no-op
+            raise ValueError("training.processes: reward models train in one process (students can take several)")
+        return self
+
 
 class Compare(Strict):
     """A paired comparison of two students (or two groups of students, e.g. one per seed) on the same prompts."""

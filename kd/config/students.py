@@ -149,6 +149,8 @@ class Training(Strict):
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
+    processes: int = Field(1, ge=1, description="training processes (`accelerate launch --num_processes`, one per GPU); "
+                                                "global batch = batch_size × grad_accum × processes")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
     freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
                                                     "this many bottom transformer layers: faster steps, and a "
@@ -208,6 +210,12 @@ class RewardModel(Strict):
     held_out: float = Field(0.25, gt=0, lt=1, description="fraction of prompts (by record id) held out for the "
                                                          "pair accuracy in metrics; never trained on")
     training: Training = Field(Training(), description="optimiser, schedule, lengths, seed, checkpoints")
+
+    @model_validator(mode="after")
+    def _one_process(self) -> RewardModel:
+        if self.training.processes != 1:  # its stage runs `python`: N would be a silent no-op
+            raise ValueError("training.processes: reward models train in one process (students can take several)")
+        return self
 
 
 class Compare(Strict):

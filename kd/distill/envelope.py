@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from kd import tracking
 from kd.config import Params, RewardModel, Student
-from kd.distill import checkpoint
+from kd.distill import checkpoint, ranks
 from kd.distill.loop import Result
 from kd.errors import KdError
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
@@ -122,7 +122,7 @@ class Job:
             logits=DatasetRef(name=self.logits["name"], fingerprint=self.logits["fingerprint"]) if self.logits else None,
             params=self.cfg.model_dump(mode="json"), git_commit=tracking.git_commit(self.root),
             mlflow=MlflowRef(run_id=run.run_id, tracking_uri=tracking.configured_uri(), experiment=self.params.project),
-            metrics=metrics, held_out=held_out)
+            metrics=metrics, held_out=held_out, world_size=ranks.world_size())
         save_model(model.to("cpu"), tok, self.root / MODELS_DIR / self.name, info)
         write_outputs(self.root, self.name, metrics, result.history)
         run.end()
@@ -148,10 +148,21 @@ def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Par
     digest = checkpoint.run_hash(cfg.model_dump(mode="json"), {d["name"]: d["fingerprint"] for d in datasets},
                                  logits["fingerprint"] if logits else None, init_digest(cfg.init, params, root))
     ckpt_dir = checkpoint.checkpoint_dir(root, name, digest)
-    checkpoint.prune_others(ckpt_dir)
+    if ranks.is_main():  # under N processes only the main one writes
+        checkpoint.prune_others(ckpt_dir)
     torch.manual_seed(t.seed)
-    return Job(name, section, cfg, params, root, datasets, logits, ckpt_dir, resolve_device(t.device),
+    return Job(name, section, cfg, params, root, datasets, logits, ckpt_dir, ranks.device(resolve_device(t.device)),
                getattr(torch, t.dtype))
+
+
+def world_warning(section: Section, name: str, t: Any, world: int) -> str | None:
+    """A line when the processes running differ from `training.processes` and so change the global batch
+    (the optimiser then sees other steps than the params describe: not the run they reproduce)."""
+    if world == t.processes:
+        return None
+    return (f"kd: warning: {section}.{name}.training.processes is {t.processes} but {world} processes run: global "
+            f"batch {t.batch_size * t.grad_accum * world} examples, not the {t.batch_size * t.grad_accum * t.processes}"
+            f" the params describe")
 
 
 def no_records(section: Section, name: str, names: list[str]) -> KdError:

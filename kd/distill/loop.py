@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kd.config.students import Divergence, Hidden, Training
-from kd.distill import checkpoint
+from kd.distill import checkpoint, ranks
 from kd.distill.losses import hidden_loss, topk_divergence
 from kd.errors import KdError
 
@@ -71,22 +71,28 @@ class Objective:
     summarise: Callable[[dict[str, float], float], dict[str, float]] = _as_logged
 
 
-def plan(n_examples: int, t: Training) -> tuple[int, int]:
+def global_batch(t: Training, world: int = 1) -> int:
+    """Examples per optimiser step: batch_size × grad_accum on each of `world` processes."""
+    return t.batch_size * t.grad_accum * world
+
+
+def plan(n_examples: int, t: Training, world: int = 1) -> tuple[int, int]:
     """(steps per epoch, total optimiser steps): `max_steps` when set, else ceil(epochs × steps per epoch)."""
-    per_step = t.batch_size * t.grad_accum
+    per_step = global_batch(t, world)
     per_epoch = max(1, math.ceil(n_examples / per_step))
     return per_epoch, t.max_steps or max(1, math.ceil(t.epochs * n_examples / per_step))
 
 
-def step_batches(step: int, n: int, t: Training) -> list[list[int]]:
-    """Example indices of optimiser step `step` (0-based), as micro-batches.
+def step_batches(step: int, n: int, t: Training, world: int = 1) -> list[list[int]]:
+    """Example indices of optimiser step `step` (0-based), as micro-batches (grad_accum × world of them).
 
     The examples form one stream: epoch e is a permutation drawn from a generator seeded with (seed, e), and
-    step s takes the next batch_size × grad_accum of them, crossing epoch boundaries when n does not divide.
+    step s takes the next global batch of them, crossing epoch boundaries when n does not divide. Process r of
+    `world` runs micro-batches r, r + world, ...: the step sees the same examples whatever the world size.
     """
     import torch
 
-    per_step = t.batch_size * t.grad_accum
+    per_step = global_batch(t, world)
     picked: list[int] = []
     for pos in range(step * per_step, (step + 1) * per_step):
         epoch, i = divmod(pos, n)
@@ -117,8 +123,11 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
     """
     import torch
 
+    world, rank = ranks.world_size(), ranks.rank()
+    if world > 1:
+        ranks.start(cpu=next(model.parameters()).device.type == "cpu")
     torch.manual_seed(t.seed)
-    _, total = plan(len(examples), t)
+    _, total = plan(len(examples), t, world)
     modules = {"model": model} | objective.modules
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -130,18 +139,24 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
         result.history, result.resumed_from = state["history"], state["step"]
         result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
     model.train()
-    bar = tqdm(total=total, initial=result.resumed_from, desc=objective.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=result.resumed_from, desc=objective.name, unit="step", dynamic_ncols=True,
+               disable=not ranks.is_main())
     for step in range(result.resumed_from, total):
         check_stop(step)
-        micro = [[examples[i] for i in idx] for idx in step_batches(step, len(examples), t)]
+        micro = [[examples[i] for i in idx] for idx in step_batches(step, len(examples), t, world)]
         weight = sum(objective.weight(e) for b in micro for e in b)  # the step's loss is a mean over this
         loss_sum, sums = 0.0, {}
-        for batch in micro:
+        for batch in micro[rank::world]:
             loss, parts = objective.loss(batch, weight)
             loss.backward()
             loss_sum += loss.item()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+        if world > 1:  # every process gets the step's whole gradient and metrics, so all step alike
+            ranks.sum_grads(params)
+            keys = sorted(sums)
+            loss_sum, *summed = ranks.sum_floats([loss_sum, *(sums[k] for k in keys)])
+            sums = dict(zip(keys, summed, strict=True))
         result.tokens += int(sums.pop("tokens", 0))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -150,12 +165,14 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
         metrics = {"step": step + 1, "loss": loss_sum, **objective.summarise(sums, weight),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "tokens": result.tokens}
         result.history.append(metrics)
-        if (step + 1) % t.log_every == 0 or step + 1 == total:
+        if ((step + 1) % t.log_every == 0 or step + 1 == total) and ranks.is_main():
             on_step(metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
-            checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
+            if ranks.is_main():
+                checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
+            ranks.barrier()
     bar.close()
     model.eval()
     result.steps = total

@@ -8,11 +8,13 @@ The student is initialised as `init:` declares, trained with its objective insid
 
 from __future__ import annotations
 
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from kd.config import Params, Student, load_params
-from kd.distill import envelope, loop, rank, rl
+from kd.distill import envelope, loop, rank, ranks, rl
 from kd.distill.trl_runs import train_on_policy, train_sft
 from kd.errors import KdError
 from kd.records import REJECTED_FILE, read_jsonl
@@ -104,12 +106,16 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     if own_loop and not examples:
         raise KdError(f"students.{name}: no record has a completion token within training.max_length ({t.max_length})")
 
-    run = job.start_run()
+    warning = envelope.world_warning("students", name, t, ranks.world_size())
+    if warning and ranks.is_main():
+        print(warning, file=sys.stderr)
+    run = job.start_run() if ranks.is_main() else None  # under N processes only the main one writes
 
     def on_step(metrics: dict[str, float]) -> None:
-        run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+        if run is not None:
+            run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
-    with run.failing():
+    with run.failing() if run is not None else nullcontext():
         match cfg.objective:
             case "kd" | "sft" if own_loop:
                 # sft with `loop: kd` or a hidden term runs kd's loop with the same completion-only cross-entropy
@@ -119,7 +125,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
                     teacher, _ = load_teacher(params, cfg.hidden.teacher, root)
                     hidden = loop.HiddenTerm(cfg.hidden, teacher.to(job.device), model, f"students.{name}.hidden")
                 objective = loop.token_objective(model, cfg.kd if cfg.objective == "kd" else None, hidden, pad_id,
-                                                 t.grad_accum)
+                                                 t.grad_accum * ranks.world_size())
                 result = loop.train(model, examples, t, objective, job.ckpt_dir, on_step)
             case "sft":
                 result = train_sft(model, tok, records, t, job.ckpt_dir, job.device, on_step)
@@ -134,6 +140,8 @@ def train_student(name: str, root: Path = Path(".")) -> str:
                                          job.device, on_step)
             case _:
                 raise AssertionError(cfg.objective)
+    if run is None:
+        return f"{name}: process {ranks.rank()} of {ranks.world_size()} done"
     return job.finish(run, model, tok, result, cfg.objective, f"{_k(result.tokens)} tokens")
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
-from kd.config.students import FromPretrained
+from kd.config.students import FromPretrained, Training
 from kd.elicit import curation, expansion, feedback, labeling
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PARAMS_CHECKED, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR
 from kd.pipeline.code import closure
@@ -122,6 +122,16 @@ def _init_models(init: Any, params: Params, root: Path) -> tuple[list[str], list
     return [], [init.teacher]
 
 
+def launcher(t: Training) -> str:
+    """`python`, or `accelerate launch` with `training.processes` processes. `--multi_gpu` is accelerate's
+    torchrun launcher, the one that starts N local processes, also on CPU (its `--cpu` starts only one); the
+    other flags are its defaults, spelled out so that it does not warn about each."""
+    if t.processes == 1:
+        return "python"
+    return (f"accelerate launch --multi_gpu --num_processes {t.processes} --num_machines 1 --mixed_precision no "
+            f"--dynamo_backend no")
+
+
 def student_stage(name: str, cfg: Student, params: Params, root: Path) -> Stage:
     models, teachers = _init_models(cfg.init, params, root)
     online = [x.teacher for x in (cfg.on_policy, cfg.hidden, cfg.rl) if x is not None and x.teacher]
@@ -131,7 +141,7 @@ def student_stage(name: str, cfg: Student, params: Params, root: Path) -> Stage:
         data.append(str(MODELS_DIR / cfg.rl.reward_model))
     script = _script("student")
     return Stage(
-        name, "student", f"python {script} {name}",
+        name, "student", f"{launcher(cfg.training)} {script} {name}",
         deps=closure(root, script) + data + sorted({*models, *(params.teachers[t].path for t in teachers)}),
         # Finer than `teachers.<t>`: a teacher's batch_size does not change this student.
         params=[f"students.{name}", *(f"teachers.{t}.path" for t in teachers),

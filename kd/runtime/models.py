@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
     mlflow: MlflowRef = MlflowRef()
     metrics: dict[str, Any] = {}
     held_out: list[str] | None = None  # reward models: the record ids whose pairs measure its accuracy
+    world_size: int = 1  # training processes; global batch = batch_size × grad_accum × world_size
 
 
 def directory_digest(path: Path) -> str:

@@ -86,6 +86,14 @@ def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
         os.replace(tmp_dir, out_dir)
 
 
+def write_probe(directory: Path) -> None:
+    """Create and remove a file in `directory`; raises OSError where that fails. A real probe, not os.access:
+    that one says yes to root and cannot see every read-only mount."""
+    fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def ensure_writable(*dirs: Path) -> None:
     """Probe that a stage can write its outputs' directories, so it fails when it starts, not after the teacher
     answered (answers cost money and time; a stage that cannot write them loses its work).
@@ -100,9 +108,7 @@ def ensure_writable(*dirs: Path) -> None:
         try:
             if not existing.is_dir():
                 raise NotADirectoryError(20, f"{existing} is not a directory")
-            fd, tmp = tempfile.mkstemp(prefix=".kd-write-probe.", dir=existing)
-            os.close(fd)
-            os.unlink(tmp)
+            write_probe(existing)
         except OSError as e:
             raise KdError(f"{d}: cannot write there ({e.strerror}); nothing was asked or built: make it writable and "
                           f"run the stage again") from None

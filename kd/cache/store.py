@@ -19,7 +19,7 @@ from typing import Any
 
 from kd.errors import KdError
 from kd.paths import CACHE_DIR
-from kd.records import canonical_json, sha256_text
+from kd.records import canonical_json, sha256_text, write_probe
 
 CACHE_FORMAT = 1
 
@@ -117,15 +117,12 @@ class RequestCache:
 
 
 def probe_writable(directory: Path, what: str) -> None:
-    """Raise KdError naming `directory` unless a file can be created in it (created if missing). A real probe
-    (create + remove), not os.access: that one says yes to root and cannot see every read-only mount."""
+    """Raise KdError naming `directory` unless a file can be created in it (created if missing)."""
     if directory.exists() and not directory.is_dir():
         raise KdError(f"{directory}: the {what} is a file, not a directory; move it away so kd can create it")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kd-probe.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        os.unlink(tmp)
+        write_probe(directory)
     except OSError as e:
         raise KdError(f"{directory}: the {what} directory is not writable ({e.strerror or type(e).__name__}); "
                       f"make it writable (chmod -R u+w {directory})") from None

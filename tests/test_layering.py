@@ -22,7 +22,7 @@ FLOORS = (
     ("provenance", ("kd/provenance/",)),
     ("families", ("kd/elicit/", "kd/distill/", "kd/evaluation/")),
     ("pipeline", ("kd/pipeline/",)),
-    ("tools", ("kd/cli/", "stages/")),
+    ("tools", ("kd/cli/", "kd/view/", "stages/")),
 )
 FAMILIES = ("kd/elicit/", "kd/distill/", "kd/evaluation/")
 

@@ -34,6 +34,7 @@ from kd.records import (
 )
 from kd.runtime.models import INFO_FILE
 from kd.secrets import redact
+from kd.view.app import LOOPBACK, serve
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -192,6 +193,13 @@ def cmd_cache_share(args: argparse.Namespace) -> int:
     return 1 if result.rejected else 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """A read-only local web app over the project: pipeline, datasets, records with lineage, diffs, models and
+    evaluation. Serves 127.0.0.1 only unless --host says otherwise (and then says so: there is no login)."""
+    serve(Path(args.root), args.host, args.port)
+    return 0
+
+
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour (auto: on a terminal)")
@@ -241,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
     _output_options(p)
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("view", help=cmd_view.__doc__, description=cmd_view.__doc__)
+    p.add_argument("--port", type=int, default=8765, help="the port to serve (default: 8765)")
+    p.add_argument("--host", default=LOOPBACK[0], help="the address to bind (default: 127.0.0.1, this machine only)")
+    p.set_defaults(fn=cmd_view)
     args = parser.parse_args(argv)
     try:
         sys.exit(args.fn(args))

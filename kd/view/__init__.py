@@ -1,0 +1,1 @@
+"""`kd view`: a read-only local web app over a kd project."""

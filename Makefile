@@ -16,7 +16,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kd-installed
 
-.PHONY: setup repro test lint bench clean-cache
+.PHONY: setup browser repro test lint bench clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,15 @@ repro: setup
 # thread each: two processes with two threads apiece on two cores run several times slower. Files in collection
 # order (the end-to-end file first, tests/conftest.py), not xdist's default of the most tests first, which
 # started the 7-minute end-to-end file last.
-test: setup
+# `kd view`'s browser tests drive Debian's headless Chromium: installed here where missing and apt-get can (CI runs
+# as root on a fresh Debian machine); elsewhere the tests say they were skipped and why.
+browser:
+	@command -v chromedriver >/dev/null || [ -x /usr/lib/chromium/chromedriver ] || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "make: no chromium-driver; kd view's browser tests will be skipped (apt-get install chromium chromium-driver)"; fi
+
+test: setup browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup

@@ -117,8 +117,9 @@ def test_search_and_filters(project, client):
     math = [r["id"][:12] for r in qa if r["category"] == "math"]
     page = text(client.get("/data/qa?category=math").text)
     assert all(i in page for i in math) and "2 matching" in page
-    page = text(client.get("/data/qa?q=reverse+a+str").text)  # every word, the last one as a prefix
+    page = text(client.get("/data/qa?q=reverse+a+str*").text)  # every word; `str*`: any word starting so
     assert "1 matching" in page and "Reverse a string" in page
+    assert "0 matching" in text(client.get("/data/qa?q=reverse+a+str").text)
     assert "0 matching" in text(client.get("/data/qa?q=%22%29%28*").text)  # FTS5 syntax is never passed through
     assert "1 matching" in text(client.get("/data/qa?seed=seeds/instructions.jsonl:code-001").text)
     parent = rows(project, "derived")[0]["provenance"]["parents"][0]

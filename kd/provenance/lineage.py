@@ -175,6 +175,8 @@ def find_by_id(data: bytes, prefix: str) -> list[dict[str, Any]]:
             if isinstance(record, dict) and str(record.get("id", "")).startswith(prefix):
                 found[record["id"]] = record  # a parent's id inside provenance is not a match
             pos = end + 1
+        if found:  # kd writes the first form; the compact one (another tool's file) costs a second pass
+            break
     return [found[k] for k in sorted(found)]
 
 

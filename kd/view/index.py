@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ class DatasetIndex:
         records = dataset_dir / manifest["files"]["records"]
         stamp = f"{INDEX_FORMAT}:{manifest['fingerprint']}:{records.stat().st_size}"
         if not db.is_file() or _stamp(db) != stamp:
+            print(f"kd view: indexing {dataset_dir.name} ({manifest['records']} records) into {db}; once per "
+                  f"fingerprint", file=sys.stderr, flush=True)
             build(records, dataset_dir / manifest["files"].get("rejected", REJECTED_FILE), db, stamp)
         return cls(dataset_dir, manifest, db)
 

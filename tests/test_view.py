@@ -128,6 +128,32 @@ def test_search_and_filters(project, client):
     assert "1 rejected" in text(client.get("/data/qa/rejected?reason=length").text)
 
 
+# a failure inside a page is a 500 page naming no internals; the details go to the terminal
+def test_a_crash_is_a_page_not_a_traceback(project, monkeypatch, capsys):
+    from kd.view import pages
+
+    monkeypatch.setattr(pages, "evaluation", lambda root: 1 / 0)
+    r = TestClient(create_app(project), base_url="http://127.0.0.1", raise_server_exceptions=False).get("/models")
+    assert r.status_code == 500 and "ZeroDivisionError" not in r.text and "Traceback" not in r.text
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+# the record page's lookups (kd audit) still find records written in the compact JSON form, and an empty records
+# file maps to no bytes rather than failing (both changed with the 1M-record benchmark)
+def test_record_lookups_after_the_speedups(tmp_path):
+    from kd.provenance.audit import mapped
+    from kd.provenance.lineage import find_by_id
+
+    compact = b'{"id":"abcd1234","x":1}\n{"id":"abce","x":2}\n'
+    assert [r["x"] for r in find_by_id(compact, "abcd")] == [1]
+    spaced = b'{"id": "abcd1234", "provenance": {"parents": [{"id": "abcd9999"}]}}\n'
+    assert [r["id"] for r in find_by_id(spaced, "abcd")] == ["abcd1234"]
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "one.jsonl").write_bytes(spaced)
+    assert mapped(tmp_path / "empty.jsonl") == b"" and mapped(tmp_path / "missing.jsonl") == b""
+    assert find_by_id(mapped(tmp_path / "one.jsonl"), "abcd")[0]["id"] == "abcd1234"
+
+
 # the index is built once per fingerprint under .kd/view/ and rebuilt when the dataset changes
 def test_index_follows_the_fingerprint(project, tmp_path, monkeypatch):
     calls = []

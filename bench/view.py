@@ -43,11 +43,10 @@ sys.path.insert(0, str(REPO))
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from kd.paths import VIEW_DIR  # noqa: E402
 from kd.provenance.lineage import content_text  # noqa: E402
 from kd.records import canonical_json, content_id, fingerprint, read_dataset, sha256_text  # noqa: E402
 from kd.view.app import create_app  # noqa: E402
-from kd.view.index import DatasetIndex  # noqa: E402
+from kd.view.index import VIEW_DIR, DatasetIndex  # noqa: E402
 
 SEEDS = 1000
 RARE = "zyzzogeton"  # put in 1 record of every 20,000

@@ -13,7 +13,6 @@ KD_DIR = Path(".kd")  # kd's own state, git-ignored: never a DVC out
 CACHE_DIR = KD_DIR / "cache"  # the request cache
 BATCHES_DIR = KD_DIR / "batches"  # Batch API jobs submitted and not yet collected, one JSON file per batch id
 CHECKPOINTS_DIR = KD_DIR / "checkpoints"  # resumable training state, outside the outs DVC deletes
-VIEW_DIR = KD_DIR / "view"  # `kd view`: one search index per dataset fingerprint
 DIGEST_MEMO = KD_DIR / "digests.json"  # model directory digests by (path, size, mtime)
 PARAMS_FILE = "params.yaml"
 # the `params` stage's out, which every other stage depends on: written only when params.yaml validates, and always

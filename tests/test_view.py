@@ -14,9 +14,9 @@ import pytest
 from starlette.testclient import TestClient
 from viewproject import SCRIPT, build_view_project
 
-from kd.paths import VIEW_DIR
 from kd.view import index as view_index
 from kd.view.app import create_app
+from kd.view.index import VIEW_DIR
 
 
 @pytest.fixture(scope="module")

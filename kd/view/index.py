@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.paths import VIEW_DIR
+from kd.paths import KD_DIR
 from kd.provenance.lineage import content_text, loads
 from kd.records import REJECTED_FILE, read_manifest
 
+VIEW_DIR = KD_DIR / "view"  # one index per dataset fingerprint: kd's own state, never a DVC out
 INDEX_FORMAT = 2  # bump when the schema changes: older index files are then rebuilt
 BATCH = 20_000  # rows per insert while building
 COUNT_CAP = 10_000  # matches counted beyond this show as "10000+" (counting every hit of a common word is slow)

@@ -30,13 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: started before the session's tiny model is built, not after it
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One server for the module, started as `mlflow server` (seconds: the project is built meanwhile); its URL
-    once it answers (`ready`)."""
+    """One server, started as `mlflow server` (seconds: the tiny model and the project are built meanwhile); its
+    URL once it answers (`ready`)."""
     tmp = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner starts 8 more processes we do not use
     log = open(tmp / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -78,7 +79,7 @@ def trained(server: Callable[[], str], tmp_path_factory: pytest.TempPathFactory,
     from kd.distill.students import train_student
 
     root = make_student_project(tmp_path_factory.mktemp("p"), tiny_model_dir,
-                                {"s": student("sft", training={"max_steps": 2})}, logits=False)
+                                {"s": student("sft", training={"max_steps": 1})}, logits=False)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"] = {"log_models": True, "register_models": True}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -105,7 +106,7 @@ def test_training_run_lists_the_model_files(trained):
 
 
 # tracking.register_models: a registered version named after the student, tagged with data, code and kd version.
-def test_registered_version_names_datasets_commit_and_kd_version(trained):
+def test_registered_version_names_datasets_commit_and_kd_version(trained, monkeypatch):
     server = trained["url"]
     from kd import __version__
 
@@ -115,6 +116,11 @@ def test_registered_version_names_datasets_commit_and_kd_version(trained):
     tags = {t["key"]: t["value"] for t in v["tags"]}
     fp = json.loads((trained["root"] / "data/sft/manifest.json").read_text())["fingerprint"]
     assert tags == {"dataset.sft": fp, "git_commit": trained["info"]["git_commit"], "kd_version": __version__}
+    import mlflow  # the version resolves to the model's files: `models:/s/1` downloads a loadable directory
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    got = Path(mlflow.artifacts.download_artifacts("models:/s/1", dst_path=str(trained["root"] / "dl")))
+    assert (got / "model.safetensors").read_bytes() == (trained["root"] / "models/s/model.safetensors").read_bytes()
 
 
 # A dataset input's source resolves: MLflow's own source API loads the directory of that fingerprint, and the DVC

@@ -66,6 +66,7 @@ def curve_svg(name: str, table: str) -> str | None:
     """A student's training curve from its `plots/<name>.csv` (step, loss and the loss's parts); None if empty."""
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = list(csv.DictReader(io.StringIO(table)))
     fields = [f for f in CURVE_FIELDS if rows and f in rows[0]]
@@ -79,6 +80,7 @@ def curve_svg(name: str, table: str) -> str | None:
             points = [(s, float(r[f])) for s, r in zip(steps, rows, strict=True) if r.get(f)]
             ax.plot([p[0] for p in points], [p[1] for p in points], label=f, linewidth=1.2 if f == "loss" else 0.8)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{name}: training loss")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -14,6 +14,8 @@ from kd.evaluation.results import EvalPrompt, ModelResult, Run, Scores
 CURVE = "step,loss,ce,lr,tokens\n1,3.9,3.9,0.0002,942\n2,3.7,3.7,0.0003,1958\n3,3.3,3.3,0.0002,3039\n"
 # an external reference a browser would fetch: href/src attributes, CSS url() and @import
 FETCHES = re.compile(r"""(?:href|src)\s*=\s*["']\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""", re.I)
+# URLs an SVG names without fetching them: its namespaces and the DTD's system id
+XML_IDS = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink", "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd"}
 
 
 def _run() -> Run:
@@ -59,6 +61,7 @@ def test_charts_and_report_fetch_nothing(tmp_path: Path) -> None:
         text = path.read_text()
         assert not FETCHES.search(text), (path.name, FETCHES.search(text))
         assert not re.search(r"\]\(\s*https?://", text)  # no markdown image or link to the web
+        assert set(re.findall(r"https?://[^\s\"'<>)]+", text)) <= XML_IDS, path.name
     assert FETCHES.search('<image href="https://cdn.example/x.png"/>')  # the pattern does catch one
 
 

@@ -4,7 +4,7 @@
 blank; the DVC plot definitions stay (online users and Studio), and these SVGs are what report.md embeds.
 
 Bytes are a pure function of the numbers (a fixed `svg.hashsalt` for the ids matplotlib would draw at random,
-no Date in the metadata), so the same results render the same files and DVC sees no change. matplotlib is
+no date or other metadata), so the same results render the same files and DVC sees no change. matplotlib is
 imported here only, when the evaluation writes its reports (it costs about a second).
 """
 
@@ -20,6 +20,9 @@ from kd.evaluation.results import METRICS, Run
 METRICS_FIGURE = "metrics.svg"
 CURVE_FIELDS = ("loss", "kd", "ce", "hidden", "reward", "kl", "margin")  # what a training curve may draw, in order
 PANEL_COLUMNS = 3
+# No date (byte-stable), and no RDF block at all: the file's only URLs are then XML identifiers (the SVG and xlink
+# namespaces, the DTD's system id), which browsers never fetch.
+NO_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 _RC = {"svg.hashsalt": "kd", "svg.fonttype": "path", "font.size": 8}
 
 
@@ -29,7 +32,7 @@ def curve_figure(name: str) -> str:
 
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    fig.savefig(buf, format="svg", metadata=NO_METADATA)
     return buf.getvalue()
 
 
@@ -72,6 +75,9 @@ def curve_svg(name: str, table: str) -> str | None:
     fields = [f for f in CURVE_FIELDS if rows and f in rows[0]]
     if not rows or "step" not in rows[0] or not fields:
         return None
+    # a part equal to the loss on every step (ce of an SFT run) would hide under it: one line is enough
+    fields = [f for f in fields if f == fields[0] or any(not r[f] or not r[fields[0]] or
+                                                          abs(float(r[f]) - float(r[fields[0]])) > 1e-5 for r in rows)]
     steps = [int(r["step"]) for r in rows]
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(6, 3.2), layout="constrained")

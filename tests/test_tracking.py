@@ -121,3 +121,26 @@ def test_register_without_logging_is_refused(tmp_path: Path) -> None:
     assert Tracking().log_models and not Tracking().register_models
     with pytest.raises(ValueError, match="tracking.register_models: true needs tracking.log_models: true"):
         Tracking(log_models=False, register_models=True)
+
+
+# tracking.log_models: false logs no model files (and so registers nothing); true logs them, registering on request.
+def test_log_models_switch(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kd.config import Tracking
+    from kd.distill.envelope import Job
+
+    calls: list[tuple] = []
+    run = SimpleNamespace(log_model_dir=lambda d: calls.append(("log", d.name)) or "runs:/r/model",
+                          register=lambda name, src, tags: calls.append(("register", name, src, tags)) or "3")
+    data = [{"name": "sft", "path": "data/sft", "fingerprint": "ab" * 32}]
+
+    def job(**switches: bool) -> SimpleNamespace:
+        return SimpleNamespace(params=SimpleNamespace(tracking=Tracking(**switches)), root=tmp_path, name="s",
+                               datasets=data, logits=None)
+
+    assert Job.log_model(job(log_models=False), run, "c0ffee") == "" and calls == []
+    assert Job.log_model(job(), run, "c0ffee") == "" and calls == [("log", "s")]
+    calls.clear()
+    assert Job.log_model(job(register_models=True), run, "c0ffee") == ", model v3"
+    assert calls[1][:3] == ("register", "s", "runs:/r/model") and calls[1][3]["dataset.sft"] == "ab" * 32

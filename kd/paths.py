@@ -9,6 +9,7 @@ MODELS_DIR = Path("models")  # models/<student or reward model>/ (DVC outs)
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json (DVC metrics)
 PLOTS_DIR = Path("plots")  # plots/<model>.csv: training curves (DVC plots)
 REPORTS_DIR = Path("reports")  # the evaluation's report, metrics, plots and generations
+FIGURES_DIR = "figures"  # reports/figures/: the SVG charts report.md embeds (relative links), beside it
 KD_DIR = Path(".kd")  # kd's own state, git-ignored: never a DVC out
 CACHE_DIR = KD_DIR / "cache"  # the request cache
 BATCHES_DIR = KD_DIR / "batches"  # Batch API jobs submitted and not yet collected, one JSON file per batch id

@@ -3,7 +3,13 @@
 `import mlflow` costs about a second, so it happens only when a run starts. The tracking URI defaults to
 `sqlite:///mlflow.db` at the project root (MLflow 3's file store is in maintenance mode) and
 `MLFLOW_TRACKING_URI` overrides it. Datasets are logged as inputs by their manifest fingerprint, never by
-loading rows (MLflow #13020: minutes for 69k rows).
+loading rows (MLflow #13020: minutes for 69k rows); their source is the directory (MLflow's `local` source, which
+the UI shows as a path and `mlflow.data.get_source(...).load()` resolves) plus the DVC path and git revision that
+`dvc get <repo> <path> --rev <rev>` resolves anywhere else.
+
+A training run logs its model directory as artifacts under `model/` (`tracking.log_models`) and may register it
+(`tracking.register_models`); the evaluation run has one child run per model with the same metric names, which
+is what MLflow's compare view and charts line up side by side.
 
 A run is tagged with the host and process that runs it. Ctrl-C and SIGTERM end it KILLED (kd.stage); a process
 killed outright (`kill -9`, the OOM killer) cannot, so the next `start_run` of the same stage closes the RUNNING
@@ -21,12 +27,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from kd import __version__
 from kd.paths import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
 from kd.secrets import REDACTED, is_secret_key, looks_secret
 
 MAX_PARAM_CHARS = 6000  # MLflow truncates longer values with a warning; we cut them ourselves, visibly
 MAX_DIGEST_CHARS = 36  # MLflow rejects longer dataset digests
+MODEL_ARTIFACTS = "model"  # where a run's model directory goes among its artifacts
 DIRTY_SUFFIX = "+dirty"  # after a commit: the worktree's tracked inputs differed from it (git_modified)
 DVC_LOCK = "dvc.lock"
 BUILD_WRITES = tuple(f"{d}/" for d in (METRICS_DIR, PLOTS_DIR, REPORTS_DIR))  # git-tracked outs of the stages
@@ -119,6 +128,36 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         self._client().set_terminated(self.run_id, status=status)
 
+    def log_model_dir(self, model_dir: Path) -> str:
+        """Every file of a model directory under the run's `model/` artifacts; returns its `runs:/` URI."""
+        self._client().log_artifacts(self.run_id, str(model_dir), artifact_path=MODEL_ARTIFACTS)
+        return f"runs:/{self.run_id}/{MODEL_ARTIFACTS}"
+
+    def register(self, name: str, source: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` (created on first use) from `source`; its version number."""
+        import mlflow
+
+        client = self._client()
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return client.create_model_version(name, source, run_id=self.run_id, tags=redact(tags)).version
+
+    def child(self, name: str, metrics: dict[str, float], tags: dict[str, str]) -> str:
+        """A finished child run (MLflow nests it under this one) holding `metrics` at step 0; its id."""
+        from mlflow.entities import Metric, RunTag
+
+        client = self._client()
+        experiment_id = client.get_run(self.run_id).info.experiment_id
+        child = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id})
+        now = int(time.time() * 1000)
+        client.log_batch(child.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in redact(tags).items()])
+        client.set_terminated(child.info.run_id)
+        return child.info.run_id
+
     @contextlib.contextmanager
     def failing(self) -> Iterator[None]:
         """Around training: an error ends the run FAILED, an interrupt KILLED (its checkpoint resumes it); on
@@ -178,6 +217,33 @@ def close_orphans(client: Any, experiment_id: str, stage: str, keep: str | None 
     return closed
 
 
+def dataset_source(root: Path, path: str, commit: str) -> dict[str, str]:
+    """A dataset input's source: `uri` (the directory, which MLflow's `local` source loads and its UI shows), and
+    where DVC finds the same version on another machine: `dvc_path` in the repository `repo` (its `origin` remote,
+    else this checkout) at git revision `rev` (the commit the run names; `+dirty` when it was not clean)."""
+    where = Path(path).resolve()
+    try:
+        rel = where.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:  # outside the project (a test's or a user's absolute path): no DVC path to give
+        return {"uri": str(where)}
+    repo = _without_credentials(_git(root, "remote", "get-url", "origin").strip()) or str(Path(root).resolve())
+    return {"uri": str(where), "dvc_path": rel, "repo": repo, "rev": commit}
+
+
+def _without_credentials(url: str) -> str:
+    """A remote URL without the `user:token@` some users put in https remotes: never a secret in MLflow."""
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def model_version_tags(git: str, datasets: list[dict[str, str]]) -> dict[str, str]:
+    """The tags of a registered model version: what it learned from (`dataset.<name>` = fingerprint), the git
+    commit and the kd version, so the registry answers "which data and code" without opening the run."""
+    return {"git_commit": git, "kd_version": __version__, **{f"dataset.{d['name']}": d["fingerprint"] for d in datasets}}
+
+
 def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
               datasets: list[dict[str, str]], context: str = "training", run_id: str | None = None) -> Run:
     """Open one run for a stage in the experiment named after the project.
@@ -218,7 +284,7 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
     client.log_batch(run_id, params=[Param(k, v) for k, v in loggable_params(params).items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     inputs = [DatasetInput(Dataset(name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS], source_type="local",
-                                   source=json.dumps({"uri": str(Path(ds["path"]).resolve())})),
+                                   source=json.dumps(dataset_source(root, ds["path"], tags["git_commit"]))),
                            tags=[InputTag("mlflow.data.context", context), InputTag("fingerprint", ds["fingerprint"])])
               for ds in datasets]
     if inputs:

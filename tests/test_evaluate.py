@@ -213,8 +213,12 @@ def test_stage_is_deterministic_and_logs_one_mlflow_run(project, result):
              for p in sorted((project / "reports2").rglob("*")) if p.is_file()}
     assert after == before
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert run.data.metrics["student_same.kl"] == 0.0 and "baseline.generate_s" in run.data.metrics
+    # one child run per row, the same metric names in each: MLflow's compare view lines the models up
+    children = {r.info.run_name: r.data.metrics for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert set(children) == {r.name for r in result.results} and children["student_same"]["kl"] == 0.0
     assert run.data.tags["dvc_stage"] == "evaluate" and run.data.params["evaluation.max_new_tokens"] == "5"
     assert run.data.params["models.student_other.mlflow_run_id"] == "run-student_other"
 

@@ -97,3 +97,50 @@ def test_a_run_ends_failed_on_an_error_and_killed_on_an_interrupt(tmp_path: Path
     assert statuses == ["FAILED", "KILLED"]
     assert mlflow.MlflowClient(uri).get_run(run.run_id).info.status == "RUNNING"
     run.end()
+
+
+# A dataset input's source names the DVC path, the git revision and the repository, never a token in its URL.
+def test_dataset_source_names_dvc_path_revision_and_a_clean_remote(tmp_path: Path) -> None:
+    import subprocess
+
+    from kd.tracking import dataset_source
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "remote", "add", "origin", "https://me:ghp_secret123@example.com/p.git"], cwd=tmp_path,
+                   check=True)
+    src = dataset_source(tmp_path, str(tmp_path / "data" / "sft"), "abc123")
+    assert src == {"uri": str((tmp_path / "data" / "sft").resolve()), "dvc_path": "data/sft",
+                   "repo": "https://example.com/p.git", "rev": "abc123"}
+    assert dataset_source(tmp_path, "/elsewhere/d", "abc123") == {"uri": "/elsewhere/d"}  # outside the project
+
+
+# tracking.register_models without log_models would register a version pointing at nothing: refused, naming both.
+def test_register_without_logging_is_refused(tmp_path: Path) -> None:
+    from kd.config import Tracking
+
+    assert Tracking().log_models and not Tracking().register_models
+    with pytest.raises(ValueError, match="tracking.register_models: true needs tracking.log_models: true"):
+        Tracking(log_models=False, register_models=True)
+
+
+# tracking.log_models: false logs no model files (and so registers nothing); true logs them, registering on request.
+def test_log_models_switch(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kd.config import Tracking
+    from kd.distill.envelope import Job
+
+    calls: list[tuple] = []
+    run = SimpleNamespace(log_model_dir=lambda d: calls.append(("log", d.name)) or "runs:/r/model",
+                          register=lambda name, src, tags: calls.append(("register", name, src, tags)) or "3")
+    data = [{"name": "sft", "path": "data/sft", "fingerprint": "ab" * 32}]
+
+    def job(**switches: bool) -> SimpleNamespace:
+        return SimpleNamespace(params=SimpleNamespace(tracking=Tracking(**switches)), root=tmp_path, name="s",
+                               datasets=data, logits=None)
+
+    assert Job.log_model(job(log_models=False), run, "c0ffee") == "" and calls == []
+    assert Job.log_model(job(), run, "c0ffee") == "" and calls == [("log", "s")]
+    calls.clear()
+    assert Job.log_model(job(register_models=True), run, "c0ffee") == ", model v3"
+    assert calls[1][:3] == ("register", "s", "runs:/r/model") and calls[1][3]["dataset.sft"] == "ab" * 32

@@ -31,13 +31,32 @@ from kd.secrets import is_secret_key, looks_secret, redact, why_refused
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
-           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "billed_price", "dataset_config",
+           "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "Tracking", "billed_price", "dataset_config",
            "dataset_inputs",
            "dataset_teachers", "load_params", "PARAMS_STAGE"]
 
 PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)
 STAGE_NAMES = (PARAMS_STAGE, "teacher", "evaluate")  # stages of their own: no dataset or model may take the name
 
+
+
+class Tracking(Strict):
+    """What the training stages give MLflow beyond params, metrics and dataset inputs."""
+
+    log_models: bool = Field(True, description="log each trained model's directory (weights, tokenizer, "
+                             "kd_model.json, card) as artifacts of its run; costs a copy of the weights in the "
+                             "artifact store per training run (~0.3-0.6 GB for a 135M student), so turn it off for "
+                             "big models you keep in DVC only")
+    register_models: bool = Field(False, description="register each logged model in the MLflow model registry "
+                                  "under its name, with tags for its dataset fingerprints, git commit and kd "
+                                  "version; needs log_models")
+
+    @model_validator(mode="after")
+    def _registers_what_it_logs(self) -> Tracking:
+        if self.register_models and not self.log_models:
+            raise ValueError("tracking.register_models: true needs tracking.log_models: true (a registered "
+                             "version points at the logged model files)")
+        return self
 
 
 class Params(Strict):
@@ -55,6 +74,7 @@ class Params(Strict):
     reward_models: dict[str, RewardModel] = Field(default_factory=dict, description="Bradley-Terry reward models, "
                                                                                   "one DVC stage each")
     evaluation: Evaluation | None = Field(None, description="the held-out comparison (the `evaluate` stage)")
+    tracking: Tracking = Field(Tracking(), description="MLflow: model artifacts and registry")
 
     @model_validator(mode="before")
     @classmethod

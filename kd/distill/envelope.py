@@ -125,13 +125,26 @@ class Job:
             metrics=metrics, held_out=held_out, world_size=ranks.world_size())
         save_model(model.to("cpu"), tok, self.root / MODELS_DIR / self.name, info)
         write_outputs(self.root, self.name, metrics, result.history)
+        with run.failing():  # an artifact store that refuses the model fails the stage, and the run with it
+            version = self.log_model(run, info.git_commit)
         run.end()
         checkpoint.clear(self.ckpt_dir)
         h = result.history
         first, last = (h[0]["loss"], h[-1]["loss"]) if h else (float("nan"),) * 2
         resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
         return (f"{self.name}: {result.steps} steps{on}, loss {first:.2f} -> {last:.2f}, {detail} in {seconds:.0f} s"
-                f"{resumed} (mlflow run {run.run_id[:6]})")
+                f"{resumed} (mlflow run {run.run_id[:6]}{version})")
+
+    def log_model(self, run: tracking.Run, git: str) -> str:
+        """The model directory as the run's artifacts and, if asked, a registered version; ", model v<n>" then."""
+        t = self.params.tracking
+        if not t.log_models:
+            return ""
+        source = run.log_model_dir(self.root / MODELS_DIR / self.name)
+        if not t.register_models:
+            return ""
+        tags = tracking.model_version_tags(git, self.datasets + ([self.logits] if self.logits else []))
+        return f", model v{run.register(self.name, source, tags)}"
 
 
 def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Params, root: Path,

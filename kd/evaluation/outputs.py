@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kd.evaluation.charts import figures
 from kd.evaluation.report import report_md
 from kd.evaluation.results import CONSISTENCY_MIN, METRICS, REWARD_ROW, Comparison, Run
-from kd.paths import PLOTS_DIR
+from kd.paths import FIGURES_DIR, PLOTS_DIR
 from kd.records import atomic_write_text, replace_dir
 from kd.tracking import start_run
 
@@ -88,34 +89,46 @@ def training_curves(run: Run, root: Path) -> dict[str, Path]:
 
 
 def write_reports(run: Run, out_dir: Path, root: Path) -> list[Path]:
-    """Write metrics.json, generations.jsonl, plots/ and report.md under `out_dir`, each atomically (the
-    plots directory as a whole), and return their paths."""
+    """Write metrics.json, generations.jsonl, plots/ (DVC plots), figures/ (SVG charts) and report.md under
+    `out_dir`, each atomically (the plots and figures directories as a whole), and return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = training_curves(run, root)
-    tmp = Path(tempfile.mkdtemp(prefix=".plots.", suffix=".tmp", dir=out_dir))
+    _write_dir(out_dir / "plots", {**{name: text.encode() for name, text in plot_tables(run).items()},
+                                   **{name: src.read_bytes() for name, src in curves.items()}})
+    svgs = figures(run, {r.name: root / PLOTS_DIR / f"{r.name}.csv" for r in run.results
+                         if r.kind == "student" and (root / PLOTS_DIR / f"{r.name}.csv").is_file()})
+    _write_dir(out_dir / FIGURES_DIR, {name: svg.encode() for name, svg in svgs.items()})
+    files = {"metrics.json": metrics_json(run), "generations.jsonl": generations_jsonl(run),
+             "report.md": report_md(run, root, sorted(curves), sorted(svgs))}
+    for name, text in files.items():
+        atomic_write_text(out_dir / name, text)
+    return [out_dir / n for n in files] + [out_dir / "plots", out_dir / FIGURES_DIR]
+
+
+def _write_dir(path: Path, files: dict[str, bytes]) -> None:
+    """A directory holding exactly `files` (name -> bytes), replacing any old one whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        for name, text in plot_tables(run).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        for name, src in curves.items():
-            shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, out_dir / "plots")
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files = {"metrics.json": metrics_json(run), "generations.jsonl": generations_jsonl(run),
-             "report.md": report_md(run, root, sorted(curves))}
-    for name, text in files.items():
-        atomic_write_text(out_dir / name, text)
-    return [out_dir / n for n in files] + [out_dir / "plots"]
+
+
+def per_model_metrics(run: Run) -> dict[str, dict[str, float]]:
+    """{row: {metric: value}} for the evaluation's child runs: the same names in every row's run, so MLflow's
+    compare view and charts put the models side by side (prefixed names in one run would be one chart each)."""
+    rows = {row: values for row, values in json.loads(metrics_json(run)).items() if row not in ("sanity", "compare")}
+    return {row: {k: v for k, v in values.items() if isinstance(v, (int, float))} for row, values in rows.items()}
 
 
 def metrics_for_mlflow(run: Run) -> dict[str, float]:
     """`<row>.<metric>` -> value (MLflow takes flat keys), plus the wall times the reports leave out."""
     out: dict[str, float] = {}
-    for row, values in json.loads(metrics_json(run)).items():
-        if row in ("sanity", "compare"):
-            continue
-        out |= {f"{row}.{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+    for row, values in per_model_metrics(run).items():
+        out |= {f"{row}.{k}": v for k, v in values.items()}
     for s in run.sanity:
         out[f"sanity.{s.scorer.split('`')[0].strip().replace(' ', '_')}"] = round(s.rate, 4)
     for r in run.results:
@@ -128,7 +141,8 @@ def metrics_for_mlflow(run: Run) -> dict[str, float]:
 
 def log_mlflow(run: Run, root: Path, project: str, section: dict[str, Any]) -> str:
     """One MLflow run for the evaluation: its params, the prompts as its input (by sha256), the training runs
-    of the students it judged, and every metric; returns the run id."""
+    of the students it judged, and every metric; and one child run per row (model) with that row's metrics
+    under their plain names, tagged with the model's training run; returns the parent's run id."""
     models = {r.name: {"mlflow_run_id": (r.about.get("mlflow") or {}).get("run_id"),
                        "git_commit": r.about.get("git_commit")} for r in run.results if r.kind == "student"}
     prompts = {"name": "eval_prompts", "path": str(root / run.prompts_path), "fingerprint": run.prompts_sha256}
@@ -136,6 +150,10 @@ def log_mlflow(run: Run, root: Path, project: str, section: dict[str, Any]) -> s
                         context="evaluation")
     try:
         tracked.log_metrics(metrics_for_mlflow(run), step=0)
+        for row, values in per_model_metrics(run).items():
+            about = models.get(row) or {}
+            tracked.child(row, values, {"kd.model": row, "kd.training_run": about.get("mlflow_run_id") or "",
+                                        "git_commit": about.get("git_commit") or ""})
     except BaseException:
         tracked.end("FAILED")
         raise

@@ -21,7 +21,7 @@ from kd.evaluation.results import (
     ModelResult,
     Run,
 )
-from kd.paths import DATA_DIR
+from kd.paths import DATA_DIR, FIGURES_DIR
 from kd.records import MANIFEST_FILE
 
 # Measured against the teacher: the teacher's own row is the reference point, not a contender.
@@ -137,7 +137,9 @@ def _comparison(c: Comparison) -> list[str]:
             _table(["figure", f"difference ({'b'} − {'a'})", f"95% interval over {over}"], rows, align="r"), ""]
 
 
-def report_md(run: Run, root: Path, curves: list[str]) -> str:
+def report_md(run: Run, root: Path, curves: list[str], figures: list[str] = ()) -> str:
+    """The report's text. `curves`: the training-curve files in plots/; `figures`: the SVGs in figures/, which it
+    embeds with relative links (they render offline, unlike `dvc plots show`'s page, which loads Vega from a CDN)."""
     students = [r for r in run.results if r.kind == "student"]
     base = next((r for r in run.results if r.kind == "baseline"), None)
     targets = [p for p in run.prompts if p.exact_target]
@@ -186,9 +188,11 @@ def report_md(run: Run, root: Path, curves: list[str]) -> str:
                                                   for r in gen])
         lines += ["## Exact match by category", "",
                   _table(["category", "prompts"] + [f"`{r.name}`" for r in gen], cat_rows, align="r"), ""]
-    lines += ["## Plots", "",
-              "`dvc plots show` renders `reports/plots/`: one chart per metric across rows (`<metric>.csv`, with "
-              "the interval's bounds)"
+    lines += ["## Plots", ""]
+    lines += [f"![{Path(f).stem}]({FIGURES_DIR}/{f})" for f in figures] + ([""] if figures else [])
+    lines += ["Above: rendered locally (SVG), with 95% intervals. "
+              "`dvc plots show` renders `reports/plots/` (it needs the network for Vega): one chart per metric "
+              "across rows (`<metric>.csv`, with the interval's bounds)"
               + (", and each student's training curve (" + ", ".join(f"`{c}`" for c in curves) + ")" if curves
                  else "; no student training curves (`plots/<student>.csv`) were found") + ".", ""]
     lines += ["## What was evaluated", "", "### Models", "",

@@ -17,7 +17,16 @@ import yaml
 from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
 from kd.config.students import FromPretrained, Training
 from kd.elicit import curation, expansion, feedback, labeling
-from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PARAMS_CHECKED, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR
+from kd.paths import (
+    DATA_DIR,
+    FIGURES_DIR,
+    METRICS_DIR,
+    MODELS_DIR,
+    PARAMS_CHECKED,
+    PARAMS_FILE,
+    PLOTS_DIR,
+    REPORTS_DIR,
+)
 from kd.pipeline.code import closure
 from kd.prompts import load_prompt
 from kd.runtime import judges
@@ -180,7 +189,7 @@ def _evaluate(params: Params, root: Path) -> Stage:
         deps=closure(root, script) + templates + [ev.prompts] + list(dict.fromkeys(models)),
         params=["evaluation", *(f"teachers.{t}" for t in teachers), f"students.{base}.init",
                 f"students.{base}.training.seed"],
-        outs=[str(REPORTS_DIR / "report.md"), str(REPORTS_DIR / "generations.jsonl")],
+        outs=[str(REPORTS_DIR / "report.md"), str(REPORTS_DIR / FIGURES_DIR), str(REPORTS_DIR / "generations.jsonl")],
         metrics=[str(REPORTS_DIR / "metrics.json")], plots=[str(REPORTS_DIR / "plots")])
 
 

@@ -2,7 +2,8 @@
 
 Written from the manifest and build totals only, with no timestamps or paths of the machine, so a rebuild
 with the same records writes the same bytes (DVC's early cutoff depends on it). The YAML front matter's
-`configs` points `datasets.load_dataset("data/<name>")` at records.jsonl, not at rejected.jsonl.
+`configs` points `datasets.load_dataset("data/<name>")` at records.jsonl, not at rejected.jsonl, which is a
+config of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +24,31 @@ _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000
           (10_000_000, "1M<n<10M"))
 
 
+REJECTED_CONFIG = "rejected"
+# What each method's records hold for a trainer (DESIGN.md §3): TRL's prompt-completion, preference or logits shapes.
+COLUMNS = {
+    "labeling": "`prompt` + `completion`, conversational: SFTTrainer",
+    "expansion": "`prompt` alone, conversational (instructions without answers): GRPOTrainer, RLOOTrainer",
+    "curation": "`prompt` + `completion`, conversational: SFTTrainer",
+    "self_knowledge": "`prompt` + `completion`, conversational: SFTTrainer",
+    "feedback": "`prompt` + `chosen` + `rejected`, conversational: DPOTrainer, RewardTrainer",
+    "feature": "the parent's records with the teacher's top-k log-probabilities: kd's KD objectives",
+}
+
+
 def size_category(n: int) -> str:
     return next((label for limit, label in _SIZES if n < limit), "10M<n<100M")
+
+
+def configs(manifest: dict[str, Any]) -> list[str]:
+    """The card's `configs:` (YAML lines): `default`, the records file, which `load_dataset("data/<name>")` loads;
+    `rejected`, the rejections with their reasons, when there are any (an empty file would not load)."""
+    files = manifest["files"]
+    out = ["configs:", "- config_name: default", "  default: true", "  data_files:", "  - split: train",
+           f"    path: {files['records']}"]
+    if manifest.get("rejected") and files.get("rejected"):
+        out += [f"- config_name: {REJECTED_CONFIG}", "  data_files:", "  - split: train", f"    path: {files['rejected']}"]
+    return out
 
 
 def render_card(manifest: dict[str, Any], parents: list[dict[str, Any]], usage: dict[str, int], cost: str,
@@ -42,8 +66,7 @@ def render_card(manifest: dict[str, Any], parents: list[dict[str, Any]], usage: 
     rejected = manifest.get("rejected") or {}
     front = ["---", "license: unknown  # the teacher's license and terms govern its outputs",
              "task_categories:", "- text-generation", "tags:", "- kd", "- synthetic", "- distillation",
-             f"- {method}", "size_categories:", f"- {size_category(manifest['records'])}", "configs:",
-             "- config_name: default", "  data_files:", "  - split: train", f"    path: {manifest['files']['records']}",
+             f"- {method}", "size_categories:", f"- {size_category(manifest['records'])}", *configs(manifest),
              "---", ""]
     body = [f"# {name}", "",
             f"Built by kd {manifest.get('kd_version', '?')} with the **{method}** method: {METHODS.get(method, method)}.",
@@ -69,8 +92,13 @@ def render_card(manifest: dict[str, Any], parents: list[dict[str, Any]], usage: 
     if parents:
         body += ["## Parent datasets", "", "| dataset | fingerprint | records |", "|---|---|---|"]
         body += [f"| {p['name']} | `{p['fingerprint']}` | {p['records']} |" for p in parents] + [""]
-    body += ["## Load", "", "```python", "from datasets import load_dataset", "",
-             f'ds = load_dataset("data/{name}", split="train")  # this card points it at the records file',
-             f'ds = load_dataset("json", data_files="data/{name}/{manifest["files"]["records"]}", split="train")',
+    body += ["## Load", "",
+             "The default config is the records file alone, in the columns TRL trainers take as they are "
+             f"({COLUMNS.get(method, 'see the records')}); `id` and `provenance` ride along as columns, which the "
+             "trainers' own column selection leaves out. Drop them with `ds.remove_columns([\"id\", \"provenance\"])`."
+             + (f" The `{REJECTED_CONFIG}` config holds every dropped answer with its reason." if rejected else ""),
+             "", "```python", "from datasets import load_dataset", "",
+             f'ds = load_dataset("data/{name}", split="train")  # the records; rejected.jsonl stays out',
+             *([f'rejected = load_dataset("data/{name}", "{REJECTED_CONFIG}", split="train")'] if rejected else []),
              "```", ""]
     return "\n".join(front + body)

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ class RequestCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The cached response for `key`, or None (a damaged or unreadable entry is reported, removed and missed)."""
+        entry = self.read(key)
+        return None if entry is None else entry["response"]
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        """The whole verified entry for `key` (request and response), or None, as `get` treats it."""
         path = self.path(key)
         try:
             raw = path.read_bytes()
@@ -76,7 +82,7 @@ class RequestCache:
             print(f"kd: cache entry {path} is damaged ({problem}); {done}, asking the teacher again", file=sys.stderr)
             return None
         self.stats.hits += 1
-        return parse_json(raw)["response"]
+        return parse_json(raw)
 
     def get_entry(self, key: str) -> dict[str, Any] | None:
         """The whole entry (request and response), for tools that show what was asked; None if absent or damaged."""
@@ -85,6 +91,23 @@ class RequestCache:
         except OSError:
             return None
         return None if check_entry(raw, key) else parse_json(raw)
+
+    def present(self, keys: Iterable[str]) -> dict[str, tuple[int, int, int]]:
+        """For each key with an entry: (prompt characters, prompt_tokens, completion_tokens); entries not verified."""
+        out = {}
+        for key in keys:
+            try:
+                raw = self.path(key).read_bytes()
+            except OSError:
+                continue
+            try:
+                entry = parse_json(raw)
+                usage = entry["response"]["usage"]
+                chars = sum(len(m.get("content", "")) for m in entry["request"].get("messages") or [])
+                out[key] = (chars, int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                out[key] = (0, 0, 0)  # there but damaged: the reader that verifies it reports it and asks again
+        return out
 
     def ensure_writable(self) -> None:
         """Raise KdError naming the directory unless answers can be persisted in it. Called before the first

@@ -15,6 +15,7 @@ counts every request as new ("≈"). Token counts then come from characters (4 a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from kd.config import Params, Price, billed_price
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
 from kd.provenance.lineage import iter_lines, loads
-from kd.runtime.ask import Asker
+from kd.runtime.ask import Asker, Call
 from kd.runtime.local import LocalTeacher
+from kd.runtime.plan import Calibration, Plan
 from kd.runtime.roles import Role, role_identity, roles
 from kd.runtime.served import feature_teacher
 from kd.runtime.tokenize import encode
@@ -46,22 +48,30 @@ class _Blind:
 
 
 class _StandIn:
-    """A Teacher (kd.runtime.teachers protocol) that answers nothing: it records requests and returns placeholders."""
+    """A Teacher (kd.runtime.teachers protocol) that answers nothing: it counts what it is asked (running totals,
+    not the requests: a forecast of a million requests holds no more than one of a hundred) and returns
+    placeholders."""
 
     name = "forecast"
 
     def __init__(self, identity: dict[str, Any], blind: _Blind) -> None:
         self._identity, self.blind = identity, blind
-        self.asked: list[dict[str, Any]] = []
+        self.chars = 0  # prompt characters of the requests asked
+        self.caps: dict[int, int] = {}  # max_tokens -> requests asked with it (scoring requests generate nothing)
+        self.estimated = 0  # rendered from a placeholder: counts that depend on answers not known yet
 
     @property
     def identity(self) -> dict[str, Any]:
         return self._identity
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         self.blind.handed_out = True
         for key, request in items:
-            self.asked.append(request)
+            self.chars += _chars(request.get("messages") or []) + len(request.get("completion") or "")
+            if "sampling" in request:
+                cap = request["sampling"]["max_tokens"]
+                self.caps[cap] = self.caps.get(cap, 0) + 1
+            self.estimated += MARK in json.dumps(request)
             # no "score": judges treat a placeholder as unscored (kd.runtime.judges)
             on_result(key, {"text": _placeholder(key), "finish_reason": "stop",
                             "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
@@ -73,7 +83,7 @@ class _Peek:
     def __init__(self, cache: Any, blind: _Blind) -> None:
         self.cache, self.blind = cache, blind
         self.dir = getattr(cache, "dir", None)
-        self.hits: list[dict[str, Any]] = []
+        self.hits = Calibration()
         self.after_blind = 0
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -82,7 +92,8 @@ class _Peek:
         entry = self.cache.get_entry(key)
         if entry is None:
             return None
-        self.hits.append(entry)
+        usage = entry["response"]["usage"]
+        self.hits.add(_chars(entry["request"].get("messages") or []), usage["prompt_tokens"], usage["completion_tokens"])
         return entry["response"]
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
@@ -155,15 +166,15 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     run(askers)
     fc = Forecast(name, cfg.method, "+".join(sorted({role.teacher or role.path or "?" for role in rs.values()})))
     for r, role in rs.items():
-        asker, asked = askers[r], stand_ins[r].asked
+        asker, asked = askers[r], stand_ins[r]
         fc.cached += asker.cached
         fc.new += asker.new
-        fc.estimated += sum(MARK in json.dumps(q) for q in asked)
+        fc.estimated += asked.estimated
         fc.approximate = fc.approximate or peeks[r].after_blind > 0
         if note := identities[r][1]:
             fc.approximate = True
             fc.notes.append(note)
-        prompt, completion = _tokens(asked, peeks[r].hits, params, role.teacher, root)
+        prompt, completion = _tokens(asker.new, asked.chars, asked.caps, peeks[r].hits, params, role.teacher, root)
         fc.prompt_tokens += prompt
         fc.completion_tokens += completion
         cost = cost_of(params, role.teacher, prompt, completion) if role.teacher else 0.0  # a reward model is yours
@@ -173,9 +184,38 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     return fc
 
 
-def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], params: Params, teacher: str | None,
+def planned(name: str, params: Params, root: Path, cache: Any, calls: Callable[[Asker], Iterable[Call]],
+            spool: bool) -> tuple[Forecast, Plan]:
+    """The forecast of a method whose requests do not depend on answers (labeling): its calls rendered and
+    looked up once (kd.runtime.plan), exact. `spool`: keep the uncached requests for the build to send; the
+    build then reuses this pass instead of rendering and reading the cache again."""
+    cfg = params.datasets[name]
+    role = roles(cfg)["teacher"]
+    identity, note = _identity(role, params, root, getattr(cache, "dir", None))
+    asker = Asker(_StandIn(identity, _Blind()), cache, name)  # renders only: `call` needs the identity
+    plan = Plan(cache, identity, spool)
+    try:
+        for call in calls(asker):
+            plan.add(call)
+    except BaseException:
+        plan.discard()
+        raise
+    plan.close()
+    fc = Forecast(name, cfg.method, role.teacher or "?", requests=plan.cached + plan.new, cached=plan.cached,
+                  new=plan.new)
+    if note:
+        fc.approximate = True
+        fc.notes.append(note)
+    fc.prompt_tokens, fc.completion_tokens = _tokens(plan.new, plan.new_chars, plan.new_caps, plan.hits, params,
+                                                     role.teacher, root)
+    fc.cost = cost_of(params, role.teacher, fc.prompt_tokens, fc.completion_tokens)
+    return fc, plan
+
+
+def _tokens(asked: int, chars: int, caps: dict[int, int], hits: Calibration, params: Params, teacher: str | None,
             root: Path) -> tuple[int, int]:
-    """Estimated (prompt, completion) tokens of the requests a role would send.
+    """Estimated (prompt, completion) tokens of the `asked` requests a role would send, from their prompt
+    characters and their max_tokens.
 
     The evidence is what the stage itself will see when it prints this forecast: this forecast's cache hits,
     not the dataset's last build (DVC deletes it before the stage runs, so `kd status` and the stage would
@@ -183,30 +223,15 @@ def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], params: Par
     """
     if not asked:
         return 0, 0
-    per_token, completion = _calibration(hits, params, teacher, root)
-    prompt_tokens = completion_tokens = 0
-    for q in asked:
-        prompt_tokens += round((_chars(q.get("messages") or []) + len(q.get("completion") or "")) / per_token)
-        if "sampling" in q:  # scoring requests (log-likelihood, reward) generate nothing
-            cap = q["sampling"]["max_tokens"]
-            completion_tokens += round(min(completion, cap) if completion is not None else cap / 2)
-    return prompt_tokens, completion_tokens
+    per_token = hits.chars_per_token() or _tokenizer_ratio(params, teacher, root)
+    completion = hits.mean_completion()
+    completion_tokens = sum(n * round(min(completion, cap) if completion is not None else cap / 2)
+                            for cap, n in caps.items())
+    return round(chars / per_token), completion_tokens
 
 
 def _chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(m.get("content", "")) for m in messages)
-
-
-def _calibration(hits: list[dict[str, Any]], params: Params, teacher: str | None,
-                 root: Path) -> tuple[float, float | None]:
-    """(characters per prompt token, mean completion tokens) from the cached answers of the same dataset (the
-    teacher's own token counts, chat template included); else the local teacher's tokenizer, or 4 characters
-    a token, and no completion evidence."""
-    usage = [(_chars(h["request"].get("messages") or []), h["response"].get("usage") or {}) for h in hits]
-    prompt = [(c, u.get("prompt_tokens", 0)) for c, u in usage if c and u.get("prompt_tokens")]
-    completion = [u["completion_tokens"] for _, u in usage if "completion_tokens" in u]
-    per_token = sum(c for c, _ in prompt) / sum(t for _, t in prompt) if prompt else _tokenizer_ratio(params, teacher, root)
-    return per_token, (sum(completion) / len(completion) if completion else None)
 
 
 def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) -> tuple[dict[str, Any], str | None]:

@@ -86,7 +86,8 @@ def test_a_labeling_build_renders_each_prompt_once_and_reads_each_entry_once(tmp
         counts = Counts(monkeypatch)
         line = build(root)
         assert server.received == 12
-        assert (counts.renders, counts.reads, counts.entries) == (13, 13, 0)
+        # nothing rendered: the render memo knows each unchanged row's request key
+        assert (counts.renders, counts.reads, counts.entries) == (0, 13, 0)
         assert line.startswith("qa: 12 records (12 cached, 0 new, 1 rejected)")
         assert {f: (root / "data/qa" / f).read_bytes() for f in first} == first
     metrics = json.loads((root / "metrics/qa.json").read_text())
@@ -162,3 +163,39 @@ def test_an_aborted_writer_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_dataset(tmp_path / "d", "d", "labeling", [{"prompt": float("nan")}], [], {}, None)
     assert list(tmp_path.iterdir()) == []
+
+
+# Regression: after a one-row edit, planning (what `kd status` and the stage print) rendered every row again.
+def test_an_edited_row_is_the_only_one_rendered_and_a_lost_memo_only_costs_time(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd.cache.store import RequestCache
+    from kd.config import load_params
+    from kd.elicit.build import plan_streamed
+    from kd.elicit.labeling import label
+
+    def forecast() -> tuple[Any, Counts]:
+        counts = Counts(monkeypatch)
+        fc, plan, _ = plan_streamed("qa", label, load_params(root), root, RequestCache(root / ".kd/cache"),
+                                    root / "data", spool=False)
+        plan.discard()
+        return fc, counts
+
+    with FakeOpenAI() as server:
+        root = project(tmp_path / "p", server.url)
+        build(root)
+    seeds = root / "seeds/many.jsonl"
+    lines = seeds.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("fact number 3", "fact number three")
+    seeds.write_text("".join(lines))
+    fc, counts = forecast()
+    assert (fc.new, fc.cached, counts.renders) == (1, 11, 1)
+    # a template edit changes every memo key: all rendered again (a comment renders the same requests: 1 new)
+    template = root / "prompts/labeling/answer.jinja"
+    template.write_text(template.read_text() + "\n{# edited #}")
+    fc, counts = forecast()
+    assert (fc.new, fc.cached, counts.renders) == (1, 11, 13)
+    # a damaged memo file is no memo: the same forecast, from rendering everything
+    template.write_text(template.read_text().replace("\n{# edited #}", ""))
+    (root / ".kd/cache/renders.sqlite3").write_bytes(b"not a database" * 100)
+    fc, counts = forecast()
+    assert (fc.new, fc.cached, counts.renders) == (1, 11, 13)

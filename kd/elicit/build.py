@@ -141,8 +141,8 @@ def plan_streamed(name: str, m: Streamed, params: Params, root: Path, cache: Any
     and the plan it made; `spool` keeps the uncached requests for the build to send."""
     cfg = params.datasets[name]
     prompt = load_prompt(root, cfg.template, m.variables)
-    fc, plan = planned(name, params, root, cache,
-                       lambda a: (m.render(a, prompt, cfg, item) for item in m.items(cfg, root, data_dir)), spool)
+    fc, plan = planned(name, params, root, cache, prompt, m.items(cfg, root, data_dir),
+                       lambda asker, item: m.render(asker, prompt, cfg, item), m.values, spool)
     return fc, plan, prompt
 
 

@@ -75,7 +75,9 @@ class Streamed:
     (kd.elicit.build): `items` are read twice (to plan the requests, then to make the records) and never held.
 
     - `items(cfg, root, data_dir)`: what to ask about, in order;
-    - `render(asker, prompt, cfg, item)`: the item's request (rendered once, while planning);
+    - `render(asker, prompt, cfg, item)`: the item's request (rendered while planning, unless the render memo
+      knows its key: kd.cache.renders);
+    - `values(item)`: its sample index and the values its template gets (what the memo keys on);
     - `assemble(name, cfg, prompt, identity, item, key, response, request)`: (record, None) or (None, rejection)
       from the item, its answer and its request as cached (None when it was refused and so not cached), without
       rendering again.
@@ -84,6 +86,7 @@ class Streamed:
     variables: tuple[str, ...]
     items: Callable[[Any, Path, Path], Iterator[Any]]
     render: Callable[[Asker, Prompt, Any, Any], Call]
+    values: Callable[[Any], tuple[int, tuple[str, ...]]]
     assemble: Callable[..., tuple[dict[str, Any] | None, dict[str, Any] | None]]
 
 

@@ -34,6 +34,11 @@ def _render(asker: Asker, prompt: Prompt, cfg: Labeling, item: Item) -> Call:
     return asker.call(prompt, cfg.sampling, s, instruction=x.text, category=x.category)
 
 
+def _values(item: Item) -> tuple[int, tuple[str, ...]]:
+    x, s = item
+    return s, (x.text, x.category)  # what _render passes to the template, in VARIABLES order
+
+
 def _assemble(name: str, cfg: Labeling, prompt: Prompt, identity: dict[str, Any], item: Item, key: str,
               response: dict[str, Any], request: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """`request`: as cached with the answer (None for a refusal, which is never cached)."""
@@ -57,4 +62,4 @@ def _assemble(name: str, cfg: Labeling, prompt: Prompt, identity: dict[str, Any]
     return record, None
 
 
-label = Streamed(VARIABLES, _items, _render, _assemble)
+label = Streamed(VARIABLES, _items, _render, _values, _assemble)

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FeatureCache, feature_key
+from kd.cache.renders import RenderMemo, memo_key, memo_prefix
 from kd.config import Params, Price, billed_price
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
+from kd.prompts import Prompt
 from kd.provenance.lineage import iter_lines, loads
 from kd.runtime.ask import Asker, Call
 from kd.runtime.local import LocalTeacher
@@ -184,23 +186,33 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     return fc
 
 
-def planned(name: str, params: Params, root: Path, cache: Any, calls: Callable[[Asker], Iterable[Call]],
+def planned(name: str, params: Params, root: Path, cache: Any, prompt: Prompt, items: Iterable[Any],
+            render: Callable[[Asker, Any], Call], values: Callable[[Any], tuple[int, tuple[str, ...]]],
             spool: bool) -> tuple[Forecast, Plan]:
-    """The forecast of a method whose requests do not depend on answers (labeling): its calls rendered and
-    looked up once (kd.runtime.plan), exact. `spool`: keep the uncached requests for the build to send; the
-    build then reuses this pass instead of rendering and reading the cache again."""
+    """The forecast of a method whose requests do not depend on answers (labeling): its items planned once
+    (kd.runtime.plan), exact. `values(item)`: its sample index and the values its template gets, for the render
+    memo (kd.cache.renders): an unchanged item is not rendered again. `spool`: keep the uncached requests for
+    the build to send (and write the memo); the build then reuses this pass instead of rendering and reading
+    the cache again."""
     cfg = params.datasets[name]
     role = roles(cfg)["teacher"]
     identity, note = _identity(role, params, root, getattr(cache, "dir", None))
     asker = Asker(_StandIn(identity, _Blind()), cache, name)  # renders only: `call` needs the identity
-    plan = Plan(cache, identity, spool)
+    prefix = memo_prefix(prompt.provenance(), identity, cfg.sampling.model_dump())
+
+    def memo_of(item: Any) -> bytes:
+        sample, vals = values(item)
+        return memo_key(prefix, sample, vals)
+
+    memo = RenderMemo(cache.dir, writable=spool) if getattr(cache, "dir", None) is not None else None
+    plan = Plan(cache, identity, lambda item: render(asker, item), memo_of, memo, spool)
     try:
-        for call in calls(asker):
-            plan.add(call)
+        for item in items:
+            plan.add(item)
+        plan.close()
     except BaseException:
         plan.discard()
         raise
-    plan.close()
     fc = Forecast(name, cfg.method, role.teacher or "?", requests=plan.cached + plan.new, cached=plan.cached,
                   new=plan.new)
     if note:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -46,12 +46,19 @@ class Calibration:
 
 @dataclass
 class Plan:
-    """Calls added in order; `close` after the last. Counts are over distinct requests, as the Asker counts."""
+    """Items added in order; `close` after the last. Counts are over distinct requests, as the Asker counts.
+
+    An item whose memo key (kd.cache.renders) names a request key is not rendered unless its request must be sent.
+    """
 
     cache: Any  # kd.cache.store.RequestCache: `present(keys)` answers from its index
     identity: dict[str, Any]  # the teacher identity the keys carry
+    render: Callable[[Any], Call]  # an item's request
+    memo_of: Callable[[Any], bytes] | None = None  # an item's memo key; None: no memo
+    memo: Any = None  # kd.cache.renders.RenderMemo
     spool_misses: bool = True  # a forecast alone (`kd status`) keeps no requests
     calls: int = 0
+    rendered: int = 0
     cached: int = 0
     new: int = 0
     cached_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
@@ -63,32 +70,51 @@ class Plan:
 
     def __post_init__(self) -> None:
         self._seen: set[bytes] = set()
-        self._pending: list[Call] = []
+        self._pending: list[Any] = []
         self._spool: IO[bytes] | None = tempfile.TemporaryFile() if self.spool_misses else None  # noqa: SIM115
 
-    def add(self, call: Call) -> None:
-        digest = bytes.fromhex(call.key)
-        self.keys += digest
-        self.calls += 1
-        if digest in self._seen:
-            self.first.append(0)
-            return
-        self._seen.add(digest)
-        self.first.append(1)
-        self._pending.append(call)
+    def add(self, item: Any) -> None:
+        self._pending.append(item)
         if len(self._pending) >= CHUNK:
             self._flush()
 
     def close(self) -> Plan:
         self._flush()
+        if self.memo is not None:
+            self.memo.close()
         if self._spool is not None:
             self._spool.flush()
         return self
 
+    def _call(self, item: Any) -> Call:
+        self.rendered += 1
+        return self.render(item)
+
     def _flush(self) -> None:
-        found = self.cache.present([c.key for c in self._pending])
-        for c in self._pending:
-            hit = found.get(c.key)
+        items, self._pending = self._pending, []
+        memos = [self.memo_of(it) for it in items] if self.memo_of is not None and self.memo is not None else None
+        known = self.memo.get_many(memos) if memos is not None else {}
+        rendered: dict[int, Call] = {}
+        distinct: list[tuple[int, str]] = []  # (position in this chunk, key) of each key's first call
+        for i, item in enumerate(items):
+            key = known.get(memos[i]) if memos is not None else None
+            if key is None:
+                rendered[i] = call = self._call(item)
+                key = call.key
+                if memos is not None:
+                    self.memo.add(memos[i], key)
+            digest = bytes.fromhex(key)
+            self.keys += digest
+            self.calls += 1
+            if digest in self._seen:
+                self.first.append(0)
+                continue
+            self._seen.add(digest)
+            self.first.append(1)
+            distinct.append((i, key))
+        found = self.cache.present([k for _, k in distinct])
+        for i, key in distinct:
+            hit = found.get(key)
             if hit is not None:
                 chars, prompt_tokens, completion_tokens = hit
                 self.cached += 1
@@ -96,13 +122,14 @@ class Plan:
                 self.cached_usage["completion_tokens"] += completion_tokens
                 self.hits.add(chars, prompt_tokens, completion_tokens)
                 continue
+            call = rendered.get(i) or self._call(items[i])  # known from the memo, but it must be sent: render it
+            assert call.key == key, "the render memo named another request than the template renders"
             self.new += 1
-            self.new_chars += sum(len(m.get("content", "")) for m in c.request.get("messages") or [])
-            cap = c.request["sampling"]["max_tokens"]
+            self.new_chars += sum(len(m.get("content", "")) for m in call.request.get("messages") or [])
+            cap = call.request["sampling"]["max_tokens"]
             self.new_caps[cap] = self.new_caps.get(cap, 0) + 1
             if self._spool is not None:
-                self._spool.write(json.dumps([c.key, c.request], ensure_ascii=False).encode("utf-8") + b"\n")
-        self._pending = []
+                self._spool.write(json.dumps([call.key, call.request], ensure_ascii=False).encode("utf-8") + b"\n")
 
     def key(self, n: int) -> str:
         return self.keys[32 * n:32 * n + 32].hex()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FeatureCache, entry_problem
-from kd.cache.store import RequestCache, check_entry, parse_json, probe_writable, unreadable
+from kd.cache.store import RequestCache, check_entry, judge, probe_writable, unreadable
 from kd.errors import KdError
 from kd.paths import CACHE_DIR
 
@@ -207,7 +207,8 @@ def _push_requests(cache: RequestCache, fs: Any, base: str, loose: set[str]) -> 
             keys = _pack_keys(fs, base, name)
             here = cache.present(keys)
             cache.note_pack(name, here, complete=len(here) == len(set(keys)))
-    ids = [i for name, (i, _) in cache.packs().items() if name in set(names)]
+    on_remote = set(names)
+    ids = [i for name, (i, _) in cache.packs().items() if name in on_remote]
     todo = [key for key in cache.unpacked(ids) if key not in loose]
     moved.already = cache.count() - len(todo)
     for start in range(0, len(todo), PACK_ENTRIES):
@@ -310,11 +311,11 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
             for i, key in enumerate(keys):
                 if key not in lacking:
                     continue
-                problem = check_entry(lines[i], key) if i < len(lines) else why
+                entry, problem = judge(lines[i], key) if i < len(lines) else (None, why)
                 if problem:
                     refused.append((key, problem if i >= len(lines) else f"in remote pack {path}, refused: {problem}"))
                 else:
-                    good.append((key, lines[i], parse_json(lines[i])))
+                    good.append((key, lines[i], entry))
             moved.moved += cache.insert(good, pack=pack_id)
             moved.rejected += refused
         if not refused:
@@ -325,20 +326,20 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
     moved.already = cache.count() - moved.moved - len(unpacked) + len(here.keys() & unpacked)
     todo = sorted(loose.keys() - here.keys())
 
-    def download(key: str) -> tuple[bytes, str | None]:
+    def download(key: str) -> tuple[bytes, Any, str | None]:
         try:
             raw = fs.cat_file(loose[key])
         except Exception as e:  # one unreadable object is reported; the others still come
-            return b"", f"download failed: {type(e).__name__}"
-        return raw, check_entry(raw, key)
+            return b"", None, f"download failed: {type(e).__name__}"
+        return raw, *judge(raw, key)
 
     good = []
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        for key, (raw, problem) in zip(todo, pool.map(download, todo), strict=True):
+        for key, (raw, entry, problem) in zip(todo, pool.map(download, todo), strict=True):
             if problem:
                 moved.rejected.append((key, f"remote object {loose[key]} refused: {problem}"))
             else:
-                good.append((key, raw, parse_json(raw)))
+                good.append((key, raw, entry))
     moved.moved += cache.insert(good)
     return moved
 

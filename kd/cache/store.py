@@ -110,10 +110,10 @@ class RequestCache:
         if write:
             probe_writable(self.dir, "request cache")
         elif not self.db.is_file():
-            if self.dir.is_dir() and legacy_files(self.dir) and _can_write(self.dir):
+            if self.dir.is_dir() and legacy_files(self.dir) and os.access(self.dir, os.W_OK):
                 return self._open(True)
             return None
-        writable = write or (_can_write(self.dir) and (not self.db.exists() or os.access(self.db, os.W_OK)))
+        writable = write or (os.access(self.dir, os.W_OK) and (not self.db.exists() or os.access(self.db, os.W_OK)))
         try:
             conn = self._connect(writable)
         except sqlite3.DatabaseError as e:
@@ -232,7 +232,8 @@ class RequestCache:
                 raise
 
     def _columns(self, conn: sqlite3.Connection, entry: dict[str, Any]) -> tuple[int, int, int, int]:
-        request, usage = entry["request"], entry["response"]["usage"]
+        request, usage = entry["request"], entry["response"].get("usage")
+        usage = usage if isinstance(usage, dict) else {}  # stored as given; check_entry judges it when read
         identity = canonical_json(request.get("teacher"))
         if identity not in self._teachers:
             conn.execute("INSERT OR IGNORE INTO teachers (identity) VALUES (?)", (identity,))
@@ -240,34 +241,28 @@ class RequestCache:
                                                     (identity,)).fetchone()[0]
         messages = request.get("messages") or []
         chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
-        return self._teachers[identity], chars, usage["prompt_tokens"], usage["completion_tokens"]
+        tokens = [n if type(n) is int else 0 for n in (usage.get("prompt_tokens"), usage.get("completion_tokens"))]
+        return self._teachers[identity], chars, *tokens
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def _each(self, write: bool, sql: str, keys: Iterable[str], *first: Any) -> Iterator[Any]:
+        """Rows of `sql` (its `IN ({})` filled with placeholders) over `keys`, CHUNK keys per statement."""
         keys = list(keys)
         for i in range(0, len(keys), CHUNK):
             part = keys[i:i + CHUNK]
-            self._run(True, f"DELETE FROM entries WHERE key IN ({','.join('?' * len(part))})", part)
+            yield from self._run(write, sql.format(",".join("?" * len(part))), (*first, *part))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        list(self._each(True, "DELETE FROM entries WHERE key IN ({})", keys))
 
     def present(self, keys: Iterable[str]) -> dict[str, tuple[int, int, int]]:
         """key -> (prompt characters, prompt tokens, completion tokens) for each key with an entry, from the
         columns (the entry's bytes are neither read nor verified: a forecast's estimate, not an answer)."""
-        keys, out = list(keys), {}
-        for i in range(0, len(keys), CHUNK):
-            part = keys[i:i + CHUNK]
-            for key, *counts in self._run(False, "SELECT key, prompt_chars, prompt_tokens, completion_tokens FROM "
-                                                 f"entries WHERE key IN ({','.join('?' * len(part))})", part):
-                out[key] = tuple(counts)
-        return out
+        sql = "SELECT key, prompt_chars, prompt_tokens, completion_tokens FROM entries WHERE key IN ({})"
+        return {key: tuple(counts) for key, *counts in self._each(False, sql, keys)}
 
     def raws(self, keys: Iterable[str]) -> dict[str, bytes]:
         """key -> stored bytes (unverified) for each of `keys` with an entry."""
-        keys, out = list(keys), {}
-        for i in range(0, len(keys), CHUNK):
-            part = keys[i:i + CHUNK]
-            for key, raw in self._run(False, f"SELECT key, entry FROM entries WHERE key IN ({','.join('?' * len(part))})",
-                                      part):
-                out[key] = _bytes(raw)
-        return out
+        return {key: _bytes(raw) for key, raw in self._each(False, "SELECT key, entry FROM entries WHERE key IN ({})", keys)}
 
     def teachers(self) -> list[dict[str, Any]]:
         """The distinct teacher identities of all entries."""
@@ -308,11 +303,7 @@ class RequestCache:
         if complete:
             self._run(True, "UPDATE packs SET complete = 1 WHERE name = ?", (name,))
         pack = self._run(True, "SELECT id FROM packs WHERE name = ?", (name,))[0][0]
-        keys = list(keys)
-        for i in range(0, len(keys), CHUNK):
-            part = keys[i:i + CHUNK]
-            self._run(True, f"UPDATE entries SET pack = ? WHERE pack IS NULL AND key IN ({','.join('?' * len(part))})",
-                      (pack, *part))
+        list(self._each(True, "UPDATE entries SET pack = ? WHERE pack IS NULL AND key IN ({})", keys, pack))
         return pack
 
     def unpacked(self, packs: Iterable[int]) -> list[str]:
@@ -333,15 +324,17 @@ class RequestCache:
         for path in files:
             try:
                 raw = path.read_bytes()
+            except FileNotFoundError:  # another process moved it in meanwhile
+                continue
             except OSError as e:
                 raw, problem = b"", unreadable(e)
             else:
-                problem = check_entry(raw, path.stem)
+                entry, problem = judge(raw, path.stem)
             if problem:
                 bad.append(path)
                 print(f"kd: cache entry {path} is damaged ({problem}); left out of {self.db}", file=sys.stderr)
             else:
-                good.append((path.stem, raw, parse_json(raw)))
+                good.append((path.stem, raw, entry))
         moved = self.insert(good)
         for path in files:
             path.unlink(missing_ok=True)
@@ -359,10 +352,6 @@ def legacy_files(directory: Path) -> list[Path]:
     except OSError:
         return []
     return sorted(p for d in subs for p in d.iterdir() if LEGACY_NAME.match(p.name) and p.name[:2] == d.name)
-
-
-def _can_write(directory: Path) -> bool:
-    return os.access(directory, os.W_OK)
 
 
 def _bytes(raw: Any) -> bytes:
@@ -401,6 +390,16 @@ def parse_json(raw: bytes) -> Any:
 def check_entry(raw: bytes, key: str) -> str | None:
     """Why an entry cannot be trusted for `key`, or None: the one schema check behind every reader (stages,
     `kd cache verify`, push and pull). Never raises, whatever the bytes."""
+    return judge(raw, key)[1]
+
+
+def judge(raw: bytes, key: str) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """(the entry, None) when `raw` passes `check_entry`, else (None, why): for readers that keep the parsed entry."""
+    problem = _problem(raw, key)
+    return (None, problem) if isinstance(problem, str) else (problem, None)
+
+
+def _problem(raw: bytes, key: str) -> str | dict[str, Any]:
     try:
         entry = parse_json(raw)
     except NotJson as e:
@@ -429,4 +428,4 @@ def check_entry(raw: bytes, key: str) -> str | None:
         return "no usage (prompt_tokens, completion_tokens)"
     if not all(type(v) is int and v >= 0 for v in usage.values()):
         return "usage holds something other than token counts"
-    return None
+    return entry

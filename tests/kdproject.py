@@ -161,7 +161,9 @@ def store_raw(cache: Any, key: str, raw: bytes) -> None:
     older writer could leave)."""
     cache.ensure_writable()  # the database exists
     with contextlib.closing(sqlite3.connect(cache.db, isolation_level=None)) as db:
-        db.execute("INSERT OR REPLACE INTO entries VALUES (?, 1, 0, 0, 0, NULL, ?)", (key, raw))
+        if not db.execute("UPDATE entries SET entry = ? WHERE key = ?", (raw, key)).rowcount:  # damaged in place
+            db.execute("INSERT INTO entries (key, teacher, prompt_chars, prompt_tokens, completion_tokens, entry) "
+                       "VALUES (?, 1, 0, 0, 0, ?)", (key, raw))
 
 
 def damage(cache: Any, key: str, how) -> None:

@@ -259,6 +259,13 @@ def test_packs_round_trip_and_a_second_transfer_moves_and_reads_nothing(tmp_path
     code, out = kd(b, "cache", "push")
     assert code == 0 and "requests: 0 pushed, 8 already there" in out
 
+    # an entry removed as damaged takes along what packs held it: a new entry in its row is still pushed
+    damage(cache, answer(7)[0], lambda raw: raw[:40])
+    assert kd(a, "cache", "verify", "--fix")[0] == 0
+    cache.put(*answer(8))
+    code, out = kd(a, "cache", "push")
+    assert code == 0 and "requests: 1 pushed, 7 already there" in out, out
+
 
 # a teammate's older push (one file per entry under kd-cache/v1) still pulls, and counts as on the remote for push
 def test_pull_of_a_remote_in_the_one_file_layout(tmp_path):

@@ -296,9 +296,9 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
             continue  # every key it holds is here: nothing to read
         keys = _pack_keys(fs, base, name)
         here = cache.present(keys)
-        pack_id = cache.note_pack(name, here, complete=False)
+        cache.note_pack(name, here, complete=False)
         lacking = {k for k in keys if k not in here}
-        refused = []
+        good, refused = [], []
         if lacking:
             path = fs.join(base, "packs", f"{name}.jsonl.gz")
             try:
@@ -307,7 +307,6 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
                 lines, why = [], f"remote pack {path} unreadable ({type(e).__name__})"
             else:
                 why = f"remote pack {path} holds no entry for it"
-            good = []
             for i, key in enumerate(keys):
                 if key not in lacking:
                     continue
@@ -316,10 +315,9 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
                     refused.append((key, problem if i >= len(lines) else f"in remote pack {path}, refused: {problem}"))
                 else:
                     good.append((key, lines[i], entry))
-            moved.moved += cache.insert(good, pack=pack_id)
+            moved.moved += cache.insert(good)
             moved.rejected += refused
-        if not refused:
-            cache.note_pack(name, [], complete=True)
+        cache.note_pack(name, [key for key, _, _ in good], complete=not refused)
     packs = cache.packs()
     unpacked = set(cache.unpacked([packs[n][0] for n in names if n in packs]))
     here = cache.present(loose)  # one file per entry, as pushed before packs existed

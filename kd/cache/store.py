@@ -138,16 +138,10 @@ class RequestCache:
             conn.executescript(SCHEMA)
             return conn
         uri = self.db.resolve().as_uri()
-        for mode in ("?mode=ro", "?mode=ro&immutable=1"):  # immutable: WAL's -shm cannot be made in a read-only dir
-            conn = sqlite3.connect(uri + mode, uri=True, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return conn
-            except sqlite3.OperationalError:
-                conn.close()
-                if mode.endswith("immutable=1"):
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return _read_only(uri + "?mode=ro")
+        except sqlite3.OperationalError:  # WAL's -shm cannot be made in a read-only directory, where no one writes
+            return _read_only(uri + "?mode=ro&immutable=1")
 
     def failure(self, e: sqlite3.Error) -> KdError:
         """One line naming the database for an error SQLite raised: read-only, locked, or a damaged file."""
@@ -350,6 +344,16 @@ class RequestCache:
                 sub.rmdir()
         print(f"kd: moved {len(good)} request cache entries ({moved} new) from one file each into {self.db}"
               + (f"; {len(bad)} damaged left out" if bad else ""), file=sys.stderr)
+
+
+def _read_only(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opening is lazy: fail here, not later
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 def legacy_files(directory: Path) -> list[Path]:

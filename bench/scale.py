@@ -7,7 +7,9 @@ characters) is not counted. For each size, in one run:
   bare      asyncio + httpx, 16 requests in flight, reading the seed JSONL and appending each answer to a JSONL
             file as it arrives: what a script without kd costs.
   kd        `python stages/labeling.py qa` on an empty request cache: forecast, requests, cache writes, records
-            with provenance, the dataset written by id, card and metrics.
+            with provenance, the dataset written by id, card and metrics. At 1M (and with --in-process) the
+            teacher is answered in the stage's process by the fake server's own answer function: no HTTP, no
+            bare side; the figure is kd's own cost and memory.
   rebuild   the same stage again with every answer cached (data/qa removed first, as `dvc repro -f` does).
   read      baselines for the rebuild: (a) parsing the bare client's answers JSONL; (b) `kd cache verify`,
             which reads and checks every cache entry (what any reader of the cache must do to trust it).
@@ -16,7 +18,8 @@ characters) is not counted. For each size, in one run:
 
     python bench/scale.py                       # 1k, 10k, 100k: about 10 minutes on 2 cores
     python bench/scale.py --sizes 1000 10000    # quicker
-    python bench/scale.py --million             # adds 1M (about an hour)
+    python bench/scale.py --million             # adds 1M, its teacher answered in-process (about 30 minutes)
+    python bench/scale.py --in-process          # every size without HTTP: kd's own cost and memory
 
 Writes bench/results/scale.json (scale-<sizes>.json for other sizes).
 """
@@ -160,6 +163,28 @@ async def _bare(url: str, seeds_file: Path, out_file: Path) -> None:
     source.close()
 
 
+def child_inproc(root: Path) -> None:
+    """The labeling stage with the teacher answered in this process (the fake server's answer function, no HTTP):
+    kd's own cost and memory at sizes where a million HTTP requests would take hours of the client's CPU."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from fake_openai import FakeOpenAI
+
+    from kd.elicit.build import build_dataset
+    from kd.elicit.labeling import label
+    from kd.runtime.openai import OpenAITeacher, parse_completion
+
+    fake = FakeOpenAI()
+
+    def generate(self: OpenAITeacher, items: Any, on_result: Any) -> None:
+        for key, request in items:
+            body = json.dumps(fake.completion(self.body(key, request))).encode()
+            on_result(key, parse_completion(body, self.endpoint))
+
+    OpenAITeacher.generate = generate  # type: ignore[method-assign]
+    os.chdir(root)
+    print(build_dataset("qa", "labeling", label, Path(".")))
+
+
 def child_read(answers: Path) -> None:
     with open(answers, encoding="utf-8") as f:
         print(sum(1 for line in f if json.loads(line)["text"]))
@@ -168,13 +193,25 @@ def child_read(answers: Path) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def one_size(base: Path, n: int, url: str) -> dict[str, Any]:
+def one_size(base: Path, n: int, url: str, http: bool) -> dict[str, Any]:
+    """`http`: kd and the bare client against the server; else kd with the teacher answered in-process (no bare
+    side: the figure is kd's own cost and memory)."""
     root = base / f"p{n}"
     project(root, n, url)
     py = str(Path(sys.executable))
-    bare = measure(root, [py, __file__, "--child", "bare", "--url", url, str(root / "seeds/big.jsonl"),
-                          str(base / f"bare{n}.jsonl")])
-    kd = measure(root, [py, "stages/labeling.py", "qa"])
+    if http:
+        bare = measure(root, [py, __file__, "--child", "bare", "--url", url, str(root / "seeds/big.jsonl"),
+                              str(base / f"bare{n}.jsonl")])
+        kd = measure(root, [py, "stages/labeling.py", "qa"])
+    else:
+        bare = None
+        kd = measure(root, [py, __file__, "--child", "inproc", str(root)])
+        answers = root / "data/qa/records.jsonl"  # the answers as a JSONL file, for the reading baseline
+        with open(answers, encoding="utf-8") as f, open(base / f"bare{n}.jsonl", "w", encoding="utf-8") as out:
+            for line in f:
+                rec = json.loads(line)
+                out.write(json.dumps({"id": rec["id"], "text": rec["completion"][0]["content"],
+                                      "usage": rec["provenance"]["requests"][0]["usage"]}) + "\n")
     allocated, content = disk_bytes(root / ".kd/cache")
     data_allocated, data_content = disk_bytes(root / "data/qa")
     shutil.rmtree(root / "data/qa")
@@ -199,16 +236,16 @@ def one_size(base: Path, n: int, url: str) -> dict[str, Any]:
         raise SystemExit(f"kd status after a one-row edit forecast {forecast['new']} new, {forecast['cached']} cached")
     shutil.rmtree(root)
     per_1k = 1000 / n
+    sides = (("bare", bare), ("kd", kd), ("rebuild", rebuild), ("read_answers_jsonl", read_jsonl),
+             ("cache_verify", verify))
     return {
-        "n": n,
+        "n": n, "teacher": "http" if http else "in-process (no HTTP)",
         "bare": bare, "kd": kd, "rebuild": rebuild, "read_answers_jsonl": read_jsonl, "cache_verify": verify,
         "status_after_edit": status,
         "cache_disk_bytes_per_record": round(allocated / n), "cache_content_bytes_per_record": round(content / n),
         "dataset_bytes_per_record": round(data_content / n),
-        "cpu_s_per_1k": {k: round(v["cpu_s"] * per_1k, 3) for k, v in
-                         (("bare", bare), ("kd", kd), ("rebuild", rebuild), ("read_answers_jsonl", read_jsonl),
-                          ("cache_verify", verify))},
-        "ratios": {"kd_over_bare": round(kd["cpu_s"] / bare["cpu_s"], 3),
+        "cpu_s_per_1k": {k: round(v["cpu_s"] * per_1k, 3) for k, v in sides if v is not None},
+        "ratios": {"kd_over_bare": round(kd["cpu_s"] / bare["cpu_s"], 3) if bare else None,
                    "rebuild_over_read_jsonl": round(rebuild["cpu_s"] / read_jsonl["cpu_s"], 2),
                    "rebuild_over_verify": round(rebuild["cpu_s"] / verify["cpu_s"], 2)},
     }
@@ -220,9 +257,12 @@ def table(results: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c, q = r["cpu_s_per_1k"], r["ratios"]
-        rows.append(f"| {r['n']:,} | {c['bare']:.2f} | {c['kd']:.2f} | {q['kd_over_bare']:.2f} | {c['rebuild']:.3f} | "
+        bare = (f"{c['bare']:.2f} | {c['kd']:.2f} | {q['kd_over_bare']:.2f}" if r["bare"] else
+                f"— | {c['kd']:.2f} (in-process teacher) | —")
+        rss = f"{r['bare']['peak_rss_mb']:.0f}" if r["bare"] else "—"
+        rows.append(f"| {r['n']:,} | {bare} | {c['rebuild']:.3f} | "
                     f"{c['read_answers_jsonl']:.3f} | {c['cache_verify']:.3f} | {q['rebuild_over_verify']:.2f} | "
-                    f"{r['bare']['peak_rss_mb']:.0f} / {r['kd']['peak_rss_mb']:.0f} / {r['rebuild']['peak_rss_mb']:.0f}"
+                    f"{rss} / {r['kd']['peak_rss_mb']:.0f} / {r['rebuild']['peak_rss_mb']:.0f}"
                     f" | {r['status_after_edit']['cpu_s']:.1f}, {r['status_after_edit']['peak_rss_mb']:.0f} | "
                     f"{r['cache_disk_bytes_per_record']} ({r['cache_content_bytes_per_record']} content) |")
     return "\n".join(rows)
@@ -231,8 +271,10 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
-    ap.add_argument("--million", action="store_true", help="add a 1,000,000-request run")
-    ap.add_argument("--child", choices=["bare", "read"], help=argparse.SUPPRESS)
+    ap.add_argument("--million", action="store_true", help="add a 1,000,000-request run (teacher answered "
+                    "in-process: a million HTTP requests cost the client over an hour of CPU on each side)")
+    ap.add_argument("--in-process", action="store_true", help="answer the teacher in-process at every size")
+    ap.add_argument("--child", choices=["bare", "read", "inproc"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out")
@@ -243,6 +285,9 @@ def main() -> None:
     if args.child == "read":
         child_read(Path(args.files[0]))
         return
+    if args.child == "inproc":
+        child_inproc(Path(args.files[0]))
+        return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT / "tests")], stdout=subprocess.PIPE, text=True)
     results = []
@@ -250,7 +295,7 @@ def main() -> None:
         url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory(prefix="kd-scale-") as tmp:
             for n in sizes:
-                results.append(one_size(Path(tmp), n, url))
+                results.append(one_size(Path(tmp), n, url, http=not args.in_process and n < 1_000_000))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
     finally:
         server.kill()

@@ -22,6 +22,7 @@ from typing import Any
 
 from kd.cache.features import FeatureCache, feature_key
 from kd.cache.renders import RenderMemo, memo_key, memo_prefix
+from kd.cache.store import RequestCache
 from kd.config import Params, Price, billed_price
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
@@ -272,28 +273,10 @@ def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) ->
 
 
 def _cached_identities(cache_dir: Path | None, shape: dict[str, Any]) -> list[dict[str, Any]]:
-    """Distinct teacher identities in the request cache that match `shape` in everything but the digest.
-
-    Reading every entry costs ≈0.15 ms each; entries are immutable (the name is the content's key), so one
-    `kd status` reuses the answer for each later stage while the set of names is unchanged."""
-    paths = sorted(cache_dir.glob("*/*.json")) if cache_dir is not None and cache_dir.is_dir() else []
-    memo_key = (str(cache_dir), json.dumps(shape, sort_keys=True))
-    names = tuple(p.name for p in paths)
-    if memo_key in _SCANNED and _SCANNED[memo_key][0] == names:
-        return _SCANNED[memo_key][1]
-    found: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        try:
-            identity = json.loads(path.read_bytes())["request"]["teacher"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a damaged entry answers nothing; `kd cache verify` reports it
-        if isinstance(identity, dict) and all(identity.get(k) == v for k, v in shape.items()):
-            found[json.dumps(identity, sort_keys=True)] = identity
-    _SCANNED[memo_key] = (names, list(found.values()))
-    return _SCANNED[memo_key][1]
-
-
-_SCANNED: dict[tuple[str, str], tuple[tuple[str, ...], list[dict[str, Any]]]] = {}
+    """Distinct teacher identities in the request cache that match `shape` in everything but the digest (from the
+    cache's teacher column: no entry is read)."""
+    known = RequestCache(cache_dir).teachers() if cache_dir is not None else []
+    return [i for i in known if isinstance(i, dict) and all(i.get(k) == v for k, v in shape.items())]
 
 
 def _tokenizer_ratio(params: Params, teacher: str | None, root: Path) -> float:

@@ -61,7 +61,7 @@ class RenderMemo:
                                 "WITHOUT ROWID")
             elif self.path.is_file():
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):  # a cache directory that is a file, read-only, a damaged memo
             self.db = None  # no memo: everything is rendered
 
     def get_many(self, memos: list[bytes]) -> dict[bytes, str]:

@@ -49,22 +49,23 @@ class Counts:
         from kd.prompts import Prompt
 
         self.renders = self.reads = self.entries = 0
-        render, read, get_entry = Prompt.render, RequestCache.read, RequestCache.get_entry
+        render, read, get_entry = Prompt.render, RequestCache.read_many, RequestCache.get_entry
 
         def counted_render(prompt: Any, *a: Any, **k: Any) -> Any:
             self.renders += 1
             return render(prompt, *a, **k)
 
-        def counted_read(cache: Any, key: str) -> Any:
-            self.reads += 1
-            return read(cache, key)
+        def counted_read(cache: Any, keys: Any) -> Any:
+            keys = list(keys)
+            self.reads += len(set(keys))
+            return read(cache, keys)
 
         def counted_entry(cache: Any, key: str) -> Any:
             self.entries += 1
             return get_entry(cache, key)
 
         monkeypatch.setattr(Prompt, "render", counted_render)
-        monkeypatch.setattr(RequestCache, "read", counted_read)
+        monkeypatch.setattr(RequestCache, "read_many", counted_read)
         monkeypatch.setattr(RequestCache, "get_entry", counted_entry)
 
 
@@ -77,7 +78,7 @@ def test_a_labeling_build_renders_each_prompt_once_and_reads_each_entry_once(tmp
         counts = Counts(monkeypatch)
         line = build(root)
         assert server.received == 12  # 13 inputs, one of them the same request again
-        assert (counts.renders, counts.reads, counts.entries) == (13, 13, 0)
+        assert (counts.renders, counts.reads, counts.entries) == (13, 12, 0)  # each distinct entry read once
         assert line.startswith("qa: 12 records (0 cached, 12 new, 1 rejected)")  # the duplicate record
         first = {f: (root / "data/qa" / f).read_bytes() for f in ("records.jsonl", "rejected.jsonl", "manifest.json")}
         assert "qa: forecast 12 new teacher requests (0 cached)" in capsys.readouterr().out
@@ -87,7 +88,7 @@ def test_a_labeling_build_renders_each_prompt_once_and_reads_each_entry_once(tmp
         line = build(root)
         assert server.received == 12
         # nothing rendered: the render memo knows each unchanged row's request key
-        assert (counts.renders, counts.reads, counts.entries) == (0, 13, 0)
+        assert (counts.renders, counts.reads, counts.entries) == (0, 12, 0)
         assert line.startswith("qa: 12 records (12 cached, 0 new, 1 rejected)")
         assert {f: (root / "data/qa" / f).read_bytes() for f in first} == first
     metrics = json.loads((root / "metrics/qa.json").read_text())

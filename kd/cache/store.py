@@ -180,22 +180,35 @@ class RequestCache:
     def read(self, key: str) -> dict[str, Any] | None:
         """The whole verified entry for `key` (request and response), or None, as `get` treats it: a damaged entry
         is reported, removed and missed."""
-        raw = self.raw(key)
-        entry, problem = (None, None) if raw is None else judge(raw, key)
-        if raw is None or problem:
-            self.stats.misses += 1
-            if problem:
-                self.stats.corrupted.append(key)
-                try:
-                    self.delete([key])
-                    done = "removed it"
-                except KdError:  # a read-only cache: ensure_writable stops the stage before anything is asked
-                    done = "could not remove it"
+        return self.read_many([key]).get(key)
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """key -> the whole verified entry, for each of `keys` that has a sound one (one query per CHUNK keys);
+        a damaged entry is reported, removed and left out, so its request is asked again."""
+        keys = list(dict.fromkeys(keys))
+        raws = self.raws(keys)
+        out: dict[str, dict[str, Any]] = {}
+        damaged = []
+        for key in keys:
+            raw = raws.get(key)
+            entry, problem = (None, None) if raw is None else judge(raw, key)
+            if entry is not None:
+                out[key] = entry
+            elif problem:
+                damaged.append((key, problem))
+        self.stats.hits += len(out)
+        self.stats.misses += len(keys) - len(out)
+        if damaged:
+            self.stats.corrupted += [key for key, _ in damaged]
+            try:
+                self.delete([key for key, _ in damaged])
+                done = "removed it"
+            except KdError:  # a read-only cache: ensure_writable stops the stage before anything is asked
+                done = "could not remove it"
+            for key, problem in damaged:
                 print(f"kd: cache entry {key} in {self.db} is damaged ({problem}); {done}, asking the teacher again",
                       file=sys.stderr)
-            return None
-        self.stats.hits += 1
-        return entry
+        return out
 
     def get_entry(self, key: str) -> dict[str, Any] | None:
         """The whole entry (request and response), for tools that show what was asked; None if absent or damaged."""

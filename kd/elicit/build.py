@@ -27,7 +27,7 @@ from kd.provenance.cards import render_card
 from kd.provenance.forecast import Forecast, cost_of, forecast, money, planned
 from kd.records import MANIFEST_FILE, DatasetWriter, ensure_writable, write_json
 from kd.runtime.ask import Asker, Totals
-from kd.runtime.plan import Plan
+from kd.runtime.plan import CHUNK, Plan
 from kd.runtime.roles import Role, make_backends, roles
 
 Method = Callable[[str, Any, Path, Path, dict[str, Asker]], tuple[list[dict], list[dict], dict[str, str]]]
@@ -108,17 +108,26 @@ def _streamed(name: str, method: str, m: Streamed, params: Params, cfg: Any, roo
         else:
             writer.reject(rejected)
 
-    try:
-        n = -1
-        for n, item in enumerate(m.items(cfg, root, data_dir)):
-            key = plan.key(n)
-            entry = {"response": refused[key], "request": None} if key in refused else cache.read(key)
-            if entry is None:  # each entry is read and verified once, here
+    def made(chunk: list[tuple[int, Any]]) -> None:
+        keys = [plan.key(n) for n, _ in chunk]
+        entries = cache.read_many(k for k in keys if k not in refused)  # each entry read and verified once, here
+        for (n, item), key in zip(chunk, keys, strict=True):
+            entry = {"response": refused[key], "request": None} if key in refused else entries.get(key)
+            if entry is None:
                 damaged.setdefault(key, []).append(item)
                 continue
             if plan.first[n]:
                 asker.count(entry["response"])
             emit(item, key, entry["response"], entry["request"])
+
+    try:
+        n, chunk = -1, []
+        for n, item in enumerate(m.items(cfg, root, data_dir)):
+            chunk.append((n, item))
+            if len(chunk) == CHUNK:
+                made(chunk)
+                chunk = []
+        made(chunk)
         assert n + 1 == plan.calls, f"{name}: {plan.calls} requests planned, {n + 1} items read back"
         if damaged:
             asker.cached -= len(damaged)

@@ -200,3 +200,20 @@ def test_an_edited_row_is_the_only_one_rendered_and_a_lost_memo_only_costs_time(
     (root / ".kd/cache/renders.sqlite3").write_bytes(b"not a database" * 100)
     fc, counts = forecast()
     assert (fc.new, fc.cached, counts.renders) == (1, 11, 13)
+
+
+# Regression guard for the fast key check: an entry whose request was changed and re-checksummed (so only the
+# request-to-key hash can tell) is refused, and a sound one passes, whichever way its request is hashed.
+def test_an_entry_for_another_request_is_refused() -> None:
+    from kd.cache.store import check_entry, make_entry, request_key
+
+    request = {"backend": "openai", "teacher": {"backend": "openai", "model": "m", "revision": None},
+               "messages": [{"role": "user", "content": 'a ,"quoted", value'}], "sample_index": 0,
+               "sampling": {"max_tokens": 8, "stop": [], "temperature": 0.0, "top_p": 1.0}, "response_format": None}
+    response = {"text": "t", "finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    key = request_key(request)
+    assert check_entry(make_entry(key, request, response), key) is None
+    other = {**request, "sample_index": 1}
+    assert check_entry(make_entry(key, other, response), key) == "the request it holds does not hash to its key"
+    scoring = {"kind": "loglik", "teacher": request["teacher"], "messages": [], "completion": "x"}  # no backend
+    assert check_entry(make_entry(request_key(scoring), scoring, response), request_key(scoring)) is None

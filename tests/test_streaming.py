@@ -217,3 +217,14 @@ def test_an_entry_for_another_request_is_refused() -> None:
     assert check_entry(make_entry(key, other, response), key) == "the request it holds does not hash to its key"
     scoring = {"kind": "loglik", "teacher": request["teacher"], "messages": [], "completion": "x"}  # no backend
     assert check_entry(make_entry(request_key(scoring), scoring, response), request_key(scoring)) is None
+
+
+# Guards make_entry's one serialisation: its bytes are the canonical JSON of the whole entry.
+def test_an_entry_is_its_canonical_json() -> None:
+    from kd.cache.store import CACHE_FORMAT, make_entry
+    from kd.records import canonical_json, sha256_text
+
+    request, response = {"backend": "b", "messages": [{"content": "é \"x\""}]}, {"text": "ü", "usage": {}}
+    body = {"request": request, "response": response}
+    entry = {"cache_format": CACHE_FORMAT, "key": "k" * 64, "checksum": sha256_text(canonical_json(body)), **body}
+    assert make_entry("k" * 64, request, response) == canonical_json(entry).encode()

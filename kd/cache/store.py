@@ -70,9 +70,10 @@ def request_key(request: dict[str, Any]) -> str:
 
 
 def make_entry(key: str, request: dict[str, Any], response: dict[str, Any]) -> bytes:
-    body = {"request": request, "response": response}
-    entry = {"cache_format": CACHE_FORMAT, "key": key, "checksum": sha256_text(canonical_json(body)), **body}
-    return canonical_json(entry).encode("utf-8")
+    """canonical_json of the entry, serialising the body once: the entry's sorted members are cache_format,
+    checksum and key, then exactly the body's request and response."""
+    body = canonical_json({"request": request, "response": response})
+    return (f'{{"cache_format":{CACHE_FORMAT},"checksum":"{sha256_text(body)}","key":"{key}",' + body[1:]).encode()
 
 
 @dataclass

@@ -283,3 +283,12 @@ def test_pull_of_a_remote_in_the_one_file_layout(tmp_path):
     code, out = kd(b, "cache", "push")
     assert code == 0 and "requests: 1 pushed, 3 already there" in out
     assert list(remote_packs(remote).values()) == [[answer(3)[0]]]
+
+    # a pack whose bytes are not gzip: its entries are refused with why, the rest of the pull goes on
+    name = "f" * 64
+    (remote / "kd-cache" / "packs" / f"{name}.jsonl.gz").write_bytes(b"not gzip")
+    (remote / "kd-cache" / "packs" / f"{name}.keys").write_text(f"{answer(4)[0]}\n")
+    c = dvc_project(tmp_path / "c", remote)
+    code, out = kd(c, "cache", "pull")
+    assert code == 1 and "requests: 4 installed, 0 already present, 1 skipped as bad" in out, out
+    assert f"packs/{name}.jsonl.gz unreadable (BadGzipFile)" in out

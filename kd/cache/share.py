@@ -23,7 +23,6 @@ import hashlib
 import os
 import re
 import tempfile
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -179,7 +178,16 @@ def _remote_packs(fs: Any, base: str) -> list[str]:
 
 
 def _pack_keys(fs: Any, base: str, name: str) -> list[str]:
-    return fs.cat_file(fs.join(base, "packs", f"{name}.keys")).decode("ascii").split()
+    """A pack's keys, in its lines' order (a garbled key list gives keys no entry matches: each is refused)."""
+    path = fs.join(base, "packs", f"{name}.keys")
+    try:
+        return fs.cat_file(path).decode("utf-8", "replace").split()
+    except Exception as e:  # the remote cannot be read: one line, nothing installed from this pack
+        raise KdError(f"{path}: cannot read the remote pack's key list ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def pack(entries: list[tuple[str, bytes]]) -> tuple[str, bytes, bytes]:
@@ -221,10 +229,14 @@ def _push_requests(cache: RequestCache, fs: Any, base: str, loose: set[str]) -> 
         if not good:
             continue
         name, body, keys = pack(good)
-        with tempfile.TemporaryDirectory(prefix="kd-pack-") as tmp:
-            for suffix, data in ((".jsonl.gz", body), (".keys", keys)):  # the key list last: it marks a whole pack
-                (Path(tmp) / f"{name}{suffix}").write_bytes(data)
-                fs.put_file(str(Path(tmp) / f"{name}{suffix}"), fs.join(base, "packs", f"{name}{suffix}"))
+        try:
+            with tempfile.TemporaryDirectory(prefix="kd-pack-") as tmp:
+                for suffix, data in ((".jsonl.gz", body), (".keys", keys)):  # the key list last: it marks a whole pack
+                    (Path(tmp) / f"{name}{suffix}").write_bytes(data)
+                    fs.put_file(str(Path(tmp) / f"{name}{suffix}"), fs.join(base, "packs", f"{name}{suffix}"))
+        except Exception as e:  # reported for each entry of the pack; a later push sends them again
+            moved.rejected += [(key, f"upload failed: {type(e).__name__}: {_first_line(e)}") for key, _ in good]
+            continue
         cache.note_pack(name, [key for key, _ in good], complete=True)
         moved.moved += len(good)
     return moved
@@ -245,7 +257,7 @@ def _push_files(kind: Kind, fs: Any, base: str, there: dict[str, str], jobs: int
         try:
             fs.put_file(str(path), fs.join(base, "v1", kind.remote_sub, path.parent.name, path.name))
         except Exception as e:  # one failed upload is reported; the others still go
-            return f"upload failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return f"upload failed: {type(e).__name__}: {_first_line(e)}"
         return None
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
@@ -303,7 +315,7 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
             path = fs.join(base, "packs", f"{name}.jsonl.gz")
             try:
                 lines = gzip.decompress(fs.cat_file(path)).split(b"\n")[:-1]
-            except (OSError, EOFError, zlib.error) as e:
+            except Exception as e:  # unreadable or not gzip: its keys are refused, the other packs still come
                 lines, why = [], f"remote pack {path} unreadable ({type(e).__name__})"
             else:
                 why = f"remote pack {path} holds no entry for it"

@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,99 @@ def ensure_writable(*dirs: Path) -> None:
                           f"run the stage again") from None
 
 
+class DatasetWriter:
+    """Writes a dataset one record at a time in bounded memory: each record's line is appended to a spool file
+    beside the output as it comes, and only an index of (id, offset) is kept; `close` copies the lines into
+    `records.jsonl` in id order, so the bytes are those of `write_dataset` whatever order records came in.
+
+    Records are deduplicated by id (a later duplicate becomes a rejection). Rejections are kept in memory to be
+    sorted (they are few next to the records). Nothing appears at `out_dir` until `close` succeeds; `abort` (or an
+    exception inside `with`) removes the partial work.
+    """
+
+    def __init__(self, out_dir: Path, name: str, method: str) -> None:
+        self.out_dir, self.name, self.method = out_dir, name, method
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        self.spool = open(self.tmp / ".records.unsorted", "w+b")  # noqa: SIM115 (closed in close/abort)
+        self.index: list[bytes] = []  # 32-byte id digest + 5-byte arrival number: sorts by id, then arrival
+        self.offsets = array("Q")
+        self.rejected: list[tuple[str, str]] = []  # (reason, canonical json), sorted at the end
+
+    def add(self, record: dict[str, Any]) -> str:
+        """Spool one record (its id computed unless present); return its id."""
+        record = record if "id" in record else finalize(record)
+        line = (json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        self.index.append(bytes.fromhex(record["id"]) + len(self.offsets).to_bytes(5, "big"))
+        self.offsets.append(self.spool.tell())
+        self.spool.write(line)
+        return record["id"]
+
+    def reject(self, row: dict[str, Any]) -> None:
+        self.rejected.append((row["reason"], canonical_json(row)))
+
+    def close(self, templates: dict[str, str], teacher: dict[str, Any] | None, extra: dict[str, Any] | None = None,
+              card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+        """Write records (id order), rejections, manifest and card, and move the directory into place."""
+        try:
+            return self._close(templates, teacher, extra, card)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self, templates: dict[str, str], teacher: dict[str, Any] | None, extra: dict[str, Any] | None,
+               card: Callable[[dict[str, Any]], str] | None) -> dict[str, Any]:
+        self.index.sort()
+        self.offsets.append(self.spool.tell())  # a line ends where the next to arrive starts
+        ids, last = hashlib.sha256(), b""
+        count = 0
+        with open(self.tmp / RECORDS_FILE, "wb") as out:
+            for entry in self.index:
+                digest, n = entry[:32], int.from_bytes(entry[32:], "big")
+                self.spool.seek(self.offsets[n])
+                line = self.spool.read(self.offsets[n + 1] - self.offsets[n])
+                if digest == last:  # the same content again: the first to arrive is kept
+                    row = {"reason": "duplicate", "record": json.loads(line)}
+                    self.rejected.append(("duplicate", canonical_json(row)))
+                    continue
+                out.write(line)
+                ids.update((("\n" if count else "") + digest.hex()).encode())
+                last, count = digest, count + 1
+        self.spool.close()
+        os.unlink(self.spool.name)
+        self.rejected.sort()
+        manifest = {
+            "name": self.name,
+            "method": self.method,
+            "format": "jsonl",
+            "files": {"records": RECORDS_FILE, "rejected": REJECTED_FILE},
+            "fingerprint": ids.hexdigest(),  # = fingerprint(ids in file order), without holding them
+            "records": count,
+            "rejected": dict(sorted(Counter(reason for reason, _ in self.rejected).items())),
+            "templates": [{"path": p, "sha256": h} for p, h in sorted(templates.items())],
+            "teacher": teacher,
+            "kd_version": __version__,
+            **(extra or {}),
+        }
+        rows = (json.loads(c) for _, c in self.rejected)
+        (self.tmp / REJECTED_FILE).write_text(_jsonl(rows), encoding="utf-8")
+        (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if card is not None:
+            (self.tmp / CARD_FILE).write_text(card(manifest), encoding="utf-8")
+        replace_dir(self.tmp, self.out_dir)
+        return manifest
+
+    def abort(self) -> None:
+        self.spool.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_dataset(
     out_dir: Path,
     name: str,
     method: str,
-    records: list[dict[str, Any]],
-    rejected: list[dict[str, Any]],
+    records: Iterable[dict[str, Any]],
+    rejected: Iterable[dict[str, Any]],
     templates: dict[str, str],
     teacher: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
@@ -131,64 +219,44 @@ def write_dataset(
     records always give the same bytes whatever order they were produced in. `card(manifest)`, if given,
     returns the dataset card, written as README.md in the same atomic directory write.
     """
-    by_id: dict[str, dict[str, Any]] = {}
-    rejected = list(rejected)
-    for rec in records:
-        rec = rec if "id" in rec else finalize(rec)
-        if rec["id"] in by_id:
-            rejected.append({"reason": "duplicate", "record": rec})
-            continue
-        by_id[rec["id"]] = rec
-    ordered = [by_id[i] for i in sorted(by_id)]
-    rejected.sort(key=lambda r: (r["reason"], canonical_json(r)))
-    manifest = {
-        "name": name,
-        "method": method,
-        "format": "jsonl",
-        "files": {"records": RECORDS_FILE, "rejected": REJECTED_FILE},
-        "fingerprint": fingerprint(r["id"] for r in ordered),
-        "records": len(ordered),
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "templates": [{"path": p, "sha256": h} for p, h in sorted(templates.items())],
-        "teacher": teacher,
-        "kd_version": __version__,
-        **(extra or {}),
-    }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    writer = DatasetWriter(out_dir, name, method)
     try:
-        (tmp / RECORDS_FILE).write_text(_jsonl(ordered), encoding="utf-8")
-        (tmp / REJECTED_FILE).write_text(_jsonl(rejected), encoding="utf-8")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if card is not None:
-            (tmp / CARD_FILE).write_text(card(manifest), encoding="utf-8")
-        replace_dir(tmp, out_dir)
+        for rec in records:
+            writer.add(rec)
+        for row in rejected:
+            writer.reject(row)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    return manifest
+    return writer.close(templates, teacher, extra, card)
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The objects of a JSONL file, one line at a time; a bad line is a KdError naming the file and line."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below, also when the caller stops early)
+    except OSError as e:
+        raise KdError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise KdError(f"{path}: not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield row
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSONL file; a bad line is a KdError naming the file and line."""
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise KdError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise KdError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return list(iter_jsonl(path))
 
 
 def seed_id(row: dict[str, Any]) -> str:
@@ -196,13 +264,11 @@ def seed_id(row: dict[str, Any]) -> str:
     return str(row["id"]) if "id" in row else sha256_text(str(sorted(row.items())))[:16]
 
 
-def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Seed rows, each checked for the fields a method needs (a bad line names file and line)."""
-    rows = read_jsonl(root / file)
-    if not rows:
-        raise KdError(f"{file}: no seed records")
+def iter_seeds(root: Path, file: str, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """Seed rows one at a time, each checked for the fields a method needs (a bad line names file and line);
+    only the ids seen so far are held, to refuse a duplicate."""
     seen: set[str] = set()
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(iter_jsonl(root / file), 1):
         for f in required:
             if not isinstance(row.get(f), str) or not row[f].strip():
                 raise KdError(f"{file}: record {n} ({row.get('id', 'no id')}): needs a non-empty string `{f}`")
@@ -210,7 +276,14 @@ def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[st
         if sid in seen:
             raise KdError(f"{file}: record {n}: duplicate id '{sid}'")
         seen.add(sid)
-    return rows
+        yield row
+    if not seen:
+        raise KdError(f"{file}: no seed records")
+
+
+def load_seeds(root: Path, file: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Seed rows, each checked for the fields a method needs (a bad line names file and line)."""
+    return list(iter_seeds(root, file, required))
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -266,3 +339,27 @@ def read_dataset(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if problems := dataset_problems(manifest, records):
         raise KdError(f"{out_dir}: damaged: {problems[0]}; {restore_hint(out_dir)}")
     return manifest, records
+
+
+def iter_dataset(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """The records of a dataset one at a time, checked as `read_dataset` checks them: each id against its content
+    as it is read, the count and fingerprint against the manifest once the last one is read (a damaged dataset
+    raises then, so a caller that reads all before acting is protected the same way).
+    """
+    manifest = read_manifest(out_dir)
+    ids, count = hashlib.sha256(), 0
+    for rec in iter_jsonl(out_dir / manifest["files"]["records"]):
+        if rec.get("id") != content_id(rec):
+            raise KdError(f"{out_dir}: damaged: record {count + 1} ({str(rec.get('id'))[:12]}): its id is not the hash "
+                          f"of its content (edited by hand?); {restore_hint(out_dir)}")
+        ids.update((("\n" if count else "") + str(rec["id"])).encode())
+        count += 1
+        yield rec
+    if count != manifest["records"]:
+        problem = f"{manifest['files']['records']} holds {count} records, {MANIFEST_FILE} says {manifest['records']}"
+    elif ids.hexdigest() != manifest["fingerprint"]:
+        problem = (f"the record ids give fingerprint {ids.hexdigest()[:12]}, {MANIFEST_FILE} says "
+                   f"{str(manifest['fingerprint'])[:12]}")
+    else:
+        return
+    raise KdError(f"{out_dir}: damaged: {problem}; {restore_hint(out_dir)}")

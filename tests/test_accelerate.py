@@ -129,3 +129,30 @@ def test_reward_model_refuses_processes() -> None:
     with pytest.raises(ValidationError, match="training.processes"):
         RewardModel(init={"kind": "from_pretrained", "path": "models/s"}, datasets=["prefs"],
                     training={"processes": 2})
+
+
+# Guards: FSDP and DeepSpeed had no way in: the shipped accelerate configs must load as what they say, reach the
+# stage command with params' process count, rebuild the student when edited, and be refused where kd's own loop runs.
+def test_sharded_training_configs_reach_the_stage_command(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from pydantic import ValidationError
+
+    from kd.config import load_params
+    from kd.config.students import Student
+    from kd.pipeline.spec import student_stage
+
+    kinds = {"fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}
+    for name, kind in kinds.items():
+        assert load_config_from_file(str(REPO / "profiles/accelerate" / name)).distributed_type.name == kind
+    config = "profiles/accelerate/fsdp.yaml"
+    root = make_student_project(tmp_path / "p", tiny_model_dir, {"s": student(
+        "sft", training={"processes": 4, "accelerate_config": config})}, logits=False)
+    params = load_params(root)
+    stage = student_stage("s", params.students["s"], params, root)
+    assert stage.cmd.startswith(f"accelerate launch --config_file {config} --num_processes 4 --num_machines 1 ")
+    assert config in stage.deps
+    for bad, match in ((student("kd", logits="x", training={"processes": 2, "accelerate_config": config}),
+                        "runs kd's own loop"),
+                       (student("sft", training={"accelerate_config": config}), "needs training.processes > 1")):
+        with pytest.raises(ValidationError, match=match):
+            Student.model_validate(bad)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 from pathlib import Path
 
 import torch
 from fake_openai import FakeOpenAI
-from kdproject import commit, kd, labeling, make_project, repro, sh
+from kdproject import commit, damage, kd, labeling, make_project, repro, sh, store_raw
 
 from kd.cache.features import FeatureCache, Item, entry_problem, feature_key
 from kd.cache.share import push
-from kd.cache.store import RequestCache, request_key
+from kd.cache.store import RequestCache, check_entry, make_entry, request_key
 from kd.paths import CACHE_DIR
 from kd.records import canonical_json, sha256_text
 
@@ -20,7 +21,21 @@ N = 8
 
 
 def remote_objects(remote: Path) -> list[Path]:
+    """Request entries in the one-file-per-entry layout (pushed before packs existed)."""
     return sorted((remote / "kd-cache" / "v1").glob("*/*.json"))
+
+
+def remote_packs(remote: Path) -> dict[str, list[str]]:
+    """pack name -> its keys, for every complete pack (key list present) on the remote."""
+    return {p.name[:-5]: p.read_text().split() for p in sorted((remote / "kd-cache" / "packs").glob("*.keys"))}
+
+
+def pack_lines(remote: Path, name: str) -> list[bytes]:
+    return gzip.decompress((remote / "kd-cache" / "packs" / f"{name}.jsonl.gz").read_bytes()).split(b"\n")[:-1]
+
+
+def write_pack(remote: Path, name: str, lines: list[bytes]) -> None:
+    (remote / "kd-cache" / "packs" / f"{name}.jsonl.gz").write_bytes(gzip.compress(b"".join(x + b"\n" for x in lines)))
 
 
 def test_push_clone_pull_rebuilds_with_zero_teacher_requests_and_rejects_corrupt_objects(tmp_path):
@@ -34,7 +49,8 @@ def test_push_clone_pull_rebuilds_with_zero_teacher_requests_and_rejects_corrupt
         assert kd(a, "cache", "push") == (0, f"kd cache push (to remote 'store'): requests: {N} pushed, 0 already "
                                              f"there, 0 skipped as damaged; features: 0 pushed, 0 already there, 0 "
                                              f"skipped as damaged\n")
-        assert len(remote_objects(remote)) == N
+        packs = remote_packs(remote)
+        assert len(packs) == 1 and len(next(iter(packs.values()))) == N and remote_objects(remote) == []
         code, out = kd(a, "cache", "push")  # incremental: nothing new
         assert code == 0 and f"requests: 0 pushed, {N} already there" in out
 
@@ -56,30 +72,35 @@ def test_push_clone_pull_rebuilds_with_zero_teacher_requests_and_rejects_corrupt
         t.start()
     for t in threads:
         t.join()
-    assert len(remote_objects(shared)) == N and not [p for p in shared.rglob("*") if p.is_file() and p.suffix != ".json"]
-    assert all(json.loads(p.read_text())["key"] == p.stem for p in remote_objects(shared))
+    packs = remote_packs(shared)  # the same entries make the same pack: one name, whole
+    assert len(packs) == 1 and not list(shared.rglob("*.tmp"))
+    name, keys = next(iter(packs.items()))
+    assert [check_entry(line, key) for line, key in zip(pack_lines(shared, name), keys, strict=True)] == [None] * N
 
-    # a flipped answer (checksum mismatch) and an entry stored under another key's name are both refused
-    objects = remote_objects(remote)
-    entry = json.loads(objects[0].read_text())
+    # in a pack: a flipped answer (checksum mismatch) and an entry under another key's line are both refused,
+    # the rest install
+    name, keys = next(iter(remote_packs(remote).items()))
+    lines = pack_lines(remote, name)
+    entry = json.loads(lines[0])
     entry["response"]["text"] = "tampered"
-    objects[0].write_text(json.dumps(entry))
-    objects[1].write_bytes(objects[2].read_bytes())
+    lines[0] = json.dumps(entry).encode()
+    lines[1] = lines[2]
+    write_pack(remote, name, lines)
     c = tmp_path / "c"
     sh(tmp_path, "git", "clone", "-q", str(a), str(c))
     code, out = kd(c, "cache", "pull")
     assert code == 1
     assert f"requests: {N - 2} installed, 0 already present, 2 skipped as bad" in out
     assert "checksum mismatch" in out and "does not match its file name" in out
-    installed = {p.name for p in (c / ".kd" / "cache").glob("*/*.json")}
-    assert objects[0].name not in installed and objects[1].name not in installed and len(installed) == N - 2
+    installed = RequestCache(c / CACHE_DIR)
+    assert installed.count() == N - 2 and installed.raw(keys[0]) is None and installed.raw(keys[1]) is None
 
     # a damaged local entry is reported and never uploaded
-    damaged = next((a / ".kd" / "cache").glob("*/*.json"))
-    damaged.write_bytes(damaged.read_bytes()[:20])
-    (shared / "kd-cache" / "v1" / damaged.parent.name / damaged.name).unlink()
-    code, out = kd(a, "cache", "push", "-r", "shared")
-    assert code == 1 and "local entry damaged" in out and "requests: 0 pushed" in out
+    sh(a, "dvc", "remote", "add", "third", str(tmp_path / "third"))
+    damage(RequestCache(a / CACHE_DIR), keys[3], lambda b: b[:20])
+    code, out = kd(a, "cache", "push", "-r", "third")
+    assert code == 1 and "local entry damaged" in out and f"requests: {N - 1} pushed" in out
+    assert keys[3] not in next(iter(remote_packs(tmp_path / "third").values()))
 
 
 def dvc_project(root: Path, remote: Path) -> Path:
@@ -116,12 +137,12 @@ def fill(root: Path, good: int) -> tuple[RequestCache, FeatureCache, list[Item]]
     for i in range(good + 2):
         key, req, resp = answer(i)
         requests.put(key, req, resp)
-    nan, no_usage = requests.path(answer(good)[0]), requests.path(answer(good + 1)[0])
-    nan.write_bytes(nan.read_bytes().replace(b'"score":0.5', b'"score":NaN'))
-    entry = json.loads(no_usage.read_text())
+    nan, no_usage = answer(good)[0], answer(good + 1)[0]
+    damage(requests, nan, lambda b: b.replace(b'"score":0.5', b'"score":NaN'))
+    entry = json.loads(requests.raw(no_usage))
     del entry["response"]["usage"]
     entry["checksum"] = sha256_text(canonical_json({"request": entry["request"], "response": entry["response"]}))
-    no_usage.write_text(json.dumps(entry))
+    store_raw(requests, no_usage, json.dumps(entry).encode())
     items = []
     for i in range(good + 1):
         item, tensors = features(i)
@@ -149,7 +170,7 @@ def test_verify_push_pull_report_bad_entries_go_on_and_carry_the_feature_cache(t
     assert code == 1 and out.count("local entry damaged") == 3, out
     assert ("kd cache push (to remote 'store'): requests: 3 pushed, 0 already there, 2 skipped as damaged; "
             "features: 3 pushed, 0 already there, 1 skipped as damaged") in out
-    assert len(remote_objects(remote)) == 3
+    assert [len(keys) for keys in remote_packs(remote).values()] == [3] and remote_objects(remote) == []
     assert len(list((remote / "kd-cache" / "v1" / "features").glob("*/*.safetensors"))) == 3
 
     code, out = kd(a, "cache", "verify", "--fix")
@@ -159,12 +180,12 @@ def test_verify_push_pull_report_bad_entries_go_on_and_carry_the_feature_cache(t
     code, out = kd(a, "cache", "push")  # incremental, both kinds
     assert code == 0 and "requests: 0 pushed, 3 already there" in out and "features: 0 pushed, 3 already there" in out
 
-    # on the remote: one object with NaN, one feature object with a flipped bit; the others still install
+    # on the remote: one object in the old one-file layout with NaN, one feature object with a flipped bit; the
+    # others still install
     key, req, resp = answer(9)
-    RequestCache(tmp_path / "elsewhere").put(key, req, resp)
     bad = remote / "kd-cache" / "v1" / key[:2] / f"{key}.json"
     bad.parent.mkdir(parents=True, exist_ok=True)
-    bad.write_bytes((tmp_path / "elsewhere" / key[:2] / f"{key}.json").read_bytes().replace(b"0.5", b"NaN"))
+    bad.write_bytes(make_entry(key, req, resp).replace(b"0.5", b"NaN"))
     flipped = feats.path(items[0].key)
     remote_flipped = remote / "kd-cache" / "v1" / "features" / flipped.parent.name / flipped.name
     raw = bytearray(remote_flipped.read_bytes())
@@ -177,7 +198,7 @@ def test_verify_push_pull_report_bad_entries_go_on_and_carry_the_feature_cache(t
     assert ("kd cache pull (from remote 'store'): requests: 3 installed, 0 already present, 1 skipped as bad; "
             "features: 2 installed, 0 already present, 1 skipped as bad") in out
     assert "holds NaN, which JSON does not allow" in out and "checksum mismatch" in out
-    assert not (b / CACHE_DIR / key[:2] / f"{key}.json").exists()
+    assert RequestCache(b / CACHE_DIR).raw(key) is None
     for i in range(3):
         k = answer(i)[0]
         assert RequestCache(b / CACHE_DIR).get(k) == answer(i)[2]
@@ -203,3 +224,71 @@ def test_feature_entry_is_judged_on_its_own(tmp_path):
     assert entry_problem(raw[: len(raw) // 2], item.key).startswith("unreadable safetensors")
     assert entry_problem(b"\xff" * 8, item.key).startswith("unreadable safetensors")
     assert entry_problem(raw[:-2] + bytes([raw[-2] ^ 1, raw[-1]]), item.key) == "checksum mismatch"
+
+
+# push and pull move packs of only what the other side lacks; a second push or pull reads no key list again (the
+# cache remembers which packs it has seen)
+def test_packs_round_trip_and_a_second_transfer_moves_and_reads_nothing(tmp_path):
+    remote = tmp_path / "remote"
+    a = dvc_project(tmp_path / "a", remote)
+    cache = RequestCache(a / CACHE_DIR)
+    for i in range(5):
+        cache.put(*answer(i))
+    assert kd(a, "cache", "push")[1].startswith("kd cache push (to remote 'store'): requests: 5 pushed, 0 already")
+    for i in range(5, 8):
+        cache.put(*answer(i))
+    code, out = kd(a, "cache", "push")
+    assert code == 0 and "requests: 3 pushed, 5 already there" in out
+    packs = remote_packs(remote)
+    assert sorted(len(k) for k in packs.values()) == [3, 5] and len({k for ks in packs.values() for k in ks}) == 8
+    for name in packs:  # a key list no longer needed is not read again (garbage here would be refused if it were)
+        (remote / "kd-cache" / "packs" / f"{name}.keys").write_text("garbage\n")
+    assert kd(a, "cache", "push")[1].startswith("kd cache push (to remote 'store'): requests: 0 pushed, 8 already")
+
+    for name, keys in packs.items():
+        (remote / "kd-cache" / "packs" / f"{name}.keys").write_text("".join(f"{k}\n" for k in keys))
+    b = dvc_project(tmp_path / "b", remote)
+    RequestCache(b / CACHE_DIR).put(*answer(0))
+    code, out = kd(b, "cache", "pull")
+    assert code == 0 and "requests: 7 installed, 1 already present, 0 skipped as bad" in out, out
+    assert all(RequestCache(b / CACHE_DIR).get(answer(i)[0]) == answer(i)[2] for i in range(8))
+    for name in packs:
+        (remote / "kd-cache" / "packs" / f"{name}.keys").write_text("garbage\n")
+    code, out = kd(b, "cache", "pull")
+    assert code == 0 and "requests: 0 installed" in out, out
+    code, out = kd(b, "cache", "push")
+    assert code == 0 and "requests: 0 pushed, 8 already there" in out
+
+    # an entry removed as damaged takes along what packs held it: a new entry in its row is still pushed
+    damage(cache, answer(7)[0], lambda raw: raw[:40])
+    assert kd(a, "cache", "verify", "--fix")[0] == 0
+    cache.put(*answer(8))
+    code, out = kd(a, "cache", "push")
+    assert code == 0 and "requests: 1 pushed, 7 already there" in out, out
+
+
+# a teammate's older push (one file per entry under kd-cache/v1) still pulls, and counts as on the remote for push
+def test_pull_of_a_remote_in_the_one_file_layout(tmp_path):
+    remote = tmp_path / "remote"
+    for i in range(3):
+        key, req, resp = answer(i)
+        (remote / "kd-cache" / "v1" / key[:2]).mkdir(parents=True, exist_ok=True)
+        (remote / "kd-cache" / "v1" / key[:2] / f"{key}.json").write_bytes(make_entry(key, req, resp))
+    b = dvc_project(tmp_path / "b", remote)
+    code, out = kd(b, "cache", "pull")
+    assert code == 0 and "requests: 3 installed, 0 already present, 0 skipped as bad" in out, out
+    assert all(RequestCache(b / CACHE_DIR).get(answer(i)[0]) == answer(i)[2] for i in range(3))
+    assert "requests: 0 installed, 3 already present" in kd(b, "cache", "pull")[1]
+    RequestCache(b / CACHE_DIR).put(*answer(3))
+    code, out = kd(b, "cache", "push")
+    assert code == 0 and "requests: 1 pushed, 3 already there" in out
+    assert list(remote_packs(remote).values()) == [[answer(3)[0]]]
+
+    # a pack whose bytes are not gzip: its entries are refused with why, the rest of the pull goes on
+    name = "f" * 64
+    (remote / "kd-cache" / "packs" / f"{name}.jsonl.gz").write_bytes(b"not gzip")
+    (remote / "kd-cache" / "packs" / f"{name}.keys").write_text(f"{answer(4)[0]}\n")
+    c = dvc_project(tmp_path / "c", remote)
+    code, out = kd(c, "cache", "pull")
+    assert code == 1 and "requests: 4 installed, 0 already present, 1 skipped as bad" in out, out
+    assert f"packs/{name}.jsonl.gz unreadable (BadGzipFile)" in out

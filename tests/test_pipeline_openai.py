@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 from fake_openai import FakeOpenAI
+from kdproject import damage
+
+from kd.cache.store import RequestCache
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "qa"
@@ -115,7 +118,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path: Path, canary
         assert server.answered == 5 and server.received == 6
         assert not (root / "data" / NAME).exists(), "a killed stage must leave no dataset behind"
         assert not (root / "metrics").exists()
-        assert len(list((root / ".kd" / "cache").rglob("*.json"))) == 5
+        assert RequestCache(root / ".kd" / "cache").count() == 5  # each answer committed as it arrived
 
         received_before = server.received
         resumed = run_stage(root, canary)
@@ -133,16 +136,16 @@ def test_damaged_cache_entry_is_reported_and_asked_again(tmp_path: Path, canary:
         root = make_project(tmp_path, server.url)
         assert run_stage(root, canary).returncode == 0
         built = outputs(root)
-        entry = sorted((root / ".kd" / "cache").rglob("*.json"))[3]
-        raw = entry.read_bytes()
-        entry.write_bytes(raw[: len(raw) // 2])
+        cache = RequestCache(root / ".kd" / "cache")
+        key, raw = list(cache.entries())[3]
+        damage(cache, key, lambda b: b[: len(b) // 2])
 
         again = run_stage(root, canary)
         assert again.returncode == 0, again.stderr
-        assert "damaged" in again.stderr and entry.name in again.stderr
+        assert "damaged" in again.stderr and key in again.stderr
         assert server.received == LIMIT + 1, "exactly the damaged entry is asked again"
         assert f"({LIMIT - 1} cached, 1 new" in again.stdout
-        assert entry.read_bytes() == raw, "the regenerated entry is whole again"
+        assert cache.raw(key) == raw, "the regenerated entry is whole again"
     assert outputs(root) == built
 
 

@@ -110,6 +110,7 @@ def test_fresh_clone_forecasts_without_the_local_teacher(server, tmp_path, monke
     from kd.cache.store import RequestCache
     from kd.config import load_params
     from kd.pipeline.status import method
+    from kd.prompts import load_prompt
     from kd.runtime.ask import Asker
     from kd.runtime.local import LocalTeacher
 
@@ -139,7 +140,9 @@ def test_fresh_clone_forecasts_without_the_local_teacher(server, tmp_path, monke
     params = load_params(root)
     identity = LocalTeacher("local", params.teachers["local"], root).identity
     asker = Asker(_Answers(identity), RequestCache(root / ".kd" / "cache"), "qa")
-    method("labeling")("qa", params.datasets["qa"], root, root / "data", {"teacher": asker})
+    stream, cfg = method("labeling"), params.datasets["qa"]
+    prompt = load_prompt(root, cfg.template, stream.variables)
+    asker.ask([stream.render(asker, prompt, cfg, item) for item in stream.items(cfg, root, root / "data")])
     assert asker.new == 8
     built = forecasts(kd_json(root, "status"))["qa"]
     assert (built["new"], built["cached"]) == (0, 8)  # ≈ still: the `teacher` stage is stale and upstream

@@ -118,15 +118,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """Verify every entry of the request cache and the feature cache; damaged or unreadable ones are listed with
     why (and removed with --fix: the next build asks or computes them again)."""
     counts, damaged = cache_share.verify(Path(args.root))
-    kept = 0
     for d in damaged:
-        print(f"damaged {d.kind[:-1]} entry: {d.path} ({d.problem})")
-        if args.fix:
-            try:
-                d.path.unlink(missing_ok=True)
-            except OSError as e:
-                kept += 1
-                print(f"kd cache: cannot remove {d.path} ({e.strerror or type(e).__name__})", file=sys.stderr)
+        print(f"damaged {d.kind[:-1]} entry: {d.where} ({d.problem})")
+    failed = cache_share.fix(Path(args.root), damaged) if args.fix else []
+    for d, why in failed:
+        print(f"kd cache: cannot remove {d.where} ({why})", file=sys.stderr)
+    kept = len(failed)
     parts = [f"{kind}: {n} entries, {sum(d.kind == kind for d in damaged)} damaged" for kind, n in counts.items()]
     removed = f" ({len(damaged) - kept} removed)" if damaged and args.fix else ""
     print(f"kd cache verify: {'; '.join(parts)}{removed}")

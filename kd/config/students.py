@@ -151,6 +151,11 @@ class Training(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
     processes: int = Field(1, ge=1, description="training processes (`accelerate launch --num_processes`, one per GPU); "
                                                 "global batch = batch_size × grad_accum × processes")
+    accelerate_config: str | None = Field(
+        None, pattern=r"^[^/].*\.ya?ml$",
+        description="an accelerate config file for `accelerate launch --config_file` (e.g. profiles/accelerate/"
+                    "fsdp.yaml, deepspeed_zero2.yaml): shards a model too large for one device; TRL objectives only, "
+                    "with processes > 1")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
     freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
                                                     "this many bottom transformer layers: faster steps, and a "
@@ -196,6 +201,14 @@ class Student(Strict):
         if self.objective == "on_policy" and self.hidden is not None:
             raise ValueError("`hidden` cannot be combined with objective: on_policy (TRL's GKDTrainer has no hook "
                              "for an extra loss term); use it with objective sft or kd")
+        if self.training.accelerate_config is not None:
+            if self.objective in ("kd", "rrhf", "pro") or (self.objective == "sft" and (self.loop == "kd" or self.hidden)):
+                raise ValueError(f"training.accelerate_config: objective {self.objective} runs kd's own loop, which "
+                                 f"spreads over `processes` as data parallel (gradients all-reduced); FSDP and "
+                                 f"DeepSpeed configs apply to the TRL objectives (sft, dpo, on_policy, grpo, rloo)")
+            if self.training.processes == 1:
+                raise ValueError("training.accelerate_config: needs training.processes > 1 (its stage runs "
+                                 "`python` otherwise, and the config would be ignored)")
         return self
 
 
@@ -213,7 +226,7 @@ class RewardModel(Strict):
 
     @model_validator(mode="after")
     def _one_process(self) -> RewardModel:
-        if self.training.processes != 1:  # its stage runs `python`: N would be a silent no-op
+        if self.training.processes != 1 or self.training.accelerate_config:  # its stage runs `python`: a no-op
             raise ValueError("training.processes: reward models train in one process (students can take several)")
         return self
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kd.config import Source
 from kd.errors import KdError
-from kd.records import load_seeds, read_dataset, seed_id
-from kd.runtime.ask import Asker, Totals
+from kd.prompts import Prompt
+from kd.records import iter_dataset, iter_seeds, seed_id
+from kd.runtime.ask import Asker, Call, Totals
 
 
 def provenance(method: str, dataset: str, requests: list[dict[str, Any]], parents: list[dict[str, str]],
@@ -44,16 +46,48 @@ def user_text(record: dict[str, Any]) -> str:
     raise KdError(f"record {record.get('id', '?')}: no prompt or user message to take an instruction from")
 
 
-def load_inputs(root: Path, source: Source, data_dir: Path) -> list[Input]:
+def iter_inputs(root: Path, source: Source, data_dir: Path) -> Iterator[Input]:
+    """The inputs a source names, one at a time (a dataset is checked against its manifest as it is read)."""
     if source.seeds is not None:
-        rows = load_seeds(root, source.seeds, ("instruction",))
-        inputs = [Input(r["instruction"], {"file": source.seeds, "id": seed_id(r)}, True,
-                        str(r.get("category", "")), str(r.get("reference", ""))) for r in rows]
+        inputs: Iterator[Input] = (Input(r["instruction"], {"file": source.seeds, "id": seed_id(r)}, True,
+                                         str(r.get("category", "")), str(r.get("reference", "")))
+                                   for r in iter_seeds(root, source.seeds, ("instruction",)))
     else:
-        _, records = read_dataset(data_dir / source.dataset)
-        inputs = [Input(user_text(r), {"dataset": source.dataset, "id": r["id"]}, False,
-                        str(r.get("category", ""))) for r in records]
-    return inputs[: source.limit] if source.limit else inputs
+        inputs = (Input(user_text(r), {"dataset": source.dataset, "id": r["id"]}, False, str(r.get("category", "")))
+                  for r in iter_dataset(data_dir / source.dataset))
+    return _first(inputs, source.limit) if source.limit else inputs
+
+
+def _first(inputs: Iterator[Input], limit: int) -> Iterator[Input]:
+    """The first `limit` inputs; the rest are still read, so the whole source is checked as without a limit."""
+    for n, x in enumerate(inputs):
+        if n < limit:
+            yield x
+
+
+def load_inputs(root: Path, source: Source, data_dir: Path) -> list[Input]:
+    return list(iter_inputs(root, source, data_dir))
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A method whose requests are all known before any answer (labeling), built in one streamed pass
+    (kd.elicit.build): `items` are read twice (to plan the requests, then to make the records) and never held.
+
+    - `items(cfg, root, data_dir)`: what to ask about, in order;
+    - `render(asker, prompt, cfg, item)`: the item's request (rendered while planning, unless the render memo
+      knows its key: kd.cache.renders);
+    - `values(item)`: its sample index and the values its template gets (what the memo keys on);
+    - `assemble(name, cfg, prompt, identity, item, key, response, request)`: (record, None) or (None, rejection)
+      from the item, its answer and its request as cached (None when it was refused and so not cached), without
+      rendering again.
+    """
+
+    variables: tuple[str, ...]
+    items: Callable[[Any, Path, Path], Iterator[Any]]
+    render: Callable[[Asker, Prompt, Any, Any], Call]
+    values: Callable[[Any], tuple[int, tuple[str, ...]]]
+    assemble: Callable[..., tuple[dict[str, Any] | None, dict[str, Any] | None]]
 
 
 class Summary:

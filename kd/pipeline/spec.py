@@ -134,9 +134,12 @@ def _init_models(init: Any, params: Params, root: Path) -> tuple[list[str], list
 def launcher(t: Training) -> str:
     """`python`, or `accelerate launch` with `training.processes` processes. `--multi_gpu` is accelerate's
     torchrun launcher, the one that starts N local processes, also on CPU (its `--cpu` starts only one); the
-    other flags are its defaults, spelled out so that it does not warn about each."""
+    other flags are its defaults, spelled out so that it does not warn about each. With
+    `training.accelerate_config` the file says how (FSDP, DeepSpeed) and params say how many processes."""
     if t.processes == 1:
         return "python"
+    if t.accelerate_config:  # FSDP or DeepSpeed: the file names the distributed type and its settings
+        return f"accelerate launch --config_file {t.accelerate_config} --num_processes {t.processes} --num_machines 1"
     return (f"accelerate launch --multi_gpu --num_processes {t.processes} --num_machines 1 --mixed_precision no "
             f"--dynamo_backend no")
 
@@ -151,7 +154,8 @@ def student_stage(name: str, cfg: Student, params: Params, root: Path) -> Stage:
     script = _script("student")
     return Stage(
         name, "student", f"{launcher(cfg.training)} {script} {name}",
-        deps=closure(root, script) + data + sorted({*models, *(params.teachers[t].path for t in teachers)}),
+        deps=closure(root, script) + data + sorted({*models, *(params.teachers[t].path for t in teachers)})
+        + ([cfg.training.accelerate_config] if cfg.training.accelerate_config else []),
         # Finer than `teachers.<t>`: a teacher's batch_size does not change this student.
         params=[f"students.{name}", *(f"teachers.{t}.path" for t in teachers),
                 *sorted({f"teachers.{t}.dtype" for t in online})],

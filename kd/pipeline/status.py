@@ -18,7 +18,8 @@ from typing import Any
 from kd.cache.store import RequestCache
 from kd.config import load_params
 from kd.elicit import curation, expansion, feedback, labeling, self_knowledge
-from kd.elicit.build import Method
+from kd.elicit.build import Method, plan_streamed
+from kd.elicit.common import Streamed
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
 from kd.pipeline.spec import Stage, stages
@@ -48,7 +49,7 @@ def stale_stages(root: Path) -> dict[str, list[str]]:
     return out
 
 
-def method(name: str) -> Method:
+def method(name: str) -> Method | Streamed:
     """The generation method a dataset's `method:` names (what its stage script passes to the build)."""
     match name:
         case "labeling":
@@ -123,11 +124,14 @@ def status(root: Path) -> dict[str, Any]:
             ds = st["dataset"]
             cfg = params.datasets[ds]
             missing = _missing(graph, name, root)
+            m = None if cfg.method == "feature" else method(cfg.method)
             try:
-                fc = forecast(ds, params, root, cache,
-                              None if cfg.method == "feature" else
-                              lambda askers, ds=ds, cfg=cfg: method(cfg.method)(ds, cfg, root, data_dir, askers),
-                              data_dir)
+                if isinstance(m, Streamed):
+                    fc = plan_streamed(ds, m, params, root, cache, data_dir, spool=False)[0]
+                else:
+                    fc = forecast(ds, params, root, cache,
+                                  None if m is None else
+                                  lambda askers, ds=ds, cfg=cfg, m=m: m(ds, cfg, root, data_dir, askers), data_dir)
             except KdError as e:
                 # what it lacks says more than the first error its absence caused
                 row["error"] = f"cannot forecast yet: needs {', '.join(missing)}" if missing else f"cannot forecast: {e}"

@@ -15,17 +15,22 @@ counts every request as new ("≈"). Token counts then come from characters (4 a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FeatureCache, feature_key
+from kd.cache.renders import RenderMemo, memo_key, memo_prefix
+from kd.cache.store import RequestCache
 from kd.config import Params, Price, billed_price
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
+from kd.prompts import Prompt
 from kd.provenance.lineage import iter_lines, loads
-from kd.runtime.ask import Asker
+from kd.runtime.ask import Asker, Call
 from kd.runtime.local import LocalTeacher
+from kd.runtime.plan import Calibration, Plan
 from kd.runtime.roles import Role, role_identity, roles
 from kd.runtime.served import feature_teacher
 from kd.runtime.tokenize import encode
@@ -46,22 +51,30 @@ class _Blind:
 
 
 class _StandIn:
-    """A Teacher (kd.runtime.teachers protocol) that answers nothing: it records requests and returns placeholders."""
+    """A Teacher (kd.runtime.teachers protocol) that answers nothing: it counts what it is asked (running totals,
+    not the requests: a forecast of a million requests holds no more than one of a hundred) and returns
+    placeholders."""
 
     name = "forecast"
 
     def __init__(self, identity: dict[str, Any], blind: _Blind) -> None:
         self._identity, self.blind = identity, blind
-        self.asked: list[dict[str, Any]] = []
+        self.chars = 0  # prompt characters of the requests asked
+        self.caps: dict[int, int] = {}  # max_tokens -> requests asked with it (scoring requests generate nothing)
+        self.estimated = 0  # rendered from a placeholder: counts that depend on answers not known yet
 
     @property
     def identity(self) -> dict[str, Any]:
         return self._identity
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
         self.blind.handed_out = True
         for key, request in items:
-            self.asked.append(request)
+            self.chars += _chars(request.get("messages") or []) + len(request.get("completion") or "")
+            if "sampling" in request:
+                cap = request["sampling"]["max_tokens"]
+                self.caps[cap] = self.caps.get(cap, 0) + 1
+            self.estimated += MARK in json.dumps(request)
             # no "score": judges treat a placeholder as unscored (kd.runtime.judges)
             on_result(key, {"text": _placeholder(key), "finish_reason": "stop",
                             "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
@@ -73,7 +86,7 @@ class _Peek:
     def __init__(self, cache: Any, blind: _Blind) -> None:
         self.cache, self.blind = cache, blind
         self.dir = getattr(cache, "dir", None)
-        self.hits: list[dict[str, Any]] = []
+        self.hits = Calibration()
         self.after_blind = 0
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -82,7 +95,8 @@ class _Peek:
         entry = self.cache.get_entry(key)
         if entry is None:
             return None
-        self.hits.append(entry)
+        usage = entry["response"]["usage"]
+        self.hits.add(_chars(entry["request"].get("messages") or []), usage["prompt_tokens"], usage["completion_tokens"])
         return entry["response"]
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
@@ -155,15 +169,15 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     run(askers)
     fc = Forecast(name, cfg.method, "+".join(sorted({role.teacher or role.path or "?" for role in rs.values()})))
     for r, role in rs.items():
-        asker, asked = askers[r], stand_ins[r].asked
+        asker, asked = askers[r], stand_ins[r]
         fc.cached += asker.cached
         fc.new += asker.new
-        fc.estimated += sum(MARK in json.dumps(q) for q in asked)
+        fc.estimated += asked.estimated
         fc.approximate = fc.approximate or peeks[r].after_blind > 0
         if note := identities[r][1]:
             fc.approximate = True
             fc.notes.append(note)
-        prompt, completion = _tokens(asked, peeks[r].hits, params, role.teacher, root)
+        prompt, completion = _tokens(asker.new, asked.chars, asked.caps, peeks[r].hits, params, role.teacher, root)
         fc.prompt_tokens += prompt
         fc.completion_tokens += completion
         cost = cost_of(params, role.teacher, prompt, completion) if role.teacher else 0.0  # a reward model is yours
@@ -173,9 +187,48 @@ def forecast(name: str, params: Params, root: Path, cache: Any, run: Any, data_d
     return fc
 
 
-def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], params: Params, teacher: str | None,
+def planned(name: str, params: Params, root: Path, cache: Any, prompt: Prompt, items: Iterable[Any],
+            render: Callable[[Asker, Any], Call], values: Callable[[Any], tuple[int, tuple[str, ...]]],
+            spool: bool) -> tuple[Forecast, Plan]:
+    """The forecast of a method whose requests do not depend on answers (labeling): its items planned once
+    (kd.runtime.plan), exact. `values(item)`: its sample index and the values its template gets, for the render
+    memo (kd.cache.renders): an unchanged item is not rendered again. `spool`: keep the uncached requests for
+    the build to send (and write the memo); the build then reuses this pass instead of rendering and reading
+    the cache again."""
+    cfg = params.datasets[name]
+    role = roles(cfg)["teacher"]
+    identity, note = _identity(role, params, root, getattr(cache, "dir", None))
+    asker = Asker(_StandIn(identity, _Blind()), cache, name)  # renders only: `call` needs the identity
+    prefix = memo_prefix(prompt.provenance(), identity, cfg.sampling.model_dump())
+
+    def memo_of(item: Any) -> bytes:
+        sample, vals = values(item)
+        return memo_key(prefix, sample, vals)
+
+    memo = RenderMemo(cache.dir, writable=spool) if getattr(cache, "dir", None) is not None else None
+    plan = Plan(cache, identity, lambda item: render(asker, item), memo_of, memo, spool)
+    try:
+        for item in items:
+            plan.add(item)
+        plan.close()
+    except BaseException:
+        plan.discard()
+        raise
+    fc = Forecast(name, cfg.method, role.teacher or "?", requests=plan.cached + plan.new, cached=plan.cached,
+                  new=plan.new)
+    if note:
+        fc.approximate = True
+        fc.notes.append(note)
+    fc.prompt_tokens, fc.completion_tokens = _tokens(plan.new, plan.new_chars, plan.new_caps, plan.hits, params,
+                                                     role.teacher, root)
+    fc.cost = cost_of(params, role.teacher, fc.prompt_tokens, fc.completion_tokens)
+    return fc, plan
+
+
+def _tokens(asked: int, chars: int, caps: dict[int, int], hits: Calibration, params: Params, teacher: str | None,
             root: Path) -> tuple[int, int]:
-    """Estimated (prompt, completion) tokens of the requests a role would send.
+    """Estimated (prompt, completion) tokens of the `asked` requests a role would send, from their prompt
+    characters and their max_tokens.
 
     The evidence is what the stage itself will see when it prints this forecast: this forecast's cache hits,
     not the dataset's last build (DVC deletes it before the stage runs, so `kd status` and the stage would
@@ -183,30 +236,15 @@ def _tokens(asked: list[dict[str, Any]], hits: list[dict[str, Any]], params: Par
     """
     if not asked:
         return 0, 0
-    per_token, completion = _calibration(hits, params, teacher, root)
-    prompt_tokens = completion_tokens = 0
-    for q in asked:
-        prompt_tokens += round((_chars(q.get("messages") or []) + len(q.get("completion") or "")) / per_token)
-        if "sampling" in q:  # scoring requests (log-likelihood, reward) generate nothing
-            cap = q["sampling"]["max_tokens"]
-            completion_tokens += round(min(completion, cap) if completion is not None else cap / 2)
-    return prompt_tokens, completion_tokens
+    per_token = hits.chars_per_token() or _tokenizer_ratio(params, teacher, root)
+    completion = hits.mean_completion()
+    completion_tokens = sum(n * round(min(completion, cap) if completion is not None else cap / 2)
+                            for cap, n in caps.items())
+    return round(chars / per_token), completion_tokens
 
 
 def _chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(m.get("content", "")) for m in messages)
-
-
-def _calibration(hits: list[dict[str, Any]], params: Params, teacher: str | None,
-                 root: Path) -> tuple[float, float | None]:
-    """(characters per prompt token, mean completion tokens) from the cached answers of the same dataset (the
-    teacher's own token counts, chat template included); else the local teacher's tokenizer, or 4 characters
-    a token, and no completion evidence."""
-    usage = [(_chars(h["request"].get("messages") or []), h["response"].get("usage") or {}) for h in hits]
-    prompt = [(c, u.get("prompt_tokens", 0)) for c, u in usage if c and u.get("prompt_tokens")]
-    completion = [u["completion_tokens"] for _, u in usage if "completion_tokens" in u]
-    per_token = sum(c for c, _ in prompt) / sum(t for _, t in prompt) if prompt else _tokenizer_ratio(params, teacher, root)
-    return per_token, (sum(completion) / len(completion) if completion else None)
 
 
 def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) -> tuple[dict[str, Any], str | None]:
@@ -235,28 +273,10 @@ def _identity(role: Role, params: Params, root: Path, cache_dir: Path | None) ->
 
 
 def _cached_identities(cache_dir: Path | None, shape: dict[str, Any]) -> list[dict[str, Any]]:
-    """Distinct teacher identities in the request cache that match `shape` in everything but the digest.
-
-    Reading every entry costs ≈0.15 ms each; entries are immutable (the name is the content's key), so one
-    `kd status` reuses the answer for each later stage while the set of names is unchanged."""
-    paths = sorted(cache_dir.glob("*/*.json")) if cache_dir is not None and cache_dir.is_dir() else []
-    memo_key = (str(cache_dir), json.dumps(shape, sort_keys=True))
-    names = tuple(p.name for p in paths)
-    if memo_key in _SCANNED and _SCANNED[memo_key][0] == names:
-        return _SCANNED[memo_key][1]
-    found: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        try:
-            identity = json.loads(path.read_bytes())["request"]["teacher"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a damaged entry answers nothing; `kd cache verify` reports it
-        if isinstance(identity, dict) and all(identity.get(k) == v for k, v in shape.items()):
-            found[json.dumps(identity, sort_keys=True)] = identity
-    _SCANNED[memo_key] = (names, list(found.values()))
-    return _SCANNED[memo_key][1]
-
-
-_SCANNED: dict[tuple[str, str], tuple[tuple[str, ...], list[dict[str, Any]]]] = {}
+    """Distinct teacher identities in the request cache that match `shape` in everything but the digest (from the
+    cache's teacher column: no entry is read)."""
+    known = RequestCache(cache_dir).teachers() if cache_dir is not None else []
+    return [i for i in known if isinstance(i, dict) and all(i.get(k) == v for k, v in shape.items())]
 
 
 def _tokenizer_ratio(params: Params, teacher: str | None, root: Path) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -74,27 +74,51 @@ class Asker:
             else:
                 answers[key] = hit
         self.cached += len(unique) - len(misses)
-        if misses:
-            self.cache.ensure_writable()  # a read-only cache fails here, before any answer is paid for and lost
-            progress = Progress(f"{self.label}: teacher", len(misses), self.price())
-
-            def on_result(key: str, response: dict[str, Any]) -> None:
-                answers[key] = response
-                if not is_refused(response):  # a refusal is about this request only: recomputed next run
-                    self.cache.put(key, unique[key].request, response)
-                    self.new += 1
-                    for k, v in response["usage"].items():
-                        self.new_usage[k] = self.new_usage.get(k, 0) + v
-                progress.update(self.new_usage)
-
-            try:
-                self.teacher.generate(misses, on_result)
-            finally:
-                progress.close()
+        answers.update(self.send(misses, len(misses), keep_all=True))
         for key in unique:
-            for k, v in answers[key]["usage"].items():
-                self.usage[k] = self.usage.get(k, 0) + v
+            self.count(answers[key])
         return answers
+
+    def send(self, misses: Iterable[tuple[str, dict[str, Any]]], total: int,
+             keep_all: bool = False) -> dict[str, dict[str, Any]]:
+        """Ask the teacher `total` uncached requests, persisting each answer as it arrives. Returns every answer
+        (`keep_all`) or only those the cache does not keep (refusals): a streamed stage reads the rest back."""
+        kept: dict[str, dict[str, Any]] = {}
+        if not total:
+            return kept
+        self.cache.ensure_writable()  # a read-only cache fails here, before any answer is paid for and lost
+        progress = Progress(f"{self.label}: teacher", total, self.price())
+
+        def on_result(key: str, response: dict[str, Any]) -> None:
+            request = requests.pop(key)
+            if is_refused(response):  # a refusal is about this request only: recomputed next run
+                kept[key] = response
+            else:
+                self.cache.put(key, request, response)
+                if keep_all:
+                    kept[key] = response
+                self.new += 1
+                for k, v in response["usage"].items():
+                    self.new_usage[k] = self.new_usage.get(k, 0) + v
+            progress.update(self.new_usage)
+
+        requests: dict[str, dict[str, Any]] = {}  # taken by the teacher, not answered yet: a bounded number
+
+        def tracked() -> Iterator[tuple[str, dict[str, Any]]]:
+            for key, request in misses:
+                requests[key] = request
+                yield key, request
+
+        try:
+            self.teacher.generate(tracked(), on_result)
+        finally:
+            progress.close()
+        return kept
+
+    def count(self, response: dict[str, Any]) -> None:
+        """Add one distinct request's answer to the usage of every request that built the dataset."""
+        for k, v in response["usage"].items():
+            self.usage[k] = self.usage.get(k, 0) + v
 
     def price(self) -> Price | None:
         """The teacher's price from its params as billed in its mode, when it has one (a reward-model scorer has none)."""

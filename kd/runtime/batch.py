@@ -23,6 +23,7 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class BatchTeacher:
     def identity(self) -> dict[str, Any]:
         return self.online.identity
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        items = list(items)  # sorted into batches by length: all of them at once
         if not items:
             return
         wanted = dict(items)

@@ -9,6 +9,7 @@ weights load (kd.runtime.refusals), not generated for minutes past the positions
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ class LocalTeacher:
             self._context = next((int(n) for n in sizes if isinstance(n, int) and n > 0), 0)
         return self._context
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        items = list(items)  # sorted into batches by length: all of them at once
         if not items:
             return
         tok = self.tokenizer()

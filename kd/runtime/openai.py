@@ -20,6 +20,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -75,43 +76,43 @@ class OpenAITeacher:
     def identity(self) -> dict[str, Any]:
         return identity(self.cfg)
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
-        if items:
-            asyncio.run(self._run(items, on_result, lambda key, request: ("chat/completions",
-                                                                          self.body(key, request), parse_completion)))
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        asyncio.run(self._run(items, on_result, lambda key, request: ("chat/completions",
+                                                                      self.body(key, request), parse_completion)))
 
     def headers(self) -> dict[str, str]:
         """The request headers: the key, when the params name one (never logged, never in an error)."""
         return {"Authorization": f"Bearer {self._key.get_secret_value()}"} if self._key else {}
 
-    def complete(self, items: list[tuple[str, dict[str, Any]]], parse: Any, on_result: Any) -> None:
+    def complete(self, items: Iterable[tuple[str, dict[str, Any]]], parse: Any, on_result: Any) -> None:
         """POST each (key, body) to `completions` (vLLM's prompt log-probs) with the same concurrency, retries and
         per-record refusals as chat; `parse(key, content, endpoint)` raises ValueError on a body it cannot use."""
-        if items:
-            asyncio.run(self._run(items, on_result, lambda key, body: (
+        asyncio.run(self._run(items, on_result, lambda key, body: (
                 "completions", {"model": self.cfg.model, **body}, lambda content, at: parse(key, content, at))))
 
-    async def _run(self, items: list[tuple[str, dict[str, Any]]], on_result: Any, prepare: Any) -> None:
-        """`prepare(key, request)` gives (path, body, parse) when the request's turn comes."""
+    async def _run(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any, prepare: Any) -> None:
+        """`prepare(key, request)` gives (path, body, parse) when the request's turn comes.
+
+        `concurrency` workers take requests from `items` one at a time as they finish the last, so what is held
+        is bounded by the concurrency, not by the number of requests (a 1M-request stage once made 1M tasks)."""
         headers = self.headers()
         limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
-        sem = asyncio.Semaphore(self.cfg.concurrency)
+        todo = iter(items)
         async with httpx.AsyncClient(base_url=self.cfg.base_url.rstrip("/") + "/", headers=headers, limits=limits,
                                      timeout=httpx.Timeout(self.cfg.timeout_s)) as client:
 
-            async def one(key: str, request: dict[str, Any]) -> None:
-                async with sem:
-                    response = await self._ask(client, *prepare(key, request))
-                on_result(key, response)
+            async def worker() -> None:
+                for key, request in todo:  # one shared iterator: each request goes to exactly one worker
+                    on_result(key, await self._ask(client, *prepare(key, request)))
 
-            tasks = [asyncio.create_task(one(k, r)) for k, r in items]
+            workers = [asyncio.create_task(worker()) for _ in range(self.cfg.concurrency)]
             try:
-                for done in asyncio.as_completed(tasks):
+                for done in asyncio.as_completed(workers):
                     await done  # the first request that fails for good stops the stage; answers so far are kept
             finally:
-                for t in tasks:
+                for t in workers:
                     t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*workers, return_exceptions=True)
 
     def body(self, key: str, request: dict[str, Any]) -> dict[str, Any]:
         s = request["sampling"]

@@ -5,6 +5,7 @@ entries (requests with `"kind"`), so kd.runtime.ask counts and caches them like 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ class LoglikScorer:
     def identity(self) -> dict[str, Any]:
         return self.teacher.identity
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        items = list(items)  # sorted into batches by length: all of them at once
         if not items:
             return
         model, tok = self.teacher.loaded()
@@ -244,7 +246,8 @@ class RewardScorer:
             self._identity = reward_identity(self.path)
         return self._identity
 
-    def generate(self, items: list[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+    def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
+        items = list(items)  # sorted into batches by length: all of them at once
         if not items:
             return
         if self._model is None:

@@ -1,7 +1,8 @@
 """Teachers: one small interface over two backends.
 
 A teacher has an `identity` (what the cache key and provenance record about it) and
-`generate(items, on_result)`: it answers `(key, request)` pairs and calls `on_result(key, response)` as
+`generate(items, on_result)`: it answers `(key, request)` pairs (an iterable: a streamed stage hands them
+over as they are read back, so a server backend takes only as many as it has in flight) and calls `on_result(key, response)` as
 each answer arrives, so the caller can persist it at once. A response is
 `{"text": str, "finish_reason": "stop" | "length", "usage": {"prompt_tokens": int, "completion_tokens": int}}`,
 plus, from a server, `served_by: {"endpoint", "model"}` (who answered; provenance, not part of any key).
@@ -10,6 +11,7 @@ A request that cannot be answered after the allowed attempts raises `TeacherErro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +32,7 @@ class Teacher(Protocol):
     @property
     def identity(self) -> dict[str, Any]: ...
 
-    def generate(self, items: list[Item], on_result: Any) -> None: ...
+    def generate(self, items: Iterable[Item], on_result: Any) -> None: ...
 
 
 def make_teacher(name: str, cfg: LocalConfig | OpenAIConfig, root: Path) -> Teacher:

@@ -126,6 +126,19 @@ def measure(root: Path, cmd: list[str], keep: dict[str, str] | None = None) -> d
             if stdout.strip() else ""}
 
 
+def edit_row(path: Path, n: int) -> None:
+    """Change row n's instruction, streaming: this process must not grow (a child's peak RSS as wait4 reports it
+    starts from the size of the process that forked it)."""
+    with open(path, encoding="utf-8") as f, open(path.with_suffix(".tmp"), "w", encoding="utf-8") as out:
+        for i, line in enumerate(f):
+            if i == n:
+                row = json.loads(line)
+                row["instruction"] = row["instruction"][:-8] + " (edited)"
+                line = json.dumps(row) + "\n"
+            out.write(line)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def disk_bytes(path: Path) -> tuple[int, int]:
     """(bytes allocated on disk, bytes of content) under `path`."""
     allocated = content = 0
@@ -223,12 +236,7 @@ def one_size(base: Path, n: int, url: str, http: bool) -> dict[str, Any]:
     run(root, ["dvc", "commit", "-f", "-q"])
     run(root, ["git", "add", "-A"])
     run(root, ["git", "commit", "-q", "-m", "built"])
-    lines = (root / "seeds/big.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    row = json.loads(lines[n // 2])
-    row["instruction"] = row["instruction"][:-8] + " (edited)"
-    lines[n // 2] = json.dumps(row) + "\n"
-    (root / "seeds/big.jsonl").write_text("".join(lines), encoding="utf-8")
-    del lines
+    edit_row(root / "seeds/big.jsonl", n // 2)
     said: dict[str, str] = {}
     status = measure(root, ["kd", "status", "--json"], said)
     forecast = next(s["forecast"] for s in json.loads(said["stdout"])["stages"] if s["stage"] == "qa")

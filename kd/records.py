@@ -312,20 +312,26 @@ def restore_hint(out_dir: Path) -> str:
 def dataset_problems(manifest: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     """What differs between a dataset's records and its manifest: count, fingerprint (over the ids in file order),
     and each record's id against its content. Empty when the records are the ones the manifest names."""
+    problems = _totals_problems(manifest, len(records), fingerprint(str(r.get("id")) for r in records))
+    bad = next((p for n, rec in enumerate(records, 1) if (p := _id_problem(n, rec))), None)
+    return problems + ([bad] if bad else [])
+
+
+def _totals_problems(manifest: dict[str, Any], count: int, print_: str) -> list[str]:
     problems = []
-    if len(records) != manifest["records"]:
-        problems.append(f"{manifest['files']['records']} holds {len(records)} records, "
-                        f"{MANIFEST_FILE} says {manifest['records']}")
-    ids = [str(r.get("id")) for r in records]
-    if fingerprint(ids) != manifest["fingerprint"]:
-        problems.append(f"the record ids give fingerprint {fingerprint(ids)[:12]}, {MANIFEST_FILE} says "
+    if count != manifest["records"]:
+        problems.append(f"{manifest['files']['records']} holds {count} records, {MANIFEST_FILE} says "
+                        f"{manifest['records']}")
+    if print_ != manifest["fingerprint"]:
+        problems.append(f"the record ids give fingerprint {print_[:12]}, {MANIFEST_FILE} says "
                         f"{str(manifest['fingerprint'])[:12]}")
-    for n, rec in enumerate(records, 1):
-        if rec.get("id") != content_id(rec):
-            problems.append(f"record {n} ({str(rec.get('id'))[:12]}): its id is not the hash of its content "
-                            f"(edited by hand?)")
-            break
     return problems
+
+
+def _id_problem(n: int, rec: dict[str, Any]) -> str | None:
+    if rec.get("id") != content_id(rec):
+        return f"record {n} ({str(rec.get('id'))[:12]}): its id is not the hash of its content (edited by hand?)"
+    return None
 
 
 def read_dataset(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -349,17 +355,10 @@ def iter_dataset(out_dir: Path) -> Iterator[dict[str, Any]]:
     manifest = read_manifest(out_dir)
     ids, count = hashlib.sha256(), 0
     for rec in iter_jsonl(out_dir / manifest["files"]["records"]):
-        if rec.get("id") != content_id(rec):
-            raise KdError(f"{out_dir}: damaged: record {count + 1} ({str(rec.get('id'))[:12]}): its id is not the hash "
-                          f"of its content (edited by hand?); {restore_hint(out_dir)}")
+        if problem := _id_problem(count + 1, rec):
+            raise KdError(f"{out_dir}: damaged: {problem}; {restore_hint(out_dir)}")
         ids.update((("\n" if count else "") + str(rec["id"])).encode())
         count += 1
         yield rec
-    if count != manifest["records"]:
-        problem = f"{manifest['files']['records']} holds {count} records, {MANIFEST_FILE} says {manifest['records']}"
-    elif ids.hexdigest() != manifest["fingerprint"]:
-        problem = (f"the record ids give fingerprint {ids.hexdigest()[:12]}, {MANIFEST_FILE} says "
-                   f"{str(manifest['fingerprint'])[:12]}")
-    else:
-        return
-    raise KdError(f"{out_dir}: damaged: {problem}; {restore_hint(out_dir)}")
+    if problems := _totals_problems(manifest, count, ids.hexdigest()):
+        raise KdError(f"{out_dir}: damaged: {problems[0]}; {restore_hint(out_dir)}")

@@ -10,7 +10,7 @@ import pytest
 from kd.cli.main import main
 from kd.distill.envelope import read_training_data
 from kd.errors import KdError
-from kd.records import MANIFEST_FILE, RECORDS_FILE, read_dataset, write_dataset
+from kd.records import MANIFEST_FILE, RECORDS_FILE, iter_dataset, read_dataset, write_dataset
 
 
 def rec(i: int) -> dict:
@@ -41,6 +41,8 @@ def test_truncated_records_stop_every_reader(project: Path) -> None:
     assert "dvc checkout data/sft" in msg and "dvc repro -f sft" in msg
     with pytest.raises(KdError, match="12 records"):
         read_training_data(project, ["sft"])  # what a student trains on
+    with pytest.raises(KdError, match="12 records.*says 16"):
+        list(iter_dataset(project / "data/sft"))  # what a streamed stage reads its inputs through
 
 
 # Bug: reordered or hand-edited records passed as the dataset the manifest fingerprints.
@@ -50,11 +52,15 @@ def test_reordered_or_edited_records_are_refused(project: Path) -> None:
     path.write_text("".join([lines[1], lines[0], *lines[2:]]))
     with pytest.raises(KdError, match="fingerprint"):
         read_dataset(project / "data/sft")
+    with pytest.raises(KdError, match="fingerprint"):
+        list(iter_dataset(project / "data/sft"))
     row = json.loads(lines[3])
     row["completion"][0]["content"] = "edited"
     path.write_text("".join([*lines[:3], json.dumps(row, sort_keys=True) + "\n", *lines[4:]]))
     with pytest.raises(KdError, match=r"record 4 .*not the hash of its content"):
         read_dataset(project / "data/sft")
+    with pytest.raises(KdError, match=r"record 4 .*not the hash of its content"):
+        list(iter_dataset(project / "data/sft"))
 
 
 # Bug: `kd show` printed the manifest's 16 records for a 12-record file, as if whole.

@@ -56,7 +56,7 @@ class BatchTeacher:
         return self.online.identity
 
     def generate(self, items: Iterable[tuple[str, dict[str, Any]]], on_result: Any) -> None:
-        items = list(items)  # sorted into batches by length: all of them at once
+        items = list(items)  # one batch file holds them all
         if not items:
             return
         wanted = dict(items)

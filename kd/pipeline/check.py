@@ -15,7 +15,7 @@ import yaml
 from kd.config import Dataset, Labeling, LocalTeacher, Params, load_params
 from kd.config.students import FromConfig, FromTeacher
 from kd.elicit import curation, expansion, labeling
-from kd.elicit.common import load_inputs
+from kd.elicit.common import iter_inputs
 from kd.errors import KdError
 from kd.paths import DATA_DIR, DVC_FILE, under
 from kd.pipeline.spec import dataset_reads, differences, dvc_data
@@ -76,7 +76,10 @@ def render_samples(cfg: Dataset, root: Path) -> None:
             judge_prompt = load_prompt(root, judge.template, judges.RUBRIC_VARIABLES if rubric
                                        else judges.PAIRWISE_VARIABLES) if judged else None
             for source in (s for s in cfg.inputs if s.seeds is not None):
-                for n, x in enumerate(load_inputs(root, source, root / DATA_DIR)[:SAMPLE_ROWS], 1):
+                # every row is read (and checked: fields, duplicate ids), one at a time; the first few rendered
+                for n, x in enumerate(iter_inputs(root, source, root / DATA_DIR), 1):
+                    if n > SAMPLE_ROWS:
+                        continue
                     where = f"{source.seeds} row {n}"
                     prompt.render(where, instruction=x.text, category=x.category)
                     if judge_prompt is not None and rubric:

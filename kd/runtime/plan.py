@@ -58,7 +58,6 @@ class Plan:
     memo: Any = None  # kd.cache.renders.RenderMemo
     spool_misses: bool = True  # a forecast alone (`kd status`) keeps no requests
     calls: int = 0
-    rendered: int = 0
     cached: int = 0
     new: int = 0
     cached_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
@@ -87,10 +86,6 @@ class Plan:
             self._spool.flush()
         return self
 
-    def _call(self, item: Any) -> Call:
-        self.rendered += 1
-        return self.render(item)
-
     def _flush(self) -> None:
         items, self._pending = self._pending, []
         memos = [self.memo_of(it) for it in items] if self.memo_of is not None and self.memo is not None else None
@@ -100,7 +95,7 @@ class Plan:
         for i, item in enumerate(items):
             key = known.get(memos[i]) if memos is not None else None
             if key is None:
-                rendered[i] = call = self._call(item)
+                rendered[i] = call = self.render(item)
                 key = call.key
                 if memos is not None:
                     self.memo.add(memos[i], key)
@@ -123,7 +118,7 @@ class Plan:
                 self.cached_usage["completion_tokens"] += completion_tokens
                 self.hits.add(chars, prompt_tokens, completion_tokens)
                 continue
-            call = rendered.get(i) or self._call(items[i])  # known from the memo, but it must be sent: render it
+            call = rendered.get(i) or self.render(items[i])  # known from the memo, but it must be sent: render it
             assert call.key == key, "the render memo named another request than the template renders"
             self.new += 1
             self.new_chars += sum(len(m.get("content", "")) for m in call.request.get("messages") or [])

@@ -8,6 +8,7 @@ dvc.yaml against the stage graph params.yaml gives (kd.pipeline.spec).
 from __future__ import annotations
 
 import sys
+from collections import deque
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,7 @@ from kd.errors import KdError
 from kd.paths import DATA_DIR, DVC_FILE, under
 from kd.pipeline.spec import dataset_reads, differences, dvc_data
 from kd.prompts import load_prompt
-from kd.records import load_seeds
+from kd.records import iter_seeds, load_seeds
 from kd.runtime import judges
 from kd.runtime.models import trusted_code
 
@@ -125,7 +126,7 @@ def validate(root: Path) -> tuple[Params, set[str]]:
             reads = dataset_reads(name, cfg, params, root)
             templates |= set(reads["templates"])
             for f in reads["seeds"]:
-                load_seeds(root, f, ())
+                deque(iter_seeds(root, f, ()), maxlen=0)  # every row checked, none held: a seed file may be huge
             render_samples(cfg, root)
         except KdError as e:
             problems.append(f"datasets.{name}: {e}")

@@ -35,7 +35,7 @@ SECRET_VALUE = re.compile(r"(?<![A-Za-z0-9])(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-
 # The user:password@ (or token@) part of a URL anywhere in a text.
 USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@?#]+@")
 # `name=value` in a query string, for redaction in free text.
-QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
+QUERY_PARAM = re.compile(r"(?P<sep>[?&;#])(?P<name>[^=&#;?\s]+)=(?P<value>[^&#;\s]*)")
 # What a key typed where a variable *name* belongs looks like: a long run of letters and digits with both in it
 # (a 64-hex token, a base62 key), besides the shapes above. Variable names are words joined by underscores.
 KEY_LIKE = re.compile(r"[0-9a-fA-F]{32,}|(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{32,}")
@@ -92,39 +92,39 @@ def redact(text: str) -> str:
     names the thing (`http://***@host/v1`)."""
     text = SECRET_VALUE.sub(REDACTED, scrub_known(text))
     text = USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}" if SECRET_QUERY.search(m["name"])
+    return QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}" if SECRET_QUERY.search(unquote(m["name"]))
                            and m["value"] else m[0], text)
 
 
 # Known values shorter than this are placeholders (`EMPTY`, `none`: what keyless vLLM/Ollama servers take), not
 # secrets; scrubbing them would rewrite ordinary words in answers.
 MIN_KNOWN_CHARS = 8
-_known: dict[str, tuple[str, set[str]]] = {}  # secret value -> (regex matching it in any encoding, its first chars)
-_known_re: list[re.Pattern[str]] = []  # all of them in one pattern (longest first); empty: nothing known
+_known: dict[str, re.Pattern[str]] = {}  # secret value -> the regex matching it in any encoding
 
 
 def remember(value: str) -> None:
     """From now on, scrub `value` (a key read from the environment) from everything `redact`/`scrub_known` see.
 
     A process-wide set on purpose: a message may reach the terminal far from the object that holds the key
-    (kd.stage prints any KdError), and it must be scrubbed there too."""
+    (kd.stage prints any KdError), and it must be scrubbed there too. One pattern per key (~10 ms to compile):
+    a process holds a key or two."""
     if len(value) < MIN_KNOWN_CHARS or value in _known:
         return
-    _known[value] = _encodings(value)
-    firsts = "".join(sorted(set().union(*(f for _, f in _known.values()))))
+    source, firsts = _encodings(value)
     # the lookahead on the possible first characters makes a miss cheap: ~20 µs for a 1 KB answer, not ~40
-    _known_re[:] = [re.compile(f"(?=[{re.escape(firsts)}])(?:"
-                               + "|".join(_known[v][0] for v in sorted(_known, key=len, reverse=True)) + ")")]
+    _known[value] = re.compile(f"(?=[{re.escape(''.join(sorted(firsts)))}])(?:{source})")
 
 
 def scrub_known(text: str) -> str:
     """`text` with every remembered key replaced by `***`, in whatever encoding (see the module docstring)."""
-    return _known_re[0].sub(REDACTED, text) if _known_re and text else text
+    for pattern in _known.values():
+        text = pattern.sub(REDACTED, text)
+    return text
 
 
 def scrub_known_bytes(data: bytes) -> bytes:
     """`scrub_known` for a body of bytes; the same object back when nothing was found (answers stay byte-exact)."""
-    if not _known_re or not data:
+    if not _known or not data:
         return data
     text = data.decode("utf-8", "surrogateescape")
     scrubbed = scrub_known(text)

@@ -191,10 +191,9 @@ class OpenAITeacher:
 
     def checked(self, answer: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         """A chat answer far beyond `max_tokens` becomes the rejection `oversized_answer`; a bad usage note warns."""
-        if note := answer.get("usage_note"):
-            if not self.warned_usage:
-                self.warned_usage = True
-                print(f"kd: warning: teacher '{self.name}' ({self.endpoint}): {self.scrub(note, 200)}", file=sys.stderr)
+        if (note := answer.get("usage_note")) and not self.warned_usage:
+            self.warned_usage = True
+            print(f"kd: warning: teacher '{self.name}' ({self.endpoint}): {self.scrub(note, 200)}", file=sys.stderr)
         text = answer.get("text")
         limit = OVERSIZE_CHARS_PER_TOKEN * int(body.get("max_tokens") or 0)
         if "messages" in body and isinstance(text, str) and limit and len(text) > limit:

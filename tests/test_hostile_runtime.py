@@ -387,3 +387,23 @@ def test_oversized_answers_are_rejections_and_bodies_are_bounded(tmp_path: Path)
             pytest.raises(TeacherError) as err:  # a 30 MB 401 body
         ask_once(server)
     assert len(str(err.value)) < 600 and "HTTP 401" in str(err.value)
+
+
+# Regression (issue 19 item 16): through the Batch API too, an answer far beyond max_tokens was kept.
+def test_oversized_batch_answers_are_rejections(tmp_path: Path) -> None:
+    from kd.runtime.batch import BatchTeacher
+
+    with FakeOpenAI(answer=lambda m: "x" * (32 * 64 + 1) if "0" in m[-1]["content"] else "fine") as server:
+        server.batch_polls = 0
+        cfg = OpenAIConfig(backend="openai", base_url=server.url, model="fake", api_key_env=None, mode="batch",
+                           poll_s=0.01, poll_max_s=0.01, backoff_s=0.01)
+        teacher = BatchTeacher("fake", cfg, tmp_path)
+        items = []
+        for i in range(2):
+            request = {"backend": "openai", "teacher": teacher.identity,
+                       "messages": [{"role": "user", "content": f"question {i}"}],
+                       "sampling": Sampling(max_tokens=64).model_dump(), "sample_index": 0, "response_format": None}
+            items.append((request_key(request), request))
+        answers: dict[str, dict[str, Any]] = {}
+        teacher.generate(items, answers.__setitem__)
+    assert [answers[k]["finish_reason"] for k, _ in items] == ["oversized_answer", "stop"]

@@ -16,6 +16,7 @@ from typing import Any
 from kd import __version__
 from kd.errors import KdError
 from kd.paths import DATA_DIR
+from kd.secrets import scrub_known
 
 RECORDS_FILE = "records.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -144,7 +145,8 @@ class DatasetWriter:
         return record["id"]
 
     def reject(self, row: dict[str, Any]) -> None:
-        self.rejected.append((row["reason"], canonical_json(row)))
+        # a server's words are scrubbed where they arrive (kd.runtime.openai); this is the last gate before a DVC output
+        self.rejected.append((row["reason"], scrub_known(canonical_json(row))))
 
     def close(self, templates: dict[str, str], teacher: dict[str, Any] | None, extra: dict[str, Any] | None = None,
               card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:

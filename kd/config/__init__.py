@@ -33,7 +33,7 @@ __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expa
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "Tracking", "billed_price", "dataset_config",
            "dataset_inputs",
-           "dataset_teachers", "load_params", "PARAMS_STAGE"]
+           "dataset_teachers", "load_params", "PARAMS_STAGE", "STAGE_NAMES"]
 
 PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)
 STAGE_NAMES = (PARAMS_STAGE, "teacher", "evaluate")  # stages of their own: no dataset or model may take the name

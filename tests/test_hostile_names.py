@@ -3,12 +3,15 @@ integers and deep nesting in params.yaml; deep seed rows. Each is one line, exit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import re
 import shlex
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,15 +51,20 @@ def files(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
+SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the fuzz test writes params.yaml ~70 times
+
+
 def params_with(project: Path, section: str, name: str) -> None:
-    """params.yaml with one more entry under `name` in `section`, its value a valid copy of a shipped entry."""
-    data = yaml.safe_load((project / "params.yaml").read_text())
+    """The shipped params.yaml with one more entry under `name` in `section`, its value a valid copy of a shipped
+    entry."""
+    data = copy.deepcopy(SHIPPED)
     if section == "reward_models":
         value = {"init": {"kind": "from_pretrained", "path": "models/student_sft"}, "datasets": ["sft"]}
     else:
         value = copy.deepcopy(next(iter(data[section].values())))
     data.setdefault(section, {})[name] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    (project / "params.yaml").write_text(yaml.dump(data, Dumper=DUMPER, sort_keys=False, allow_unicode=True))
 
 
 def refusal(project: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
@@ -73,13 +81,10 @@ def test_fuzz_hostile_names_are_refused_in_one_line_and_nothing_is_written(tmp_p
     project = tmp_path / "p"  # what params validation reads: params.yaml, templates, seeds
     for d in ("prompts", "seeds"):
         shutil.copytree(REPO / d, project / d)
-    shutil.copy(REPO / "params.yaml", project / "params.yaml")
-    params = (project / "params.yaml").read_text()
-    cases = [(SECTIONS[i % len(SECTIONS)], name) for i, name in enumerate(FIXED + generated(24))]
+    cases = [(SECTIONS[i % len(SECTIONS)], name) for i, name in enumerate(FIXED + generated(16))]
     cases += [(section, name) for section in SECTIONS[1:] for name in RESERVED]  # teacher names make no stage
-    cases += [(section, name) for section in SECTIONS for name in ("sft2;touch PWNED", "../prompts")]
+    cases += [(section, "sft2;touch PWNED") for section in SECTIONS]
     for section, name in cases:
-        (project / "params.yaml").write_text(params)
         params_with(project, section, name)
         before = files(project)
         with pytest.raises(KdError) as e:
@@ -90,22 +95,12 @@ def test_fuzz_hostile_names_are_refused_in_one_line_and_nothing_is_written(tmp_p
         assert "not a name" in lines[0] or name in RESERVED or "secret" in lines[0], (section, name, lines)
         assert files(project) == before
     for name in ("sft2;touch PWNED", "../prompts", "a\x1b]0;title\x07"):  # through the CLI: exit 2, one line
-        (project / "params.yaml").write_text(params)
         params_with(project, "datasets", name)
         before = files(project)
         for argv in (("check",), ("pipeline", "--write")):
             err = refusal(project, capsys, *argv)
             assert len(err) == 1 and err[0].startswith("kd: error: params.yaml: datasets.") and err[0].isprintable()
         assert files(project) == before
-
-
-def test_names_of_the_shipped_profiles_follow_the_rule():
-    # the rule must not refuse any shipped name (all are lower_snake_case)
-    for f in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
-        data = yaml.safe_load(f.read_text())
-        for section in SECTIONS:
-            for name in data.get(section) or {}:
-                assert config_base.is_name(name), (f.name, section, name)
 
 
 def test_a_dataset_and_a_student_of_one_name_are_refused(project):
@@ -134,13 +129,12 @@ def test_hostile_names_that_get_past_validation_are_still_quoted_and_kept_inside
     assert shlex.split(graph[ds].cmd) == ["python", "stages/labeling.py", ds]
     assert shlex.split(graph[st].cmd) == ["python", "stages/student.py", st]
     assert graph["sft"].cmd == "python stages/labeling.py sft"  # a plain name is not quoted: dvc.lock stays
-    for name in ("../prompts", "x/../../victim"):
-        small_params(project, {name: sft}, {})
-        with pytest.raises(KdError) as e:
-            stages(load_params(project), project)
-        assert str(e.value).splitlines() == [f"dvc.yaml: stage {name}: out data/{name} leads out of its place in the "
-                                             f"project (`..`, an absolute path, a symlink leading out); DVC deletes a "
-                                             f"stage's outs before it runs"]
+    small_params(project, {"../prompts": sft}, {})
+    with pytest.raises(KdError) as e:
+        stages(load_params(project), project)
+    assert str(e.value).splitlines() == ["dvc.yaml: stage ../prompts: out data/../prompts leads out of its place in the "
+                                         "project (`..`, an absolute path, a symlink leading out); DVC deletes a "
+                                         "stage's outs before it runs"]
 
 
 def test_an_out_outside_the_project_is_refused_before_dvc_yaml_is_written(project, capsys):
@@ -169,6 +163,20 @@ def test_an_out_through_a_symlink_leading_out_is_refused(project, tmp_path):
         stages(load_params(project), project)
 
 
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after `seconds` (the work under test is pure Python: it is interrupted)."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def bomb(levels: int) -> str:
     lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]" for i in range(1, levels)]
@@ -187,21 +195,10 @@ def test_alias_bombs_and_deep_nesting_in_params_end_fast_in_one_line(project, ca
     with (project / "params.yaml").open("a") as f:
         f.write(extra)
     start = time.perf_counter()
-    err = refusal(project, capsys, "check")
+    with deadline(5):  # a regression fails here instead of hanging the suite for an hour
+        err = refusal(project, capsys, "check")
     assert time.perf_counter() - start < 2
     assert len(err) == 1 and re.match(f"kd: error: {says}", err[0]), err
-
-
-def test_shared_blocks_through_anchors_and_merges_still_load(project):
-    # the bound counts expanded values; the profiles' `&train` / `<<: *gkd` style stays allowed
-    text = (project / "params.yaml").read_text().replace(
-        "training: {epochs: 2, lr: 3.0e-4, batch_size: 8, max_length: 384, freeze_layers: 8, seed: 0}",
-        "training: &train {epochs: 2, lr: 3.0e-4, batch_size: 8, max_length: 384, freeze_layers: 8, seed: 0}", 1)
-    text = text.replace("training: {epochs: 2, lr: 3.0e-4, batch_size: 8, max_length: 384, freeze_layers: 8, seed: 0}",
-                        "training: *train")
-    (project / "params.yaml").write_text(text)
-    params = load_params(project)
-    assert params.students["student_fkl"].training == params.students["student_sft"].training
 
 
 def test_a_huge_integer_in_params_names_its_key(project, capsys):

@@ -260,7 +260,8 @@ def dataset_config(params: Params, name: str, method: str) -> Any:
     """The `datasets.<name>` section, checked to be of the stage's method."""
     ds = params.datasets.get(name)
     if ds is None:
-        raise KdError(f"params.yaml: datasets.{name}: not declared (declared: {', '.join(params.datasets) or 'none'})")
+        raise KdError(f"params.yaml: {key_path(('datasets', name))}: not declared "
+                      f"(declared: {', '.join(params.datasets) or 'none'})")
     if ds.method != method:
         raise KdError(f"params.yaml: datasets.{name}.method is '{ds.method}', but this is the {method} stage")
     return ds

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kd.config.errors import key_path
+from kd.config.errors import key_path, one_line
 from kd.errors import KdError
 
 MAX_VALUES = 50_000  # values of a params file with its aliases expanded (the shipped files: 260 to 790)
@@ -56,8 +56,8 @@ class ParamsLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise KdError(f"{self.name}:{line}: duplicate key '{key}' (first at line {seen[key]}); PyYAML would "
-                              f"keep the last one silently")
+                raise KdError(f"{self.name}:{line}: duplicate key '{one_line(str(key))}' (first at line {seen[key]}); "
+                              f"PyYAML would keep the last one silently")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

@@ -188,6 +188,7 @@ def bomb(levels: int) -> str:
     ("x: &r [1, *r]\n", r"params\.yaml:\d+: x\.1: a recursive alias"),
     ("x: &r {a: 1, b: *r}\n", r"params\.yaml:\d+: x\.b: a recursive alias"),
     ("x: " + "[" * 200_000 + "]" * 200_000 + "\n", r"params\.yaml:\d+: nested deeper than 32 levels"),
+    ("? [1, 2]\n: x\n", r"params\.yaml:\d+: a key must be a plain value, not a list$"),  # was a TypeError
 ])
 def test_alias_bombs_and_deep_nesting_in_params_end_fast_in_one_line(project, capsys, extra, says):
     # regression (issue 19, item 6): a 9-level alias bomb hung `kd check` (~70 min in the secrets scan), and a

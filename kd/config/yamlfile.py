@@ -15,6 +15,7 @@ digits is a ValueError) or no 64-bit field could take.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -55,6 +56,8 @@ class ParamsLoader(yaml.SafeLoader):
                 continue  # `<<: *anchor` merges are the YAML way to share a block, not a repeated key
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):  # `? [1, 2]` is valid YAML, and a TypeError below
+                raise KdError(f"{self.name}:{line}: a key must be a plain value, not a {type(key).__name__}")
             if key in seen:
                 raise KdError(f"{self.name}:{line}: duplicate key '{one_line(str(key))}' (first at line {seen[key]}); "
                               f"PyYAML would keep the last one silently")

@@ -257,7 +257,7 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 raise KdError(f"{path}:{n}: nested deeper than {MAX_ROW_DEPTH} levels") from None
             if not isinstance(row, dict):
                 raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            if _deeper_than(row, MAX_ROW_DEPTH):
+            if line.count("[") + line.count("{") > MAX_ROW_DEPTH and _deeper_than(row, MAX_ROW_DEPTH):  # count: cheap
                 raise KdError(f"{path}:{n}: nested deeper than {MAX_ROW_DEPTH} levels")
             yield row
 

@@ -9,11 +9,11 @@ block renders to one chat message. Its header comment declares the variables it 
 Seed text and teacher outputs only ever enter as variable values, so `{{ ... }}` inside them is printed
 literally and never rendered a second time.
 
-The sandbox also keeps a template to the project and to a bounded, reproducible output: it loads only `.jinja`
-files whose real path lies inside the project directory (no `..`, absolute path or symlink out of it; that also
-keeps `.env` and params.yaml out), it has no `lipsum` (random text), an expression that prints a function or an
-object (whose text holds a memory address) is an error, and no rendered message, string operation or width may
-exceed MAX_TEXT characters.
+Templates stay in the project: only `.jinja` files whose real path lies inside the project directory load (no
+`..`, absolute path or symlink out of it; that also keeps `.env` and params.yaml out). The sandbox itself
+(kd.sandbox) bounds a render in time, memory and size and prints plain data only, so a prompt is reproducible.
+Every failure is one line naming the template (and the row): the template's fault stops the stage; a row too
+long for any prompt (TooLong) is rejected as that row's fault.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from jinja2 import meta
 from jinja2.sandbox import SecurityError
 
 from kd.errors import KdError
-from kd.sandbox import MAX_TEXT, Runaway, Sandbox, guarded_filter, stable, watched
+from kd.sandbox import MAX_TEXT, Sandbox, guarded_filter, stable
+from kd.watchdog import Runaway, unwatch, watch
 
 __all__ = ["MAX_TEXT", "BLOCKS", "Prompt", "TooLong", "declared_variables", "environment", "load_prompt",
            "read_template"]
@@ -134,11 +135,14 @@ class Prompt:
         ctx = self._template.new_context({k: variables[k] for k in self.variables})
         messages, w, block = [], None, ""
         try:
-            with watched() as w:
+            w = watch()
+            try:
                 for block in BLOCKS:
                     fn = self._template.blocks.get(block)
                     if fn is not None and (text := _bounded(fn(ctx), block).strip()):
                         messages.append({"role": block, "content": text})
+            finally:
+                unwatch(w)
         except Runaway:
             raise KdError(f"{at}: stopped after {w[2] if w else 'its budget'}: the template runs away (a loop, "
                           f"recursion or a value growing without end)") from None

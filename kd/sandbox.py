@@ -5,10 +5,8 @@ filling memory (`{% set ns.x = ns.x * ns.x %}` forty times, a `recursive` loop, 
 it prints whatever it is given, memory addresses included (`'' ~ joiner()`). Three bounds close that, none of them
 a count of steps that a new trick could walk around:
 
-- a real deadline and a real memory budget: while a template renders, a watchdog thread looks at the clock and the
-  process's resident memory every POLL seconds and, past RENDER_SECONDS or RENDER_MEMORY bytes more than at the
-  start, raises `Runaway` inside the rendering thread (CPython's asynchronous exception: it lands at the next
-  bytecode of whatever Python code runs, Jinja's or a filter's; no signal, so renders in any thread are watched);
+- a real deadline and a real memory budget (kd.watchdog): past RENDER_SECONDS or RENDER_MEMORY more bytes, a
+  watchdog thread stops the render at its next bytecode, whatever Python code runs (Jinja's or a filter's);
 - sizes checked before anything is built: one C-level operation cannot be interrupted, so each one that can
   build much more than its inputs (`*`, `**`, a format width, `replace`, `join`, `indent`, `str()` of a container
   …) is refused when what it would build passes MAX_TEXT characters, MAX_ITEMS elements or MAX_INT_BITS bits.
@@ -21,14 +19,10 @@ a count of steps that a new trick could walk around:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import operator
-import os
 import re
-import threading
-import time
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -41,9 +35,6 @@ MAX_TEXT = 8_000_000  # characters in one rendered message: ≈2M tokens, past e
 # (1 MB for a long-context teacher) renders and is judged by the teacher (`too_long`), not by the sandbox
 MAX_ITEMS = 1_000_000  # elements of one container, counted as a tree: sorting or comparing it stays under 0.5 s
 MAX_INT_BITS = 1 << 17  # ≈39k digits, far past the 4300 Python prints; multiplying two takes microseconds
-RENDER_SECONDS = 1.0  # a prompt renders in ≈40 µs; an 8M-character row through a long template in ≈0.1 s
-RENDER_MEMORY = 192 << 20  # bytes of resident memory a render may add (an 8M-character row is 8–32 MB)
-POLL = 0.02  # s between the watchdog's looks: at ≈3 GB/s of fresh pages, ≈60 MB past the budget at most
 
 PLAIN = (str, int, float, bool, type(None))
 # filters that pass values along without printing them: any other filter gets plain data only
@@ -53,86 +44,6 @@ PASSING = frozenset({"attr", "batch", "count", "d", "default", "dictsort", "firs
 _NUMBER = re.compile(r"\d+")
 _PERCENT = re.compile(r"%(?:\((?P<key>[^)]*)\))?[#0\- +]*(?P<width>\*|\d+)?(?:\.(?P<prec>\*|\d+))?[hlL]?(?P<conv>.)",
                       re.DOTALL)
-
-
-class Runaway(BaseException):  # noqa: N818 - a BaseException so that no `except Exception` in a filter swallows it
-    """Raised inside a rendering thread by the watchdog: the render passed its time or memory budget."""
-
-
-# --- the watchdog -------------------------------------------------------------------------------------------------
-
-_lock = threading.Lock()
-_active: dict[int, list] = {}  # thread id -> [deadline, resident bytes at the first look, why it was stopped or ""]
-_state = {"pid": 0, "sleeping": False}
-_wake = threading.Event()
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc  # (thread id, exception class or NULL to clear)
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _resident(fd: int | None) -> int:
-    """Resident bytes of this process now (Linux /proc; elsewhere 0: only the deadline then holds)."""
-    try:
-        return int(os.pread(fd, 100, 0).split()[1]) * _PAGE if fd is not None else 0
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _watch() -> None:
-    """The watchdog's loop: polls while renders run, sleeps on `_wake` after a second without any."""
-    try:
-        fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)  # kept open: one read per look
-    except OSError:
-        fd = None
-    idle = 0.0
-    while True:
-        if _active:
-            idle = 0.0
-        elif (idle := idle + POLL) > 1.0:
-            _state["sleeping"] = True  # before looking again: a render added after this look sets `_wake`
-            _wake.clear()
-            if not _active:
-                _wake.wait()
-            _state["sleeping"], idle = False, 0.0
-        time.sleep(POLL)
-        now, resident = time.monotonic(), _resident(fd)
-        with _lock:
-            for tid, w in list(_active.items()):
-                if w[1] is None:  # measured here, not by the render: reading /proc costs a third of a render
-                    w[1] = resident
-                elif now > w[0] or resident - w[1] > RENDER_MEMORY:
-                    w[2] = f"{RENDER_SECONDS:g} s" if now > w[0] else f"{RENDER_MEMORY >> 20} MB of memory"
-                    del _active[tid]  # fired once; a thread that finished meanwhile clears it (see `watched`)
-                    _set_async_exc(ctypes.c_ulong(tid), ctypes.py_object(Runaway))
-
-
-class watched:  # noqa: N801 - used as a `with` statement
-    """`with watched() as w:` runs its body under the render budget; `w[2]` then says what stopped it, if anything."""
-
-    __slots__ = ("nested", "tid", "w")
-
-    def __enter__(self) -> list:
-        self.tid, self.w = threading.get_ident(), [time.monotonic() + RENDER_SECONDS, None, ""]
-        if _state["pid"] != os.getpid():  # the first render in this process (threads do not survive a fork)
-            with _lock:
-                if _state["pid"] != os.getpid():
-                    _state["pid"] = os.getpid()
-                    threading.Thread(target=_watch, name="kd-template-watchdog", daemon=True).start()
-        self.nested = self.tid in _active  # a render inside a render runs within the outer budget
-        if not self.nested:
-            _active[self.tid] = self.w
-            if _state["sleeping"]:
-                _wake.set()
-        return self.w
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.nested:
-            return
-        with _lock:
-            _active.pop(self.tid, None)
-            if self.w[2]:
-                _set_async_exc(ctypes.c_ulong(self.tid), None)  # fired but not delivered yet: it must not land in the caller's code
-        if self.w[2] and exc[0] is None:
-            raise Runaway
 
 
 # --- sizes, checked before building -----------------------------------------------------------------------------
@@ -437,5 +348,6 @@ _BINOPS = {"*": operator.mul, "**": operator.pow, "+": operator.add, "%": operat
 
 def stable(value: Any) -> Any:
     """`finalize` of every `{{ }}`: only plain data prints, within MAX_TEXT characters."""
-    printed(value, "{{ }}")
+    if type(value) is not str or len(value) > MAX_TEXT:  # text, the common case, costs one check
+        printed(value, "{{ }}")
     return value

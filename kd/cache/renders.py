@@ -22,12 +22,12 @@ from typing import Any
 
 import jinja2
 
-from kd import prompts, sandbox
+from kd import prompts, sandbox, watchdog
 from kd.records import canonical_json
 
 MEMO_FORMAT = 2  # 2: rows bound to their request key (`bind`)
 # the renderer's own code: a changed sandbox may render other text, so its memo rows must not be trusted
-RENDERER = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (prompts, sandbox))).hexdigest()
+RENDERER = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (prompts, sandbox, watchdog))).hexdigest()
 _BIND_KEY = b"kd render memo row"
 FILE = "renders.sqlite3"
 CHUNK = 500  # keys per query (SQLite allows 32766 variables; small chunks keep each query's list short)

@@ -128,7 +128,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     parts = [f"{kind}: {n} entries, {sum(d.kind == kind for d in damaged)} damaged" for kind, n in counts.items()]
     memo_rows, bad_memo = renders.verify(cache_share.kinds(Path(args.root))[0].local, fix=args.fix)
     print("".join(f"damaged render memo row: {m} (does not match the request key it names)\n" for m in bad_memo), end="")
-    parts.append(f"render memo: {memo_rows} rows, {len(bad_memo)} damaged{' (removed)' if bad_memo and args.fix else ''}")
+    parts += [f"render memo: {memo_rows} rows, {len(bad_memo)} damaged{' (removed)' if bad_memo and args.fix else ''}"] \
+        if memo_rows else []
     removed = f" ({len(damaged) - kept} removed)" if damaged and args.fix else ""
     print(f"kd cache verify: {'; '.join(parts)}{removed}")
     return 1 if ((damaged or bad_memo) and not args.fix) or kept else 0

@@ -125,8 +125,10 @@ class Prompt:
             where: what is being rendered (e.g. `seeds/q.jsonl row 3`), named in any error after the template.
 
         Raises:
+            TooLong: the row is at fault: its values make over a quarter of MAX_TEXT characters and the message
+                passes MAX_TEXT, a size bound or the render budget (the stage rejects that record as `too_long`).
             KdError: one line naming the template (and `where`): a missing variable, a sandbox violation, a message
-                over MAX_TEXT characters, endless recursion.
+                over MAX_TEXT characters, a render past its time or memory budget (kd.watchdog), any other error.
         """
         at = f"{self.path}{f' ({where})' if where else ''}"
         missing = sorted(set(self.variables) - set(variables))
@@ -144,11 +146,15 @@ class Prompt:
             finally:
                 unwatch(w)
         except Runaway:
-            raise KdError(f"{at}: stopped after {w[2] if w else 'its budget'}: the template runs away (a loop, "
-                          f"recursion or a value growing without end)") from None
+            spent = w[2] if w else "its budget"
+            if _size(variables) > MAX_TEXT // 4:  # work on a row of millions of characters: the row's fault
+                raise _too_long(at, self.path, variables, f"rendering the {block} message took over {spent}") from None
+            raise KdError(f"{at}: stopped after {spent}: the template runs away (a loop, recursion or a value "
+                          f"growing without end)") from None
         except (SecurityError, _Overflow) as e:
             if _size(variables) > MAX_TEXT // 4:  # a long row printed once or a few times: the row's fault
-                raise _too_long(at, self.path, variables, block) from None
+                raise _too_long(at, self.path, variables, f"the {block} message passes {MAX_TEXT} characters") \
+                    from None
             why = _line(e) if isinstance(e, _Overflow) else f"blocked by the template sandbox: {_line(e)}"
             raise KdError(f"{at}: {why}") from None
         except jinja2.UndefinedError as e:
@@ -177,15 +183,17 @@ class TooLong(KdError):
 
 
 def _size(variables: dict[str, Any]) -> int:
-    return sum(len(v) for v in variables.values() if isinstance(v, str))
+    """Characters of the text a row passes (strings, and lists of them such as demos)."""
+    return sum(len(v) if isinstance(v, str) else sum(len(x) for x in v if isinstance(x, str))
+               if isinstance(v, list | tuple) else 0 for v in variables.values())
 
 
-def _too_long(at: str, path: str, variables: dict[str, Any], block: str) -> TooLong:
+def _too_long(at: str, path: str, variables: dict[str, Any], why: str) -> TooLong:
     h = hashlib.sha256(f"kd too long\n{path}".encode())
     for k in sorted(variables):
         h.update(f"\n{k}={variables[k]!s}".encode("utf-8", "surrogatepass"))
-    return TooLong(f"{at}: the {block} message passes {MAX_TEXT} characters with this row's {_size(variables)} "
-                   f"characters; the row is rejected as too long", h.hexdigest())
+    return TooLong(f"{at}: {why} with this row's {_size(variables)} characters; the row is rejected as too long",
+                   h.hexdigest())
 
 
 def _line(e: Any) -> str:

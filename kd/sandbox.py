@@ -66,10 +66,10 @@ def printed(value: Any, what: str, quoted: bool = False, budget: int = MAX_TEXT)
             total += v.bit_length() * 3 // 10 + 2
         elif isinstance(v, float):
             total += 24
-        elif type(v) in (list, tuple):
+        elif isinstance(v, list | tuple):  # tuples include |groupby's named tuples
             total += 2 + 2 * len(v)
             todo.extend((x, True) for x in v)
-        elif type(v) is dict:
+        elif isinstance(v, dict):
             total += 2 + 4 * len(v)
             todo.extend((x, True) for kv in v.items() for x in kv)
         else:
@@ -179,7 +179,7 @@ def _filter_check(name: str, args: tuple, kwargs: dict) -> tuple:
     elif name == "sum":  # `sum` adds lists too, each addition a copy: numbers only
         items = list(args[0]) if args else []
         if not all(isinstance(v, int | float) for v in items) or _arg(args, kwargs, 1, "attribute", None) is not None:
-            raise refuse("|sum", "adds numbers only")
+            raise refuse("|sum", "adds numbers only (for an attribute: |map(attribute='x')|sum)")
         args = (items, *args[1:])
     if len(text) + grows > MAX_TEXT:
         raise refuse(f"|{name}", f"would build over {MAX_TEXT} characters")
@@ -314,8 +314,8 @@ class Sandbox(ImmutableSandboxedEnvironment):
         elif op == "**" and ints and abs(left) > 1 and right > 0:
             if right * math.log2(abs(left)) > MAX_INT_BITS:
                 raise refuse("**", f"would build a number of over {MAX_INT_BITS} bits")
-        elif op == "%" and isinstance(left, str):
-            percent(left, right)
+        elif op == "%" and isinstance(left, str | bytes):  # b'%r' % x, decoded, would print an address too
+            percent(left.decode("latin-1") if isinstance(left, bytes) else left, right)
         return sized(_BINOPS[op](left, right), op)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805

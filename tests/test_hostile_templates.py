@@ -45,7 +45,7 @@ ROUTES = ["{{ V }}", "{{ '' ~ V }}", "{{ (V)|string }}", "{{ '%s'|format(V) }}",
           "{{ '{}'.format(V) }}", "{{ '{0!r}'.format(V) }}", "{{ (V)|pprint }}", "{{ [V]|join }}", "{{ (V)|upper }}",
           "{{ (V)|tojson }}", "{{ (V)|e }}", "{{ (V)|center(30) }}", "{{ [V] }}", "{{ {'k': V} }}",
           "{% set x = V %}{{ 'a' ~ x }}", "{{ (V)|replace('a', 'b') }}", "{{ (V)|urlencode }}", "{{ (V, 1)|join }}"]
-UNPRINTABLE = ["joiner()", "cycler(1)", "'abc'.upper", "range(3)", "dict(a=1).items()", "[1, 2]|map('string')",
+UNPRINTABLE = ["(('%r'.encode() % (joiner(),)).decode())", "joiner()", "cycler(1)", "'abc'.upper", "range(3)", "dict(a=1).items()", "[1, 2]|map('string')",
                "namespace(a=1)", "instruction.split", "'{0.upper}'"]
 
 RUN_BOMBS = """

@@ -117,6 +117,32 @@ def test_fuzz_nothing_that_prints_a_memory_address_reaches_a_prompt(tmp_path):
         assert len(texts) == 1 and " at 0x" not in texts.pop(), body
 
 
+def test_a_runaway_render_in_another_thread_is_stopped_too(tmp_path):
+    # `kd view` plans (renders) in worker threads, where no SIGALRM reaches: the deadline must hold there as well
+    import threading
+    import time
+
+    write_templates(tmp_path, ["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                               "{{ instruction }}"])
+    prompt = load_prompt(tmp_path, "prompts/b000.jinja", ["instruction"])
+    errors: list[str] = []
+
+    def render() -> None:
+        try:
+            prompt.render("row 2", instruction="hi")
+        except KdError as e:
+            errors.append(str(e))
+
+    start = time.monotonic()
+    worker = threading.Thread(target=render, daemon=True)  # without the bound it would never end
+    worker.start()
+    worker.join(10)
+    assert time.monotonic() - start <= 2.0 and len(errors) == 1, errors
+    assert errors[0].startswith("prompts/b000.jinja (row 2): stopped after 1 s"), errors
+    benign = load_prompt(tmp_path, "prompts/b001.jinja", ["instruction"])
+    assert benign.render(instruction="hi") == [{"role": "user", "content": "hi"}]  # no late stop lands elsewhere
+
+
 def test_plain_data_still_prints_everywhere(tmp_path):
     # the bounds refuse no benign template: plain values through every route print as before
     body = ("{{ instruction ~ '!' }} {{ [1, 'a', {'k': none}] }} {{ '%s-%05.1f' % (instruction, 2.5) }} "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from kd.cache import renders
 from kd.cache import share as cache_share
 from kd.cli.term import Style, emit, use_colour
 from kd.config import load_params
@@ -125,9 +126,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"kd cache: cannot remove {d.where} ({why})", file=sys.stderr)
     kept = len(failed)
     parts = [f"{kind}: {n} entries, {sum(d.kind == kind for d in damaged)} damaged" for kind, n in counts.items()]
+    memo_rows, bad_memo = renders.verify(cache_share.kinds(Path(args.root))[0].local, fix=args.fix)
+    print("".join(f"damaged render memo row: {m} (does not match the request key it names)\n" for m in bad_memo), end="")
+    parts += [f"render memo: {memo_rows} rows, {len(bad_memo)} damaged{' (removed)' if bad_memo and args.fix else ''}"] \
+        if memo_rows else []
     removed = f" ({len(damaged) - kept} removed)" if damaged and args.fix else ""
     print(f"kd cache verify: {'; '.join(parts)}{removed}")
-    return 1 if (damaged and not args.fix) or kept else 0
+    return 1 if ((damaged or bad_memo) and not args.fix) or kept else 0
 
 
 def _report(args: argparse.Namespace, report: dict, render) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
-from viewproject import SCRIPT, build_view_project
+from viewproject import SCRIPT, shared_view_project
 
 from kd.view import index as view_index
 from kd.view.app import create_app
@@ -21,7 +21,7 @@ from kd.view.index import VIEW_DIR
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_view_project(tmp_path_factory.mktemp("view") / "project")
+    return shared_view_project(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -398,11 +398,10 @@ def _install_pack(cache: RequestCache, fs: Any, path: str, keys: list[str], lack
             if size >= INSTALL_BATCH:
                 flush()
         why = f"remote pack {path} holds no entry for it"
-    except PackRefused as e:  # a gzip bomb: one line for the whole pack
-        left = sum(k in lacking for k in keys[done:])
-        refused.append((name, f"remote pack {path} refused: {e}; {left} of its entries not installed"))
+    except PackRefused as e:  # a gzip bomb: one line for the whole pack (its lines read so far were not kd's either)
         flush()
-        return installed, new, refused
+        left = len(lacking) - len(installed)
+        return installed, new, [(name, f"remote pack {path} refused: {e}; {left} of its entries not installed")]
     except Exception as e:  # unreadable or not gzip: its keys are refused, the other packs still come
         why = f"remote pack {path} unreadable ({type(e).__name__})"
     flush()

@@ -250,6 +250,7 @@ async def user_error(request: Request, exc: KdError) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    app.state.worker.warm()
     yield
     app.state.worker.close()  # the server stops: so does every computation
 

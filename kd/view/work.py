@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import resource
 import threading
 import time
@@ -88,6 +90,7 @@ class _Job:
 
 def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], limit_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (limit_s, limit_s + 5))  # ends it even if nobody is left to kill it
+    os.nice(10)  # on a 2-core laptop a spinning forecast must not slow the pages the server answers meanwhile
     try:
         conn.send((fn(*args), None))
     except KdError as e:
@@ -165,6 +168,11 @@ class Worker:
                 job.future.set_exception(KdError(message))
             case (_, message):
                 job.future.set_exception(RuntimeError(message))
+
+    @staticmethod
+    def warm() -> None:
+        """Start the fork server in the background (a second or two of imports), before the first page needs it."""
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
 
     def close(self) -> None:
         """Stop every computation (the server is stopping)."""

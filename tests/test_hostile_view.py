@@ -30,7 +30,6 @@ from viewproject import shared_view_project
 
 from kd.cache import share
 from kd.cache.store import RequestCache, make_entry, request_key
-from kd.cli.term import printable
 from kd.paths import CACHE_DIR
 from kd.records import finalize, write_dataset
 from kd.view.app import create_app
@@ -112,7 +111,10 @@ def test_escapes_in_data_are_shown_not_sent_by_every_printer(project, tmp_path, 
         assert_clean(out, "always" in argv, what)
         if what.endswith("json"):  # still JSON, and the data in it unchanged
             assert json.loads(out)
-    # the helper itself: a lone surrogate (would be a UnicodeEncodeError traceback) and nested reports
+    # the helper itself (imported here: the other tests of this file also run against code without it): a lone
+    # surrogate (would be a UnicodeEncodeError traceback) and nested reports
+    from kd.cli.term import printable
+
     assert printable({"k\x1b": ["\ud800", ("\u202e",)]}) == {"k\\x1b": ["\\ud800", ("\\u202e",)]}
     assert printable("tab\tand\nnewline kept") == "tab\tand\nnewline kept"
 

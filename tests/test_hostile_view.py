@@ -208,7 +208,7 @@ def test_no_page_shows_the_absolute_project_path(project, client):
     metrics.write_text("{not json")  # a 400 page naming the file
     try:
         for url in ("/models", "/diff?dataset=qa&a=nosuchrev", "/data/nope", "/data/qa?offset=x", "/seed?file=x",
-                    "/", "/data/qa"):
+                    "/data/qa"):
             r = client.get(url)
             assert str(project) not in r.text and str(project.resolve()) not in r.text, (url, r.text[:500])
         assert "reports/metrics.json: not readable JSON" in client.get("/models").text

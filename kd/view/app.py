@@ -46,7 +46,7 @@ from kd.runtime.models import INFO_FILE
 from kd.secrets import redact
 from kd.view import pages
 from kd.view.index import DatasetIndex
-from kd.view.work import Worker, build_state
+from kd.view.work import WAIT_S, Worker, build_state
 
 HERE = Path(__file__).parent
 PAGE = 50  # records a page
@@ -261,8 +261,9 @@ async def server_error(request: Request, exc: Exception) -> Response:
                 message="the viewer failed on this page; the terminal running `kd view` says why")
 
 
-def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
-    """The viewer over the project at `root`; `hosts`: the Host names it answers to."""
+def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK_HOSTS, wait_s: float = WAIT_S) -> Starlette:
+    """The viewer over the project at `root`; `hosts`: the Host names it answers to; `wait_s`: how long a page
+    waits for a slow computation before it shows "computing…" (tests that read the result wait longer)."""
     routes = [
         Route("/", pipeline),
         Route("/data/{name}", dataset),
@@ -278,7 +279,7 @@ def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette
                     exception_handlers={HTTPException: not_found, KdError: user_error, Exception: server_error},
                     lifespan=lifespan)
     app.state.project = Project(root)
-    app.state.worker = Worker()
+    app.state.worker = Worker(wait_s)
     return app
 
 

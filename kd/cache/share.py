@@ -43,7 +43,7 @@ PACK_ENTRIES = 50_000  # entries per pack: bounds the memory one pack takes to b
 # 136 entries: 164 KB in 35 KB), so a full pack is ~60 MB in ~13 MB: the limits leave 16x room for long answers.
 PACK_MAX_BYTES = 1 << 30  # decompressed bytes of one pack
 PACK_MAX_RATIO = 200  # decompressed / compressed bytes, judged once a pack is past RATIO_FROM
-RATIO_FROM = 16 << 20  # below this a pack is small whatever its ratio (one looping answer compresses 100x)
+RATIO_FROM = 16 << 20  # below this a pack is small whatever its ratio (a few repetitive answers compress far better)
 ENTRY_MAX_BYTES = 16 << 20  # one entry (one line of a pack): room for an answer of millions of characters
 INSTALL_BATCH = 32 << 20  # entries installed a transaction at a time while a pack is read: the memory a pull holds
 

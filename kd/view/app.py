@@ -256,7 +256,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    print(f"kd view: {request.url.path}: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+    # repr: the URL and the message may carry control characters, shown escaped rather than sent to the terminal
+    print(f"kd view: {request.url.path!r}: {type(exc).__name__}: {redact(str(exc))!r}", file=sys.stderr)
     return page(request, "error.html", status=500, title="Something went wrong",
                 message="the viewer failed on this page; the terminal running `kd view` says why")
 

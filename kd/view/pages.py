@@ -12,9 +12,10 @@ from typing import Any
 
 from kd.config import load_params
 from kd.errors import KdError
-from kd.paths import PLOTS_DIR, REPORTS_DIR
+from kd.paths import DATA_DIR, PLOTS_DIR, REPORTS_DIR
 from kd.pipeline.spec import stages
 from kd.pipeline.status import status
+from kd.provenance.diff import diff, sides
 
 BOX_W, BOX_H, GAP_X, GAP_Y = 150, 34, 60, 14
 
@@ -56,6 +57,17 @@ def pipeline(root: Path) -> dict[str, Any]:
         "stages": [{"name": s.name, "kind": s.kind, "builds": s.builds, "upstream": ups[s.name], "outs": s.outs,
                     "row": rows.get(s.name)} for s in graph],
     }
+
+
+def dataset_diff(root: Path, name: str, rev_a: str, rev_b: str, examples: int) -> dict[str, Any]:
+    """`kd diff data/<name> rev_a [rev_b]` as the diff page shows it: the report, its diffs split side by side."""
+    a, b = sides(root, str(DATA_DIR / name), rev_a, rev_b or None)
+    report = diff(a, b, root, examples=examples)
+    for ex in report["examples"]:
+        ex["output_rows"] = side_by_side(ex["output_diff"])
+        for p in ex["prompt_diffs"]:
+            p["rows"] = side_by_side(p["diff"])
+    return report
 
 
 def curve(path: Path, y: str = "loss", width: int = 560, height: int = 180) -> dict[str, Any] | None:

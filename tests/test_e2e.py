@@ -118,7 +118,7 @@ def test_pipeline_trains_students_and_reports(built):
     assert {"likelihood judge `smollm2`", "pairwise judge `smollm2`", "reward model `reward`"} <= set(sanity)
     assert sanity["likelihood judge `smollm2`"] >= 0.9
     assert "## Judges and reward models: the sanity set" in report
-    assert {"context_free", "ok_rate"} <= set(metrics) | set(metrics["student_sft"])
+    assert {"context_free", "terminates_cleanly"} <= set(metrics) | set(metrics["student_sft"])
     judged = metrics["student_dpo"]
     assert judged["wins"] + judged["ties"] + judged["losses"] + judged["unparseable"] == EVAL_PROMPTS  # each once
 

@@ -103,7 +103,7 @@ def negatives(instruction: str, answer: str, other: str) -> dict[str, str]:
             "refusal": REFUSAL}
 
 
-def _sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
+def sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
     """Per held-out prompt whose teacher answer is sound: [teacher's answer, *bad answers]. An answer cut at
     max_new_tokens still counts: it is real text, and the bad answers are still bad. The `other` answer of a
     prompt is the next sound prompt's (the first's, for the last): deterministic, and never its own."""
@@ -162,7 +162,7 @@ def _judges_to_check(params: Params) -> dict[str, tuple[Judge, str | None]]:
 
 def sanity(run: Run, params: Params, root: Path, cache: RequestCache) -> list[Sanity]:
     """Every judge and the reward model on the sanity set (their answers are cached like any request)."""
-    groups, names = _sanity_groups(run)
+    groups, names = sanity_groups(run)
     if not groups:
         return []
     cfg = params.evaluation

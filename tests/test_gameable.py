@@ -13,7 +13,7 @@ from kd.evaluation.evaluate import cheap_answers, exact_match, scores_of
 from kd.evaluation.feedback import NEGATIVES, negatives, sanity_groups, sanity_of_scores
 from kd.evaluation.outputs import metrics_json
 from kd.evaluation.report import report_md
-from kd.evaluation.results import METRICS, EvalPrompt, ModelResult, Output, Run
+from kd.evaluation.results import METRICS, Comparison, EvalPrompt, ModelResult, Output, Run
 from kd.runtime.judges import Judged
 from kd.runtime.quality import CONSTANT_ANSWER, REFUSAL, perturbed, text_degeneracy, without_echo
 
@@ -69,6 +69,8 @@ def gamed_run() -> Run:
     groups, names = sanity_groups(run)
     judged = [Judged(scores=[gameable_judge(g.instruction, t) for t in g.texts]) for g in groups]
     run.sanity = [sanity_of_scores("likelihood judge `fake`", groups, names, judged, "judge")]
+    run.comparisons = [Comparison(["student"], ["echo"], "echoing helps",
+                                  {"judge": (0.76, (0.1, 1.4)), "terminates_cleanly": (0.0, (0.0, 0.0))})]
     return run
 
 
@@ -103,6 +105,9 @@ def test_constant_echo_and_refusal_models_fail_every_quality_figure(tmp_path: Pa
     assert run.row("teacher").value("exact_match") == 1.0  # the references are matched: exact says something
     assert "answered" not in text.lower() and "✓" not in text
     assert run.row("echo").value("rouge_l") == 0.0  # an echo adds nothing to the question
+    # a comparison that the echo "wins" on the judge says which figures are no quality figures
+    assert "| teacher judge ↑ (fails its sanity set) | +0.7600 |" in text
+    assert "| terminates cleanly ↑ (form, not quality) |" in text
     m = metrics_json(run)
     assert '"terminates_cleanly"' in m and "ok_rate" not in m and '"trusted": 0' in m
 

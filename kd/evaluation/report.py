@@ -136,10 +136,15 @@ def verdicts(run: Run) -> list[str]:
     return lines
 
 
-def _comparison(c: Comparison) -> list[str]:
+def _comparison(c: Comparison, untrusted: set[str]) -> list[str]:
     a, b = ", ".join(f"`{n}`" for n in c.a), ", ".join(f"`{n}`" for n in c.b)
     over = "prompts" + (f" and {max(len(c.a), len(c.b))} seeds" if max(len(c.a), len(c.b)) > 1 else "")
-    rows = [[METRICS[m].label, f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] for m, (d, (lo, hi)) in c.differences.items()]
+
+    def label(m: str) -> str:
+        why = " (form, not quality)" if METRICS[m].kind == "form" else " (fails its sanity set)" if m in untrusted else ""
+        return METRICS[m].label + why
+
+    rows = [[label(m), f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] for m, (d, (lo, hi)) in c.differences.items()]
     kl = c.differences.get("kl")
     if kl is not None and kl[1][1] < 0:
         verdict = f"**{c.claim}**: {b} is closer to the teacher than {a}, and the 95% interval excludes 0."
@@ -212,7 +217,7 @@ def report_md(run: Run, root: Path, curves: list[str], figures: list[str] = ()) 
     if run.comparisons:
         lines += ["## Comparisons", ""]
         for c in run.comparisons:
-            lines += _comparison(c)
+            lines += _comparison(c, untrusted)
     if run.sanity:
         lines += _sanity(run)
     if run.feedback is not None:

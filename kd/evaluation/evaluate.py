@@ -11,7 +11,9 @@ the students were trained (`evaluation.template`: the training template's system
 - the teacher's judge score of the answer: its mean token log-probability with repeated 4-grams scored at a
   floor (kd.runtime.scoring.judge_score), so a loop cannot look likely (a degenerate answer scores the floor);
 - ROUGE-L F1 against the teacher's answer; exact match of the extracted final answer against short seed
-  references, and whether the reference appears as whole words;
+  references, and whether the reference appears as whole words; all three on what the answer adds to the
+  question (kd.runtime.quality.without_echo), and scored also for two cheap answers (the question echoed, a
+  constant) that no row is credited for not beating;
 - the answer's length in tokens (the end-of-turn token not counted).
 Every figure is a ratio of per-prompt sums, so it carries a bootstrap interval over prompts (kd.evaluation.stats).
 With `evaluation.reward_model` / `judge`, kd.evaluation.feedback adds rewards, win rates and the sanity set.

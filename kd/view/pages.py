@@ -99,7 +99,7 @@ def evaluation(root: Path) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KdError(f"{path}: not readable JSON ({e})") from None
-    table = {name: m for name, m in metrics.items() if isinstance(m, dict) and name not in ("compare", "sanity")}
+    table = {name: m for name, m in metrics.items() if isinstance(m, dict) and name not in ("compare", "sanity", "cheap")}
     names = sorted({k for m in table.values() for k in m if not k.endswith(("_lo", "_hi"))})
     rows = [{"model": model, "cells": [_cell(m, k) for k in names]} for model, m in table.items()]
     gens: dict[str, dict[str, str]] = defaultdict(dict)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from kd.config import PARAMS_STAGE
-from kd.errors import KdError
+from kd.errors import KdError, printable
 from kd.secrets import redact
 
 EXIT_USER_ERROR = 2
@@ -50,7 +50,8 @@ def run(main: Callable[[], str | None]) -> None:
         stage = os.environ.get("DVC_STAGE", "")  # set by `dvc repro`, which removed this stage's outputs first
         hint = "" if stage in ("", PARAMS_STAGE) else \
             f"; `dvc checkout {stage}` brings back the outputs dvc repro removed before running the stage"
-        print(f"kd: error: {redact(str(e))}{hint}", file=sys.stderr)  # no message may carry a key (kd.secrets)
+        # no message may carry a key (kd.secrets) or send a control character that a seed row or an answer held
+        print(f"kd: error: {printable(redact(str(e)))}{hint}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except Terminated:
         print("kd: terminated (SIGTERM); answers received so far are cached", file=sys.stderr)

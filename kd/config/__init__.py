@@ -22,11 +22,11 @@ from kd.config.datasets import (
     SelfKnowledge,
     Source,
 )
-from kd.config.errors import format_errors, key_path, one_line
+from kd.config.errors import format_errors, key_path
 from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher, billed_price
 from kd.config.yamlfile import read_params_yaml
-from kd.errors import KdError
+from kd.errors import KdError, one_line
 from kd.secrets import is_secret_key, looks_secret, redact, why_refused
 
 __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expansion", "Feature", "Feedback",

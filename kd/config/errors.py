@@ -9,6 +9,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
+from kd.errors import one_line
 from kd.secrets import redact
 
 TAGS = ("method", "backend", "kind")  # discriminator fields of the tagged unions in params.yaml
@@ -21,10 +22,6 @@ def key_path(parts: tuple | list) -> str:
     return ".".join(str(p) if isinstance(p, int) or isinstance(p, str) and PLAIN_KEY.fullmatch(p) else ascii(p)
                     for p in parts)
 
-
-def one_line(text: str) -> str:
-    """`text` with every control character escaped (a message may quote a value the user typed)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from kd.config.errors import key_path, one_line
-from kd.errors import KdError
+from kd.config.errors import key_path
+from kd.errors import KdError, one_line
 
 MAX_VALUES = 50_000  # values of a params file with its aliases expanded (the shipped files: 260 to 790)
 MAX_DEPTH = 32  # nesting levels of a params file, aliases expanded (the shipped files: 6)

@@ -16,10 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
-from kd.config.errors import one_line
 from kd.config.students import FromPretrained, Training
 from kd.elicit import curation, expansion, feedback, labeling
-from kd.errors import KdError
+from kd.errors import KdError, one_line
 from kd.paths import (
     DATA_DIR,
     DVC_FILE,

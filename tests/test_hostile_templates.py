@@ -248,6 +248,39 @@ def test_a_seed_row_over_the_message_bound_is_a_too_long_rejection(tmp_path, cap
     assert json.loads((root / "data/qa/manifest.json").read_text())["records"] == 2
 
 
+def test_an_over_long_seed_row_is_a_too_long_rejection_in_methods_that_ask_in_rounds_too(tmp_path, capsys):
+    # regression: only labeling (streamed) rejected an over-long row; curation, expansion, feedback and
+    # self-knowledge render through Asker.call, where the same row stopped the whole stage
+    from kd.elicit.build import build_dataset
+    from kd.elicit.curation import curate
+    from kd.stage import run
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "prompts/q.jinja").write_text("{# vars: topic #}{% block user %}Ask about {{ topic }}.{% endblock %}")
+    (tmp_path / "prompts/a.jinja").write_text("{# vars: question #}{% block user %}{{ question }}{% endblock %}")
+    topics = [{"id": "short", "topic": "rivers"}, {"id": "huge", "topic": "y" * (MAX_TEXT + 10)}]
+    (tmp_path / "seeds/topics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in topics))
+    (tmp_path / "seeds/attributes.jsonl").write_text(json.dumps({"attribute": "short"}) + "\n")
+    with FakeOpenAI() as server:
+        teacher = {"backend": "openai", "base_url": server.url, "model": "fake", "api_key_env": None,
+                   "concurrency": 1, "timeout_s": 5, "max_attempts": 1}
+        dataset = {"method": "curation", "teacher": "t", "topics": "seeds/topics.jsonl", "count": 2,
+                   "attributes": "seeds/attributes.jsonl", "question_template": "prompts/q.jinja",
+                   "answer_template": "prompts/a.jinja"}
+        (tmp_path / "params.yaml").write_text(json.dumps({"teachers": {"t": teacher}, "datasets": {"qa": dataset}}))
+        code = 0
+        try:
+            run(lambda: build_dataset("qa", "curation", curate, tmp_path))
+        except SystemExit as e:
+            code = e.code
+        assert code == 0, capsys.readouterr().err
+        assert server.received == 2  # the short topic's question and its answer; the huge row reached nobody
+    rejected = [json.loads(line) for line in (tmp_path / "data/qa/rejected.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["seeds"][0]["id"], r["template"]) for r in rejected] == [("too_long", "huge", "prompts/q.jinja")]
+    assert json.loads((tmp_path / "data/qa/manifest.json").read_text())["records"] == 1
+
+
 # ------------------------------------------------------------------------------------------ the render memo
 
 def memo_table(db: sqlite3.Connection) -> str:

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from kd.cache.store import RequestCache, request_key
 from kd.config import Price, Sampling, billed_price
-from kd.prompts import Prompt
-from kd.runtime.refusals import REASONS, is_refused
+from kd.prompts import Prompt, TooLong
+from kd.runtime.refusals import REASONS, is_refused, refused
 from kd.runtime.teachers import Teacher
 
 # Without a terminal (logs, `dvc repro` output), a plain progress line at each further tenth of the requests
@@ -32,11 +32,13 @@ PROGRESS_MAX_S = 60.0
 
 @dataclass(frozen=True)
 class Call:
-    """One teacher request and the template that rendered it (None: a white-box scoring request)."""
+    """One teacher request and the template that rendered it (None: a white-box scoring request). `refusal`: the
+    row could not become a request (kd.prompts.TooLong), so its answer is that refusal, never sent or cached."""
 
     key: str
     request: dict[str, Any]
     prompt: Prompt | None
+    refusal: dict[str, Any] | None = None
 
 
 @dataclass
@@ -52,10 +54,14 @@ class Asker:
     new_usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})  # paid for now
 
     def call(self, prompt: Prompt, sampling: Sampling, sample_index: int = 0, **variables: Any) -> Call:
+        try:
+            messages = prompt.render(**variables)
+        except TooLong as e:  # the row's fault: its record is rejected `too_long` (like a teacher's refusal)
+            return Call(e.digest, {}, prompt, refused("too_long", str(e)))
         request = {
             "backend": self.teacher.identity["backend"],
             "teacher": self.teacher.identity,
-            "messages": prompt.render(**variables),
+            "messages": messages,
             "sampling": sampling.model_dump(),
             "sample_index": sample_index,
             "response_format": None,
@@ -68,12 +74,12 @@ class Asker:
         answers: dict[str, dict[str, Any]] = {}
         misses = []
         for key, c in unique.items():
-            hit = self.cache.get(key)
+            hit = c.refusal or self.cache.get(key)
             if hit is None:
                 misses.append((key, c.request))
             else:
                 answers[key] = hit
-        self.cached += len(unique) - len(misses)
+        self.cached += sum(c.refusal is None for c in unique.values()) - len(misses)
         answers.update(self.send(misses, len(misses), keep_all=True))
         for key in unique:
             self.count(answers[key])

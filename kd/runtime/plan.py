@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from kd.errors import KdError
-from kd.prompts import TooLong
 from kd.runtime.ask import Call
-from kd.runtime.refusals import refused
 
 CHUNK = 512  # keys per index lookup: one query instead of 512, and a bounded list of pending calls
 
@@ -52,8 +50,8 @@ class Plan:
     """Items added in order; `close` after the last. Counts are over distinct requests, as the Asker counts.
 
     An item whose memo key (kd.cache.renders) names a request key is not rendered unless its request must be sent.
-    An item whose row is too long for any prompt (kd.prompts.TooLong) becomes a `too_long` refusal in `refused`,
-    under a key standing for it, like a request the teacher refused: its record is rejected, the stage goes on.
+    An item whose row is too long for any prompt (Call.refusal, kd.prompts.TooLong) is a `too_long` refusal in
+    `refused`, under a key standing for it, like a request the teacher refused: its record is rejected, the stage goes on.
     """
 
     cache: Any  # kd.cache.store.RequestCache: `present(keys)` answers from its index
@@ -103,15 +101,13 @@ class Plan:
             if key is None:
                 try:
                     rendered[i] = call = self.render(item)
-                except TooLong as e:  # the row's fault: a rejection of its record, not a failed stage
-                    key = e.digest
-                    self.refused[key] = refused("too_long", str(e))
                 except KdError as e:  # the template's fault: the stage stops, naming which request it was
                     raise KdError(f"{e} (request {self.calls + 1} of the stage)") from None
-                else:
-                    key = call.key
-                    if memos is not None:
-                        self.memo.add(memos[i], key)
+                key = call.key
+                if call.refusal is not None:  # a row too long for any prompt: its record is rejected, not the stage
+                    self.refused[key] = call.refusal
+                elif memos is not None:
+                    self.memo.add(memos[i], key)
             digest = bytes.fromhex(key)
             self.keys += digest
             self.calls += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -210,6 +211,18 @@ class Student(Strict):
                 raise ValueError("training.accelerate_config: needs training.processes > 1 (its stage runs "
                                  "`python` otherwise, and the config would be ignored)")
         return self
+
+
+def logits_readers(students: Mapping[str, Student], logits: str) -> list[str]:
+    """The students that train on feature dataset `logits` (objective kd), in params order."""
+    return [n for n, s in students.items() if s.objective == "kd" and s.logits == logits]
+
+
+def tail_temperatures(students: Mapping[str, Student], logits: str) -> tuple[float, ...]:
+    """The temperatures other than 1 at which feature dataset `logits` must store the teacher's tail, sorted:
+    one per distinct `kd.temperature` of the students reading it. The tail at T needs the full logits, so the
+    feature stage computes it then (kd.distill.losses); T = 1's tail is always stored."""
+    return tuple(sorted({students[n].kd.temperature for n in logits_readers(students, logits)} - {1.0}))
 
 
 class RewardModel(Strict):

@@ -185,7 +185,7 @@ class Example:
 
     ids: list[int]
     start: int
-    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail_logprob [C])
+    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail at the student's T [C])
 
 
 def _collate(batch: list[Example], pad: int, device: Any) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def _kd_examples(name: str, cfg: Student, records: list[dict[str, Any]], logits:
         check_compatible(store, tok, LocalTeacher(teacher, params.teachers[teacher], root).identity)
     except KdError as e:
         raise KdError(f"{key}: {e}") from None
+    temperature = cfg.kd.temperature
+    store.check_temperature(temperature, f"students.{name}.kd.temperature")
     # Records the feature stage could not score (no completion token within its max_length) are skipped
     # here too: the student would truncate them the same way. Any other missing record means the logits
     # were built from other data.
@@ -65,7 +67,7 @@ def _kd_examples(name: str, cfg: Student, records: list[dict[str, Any]], logits:
         if row.completion_start >= end:
             continue  # no completion token within max_length
         examples.append(loop.Example(row.input_ids[:end].tolist(), row.completion_start,
-                                     (row.topk_ids, row.topk_logprobs, row.tail_logprob)))
+                                     (row.topk_ids, row.topk_logprobs, row.tail(temperature))))
     return examples
 
 

@@ -195,3 +195,26 @@ def test_hidden_loss() -> None:
     loss = hidden_loss(h, torch.randn(2, 5, 16, generator=g), proj, "cosine", mask)
     loss.backward()
     assert proj.weight.grad is not None and math.isfinite(loss.item())
+
+
+def test_kd_objective_is_the_documented_mix() -> None:
+    # regression (docs): the KD student's loss is ½ CE + ½ forward KL at ce_weight 0.5, but docs/methods.md and
+    # params.yaml called it "forward KL + ½ CE"; the field description (the source of docs/params.md) states it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd.config.students import Divergence
+    from kd.distill.loop import Example, token_objective
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids, start = torch.randint(0, V, (10,)).tolist(), 4
+    teacher = stored(logits(20)[: 10 - start], K)
+    w = 0.3
+    kd = Divergence(divergence="forward_kl", ce_weight=w)
+    got, _ = token_objective(model, kd, None, 0, 1).loss([Example(ids, start, teacher)], 10 - start)
+    z = model(torch.tensor([ids])).logits[0, start - 1:-1].float()
+    ce = torch.nn.functional.cross_entropy(z, torch.tensor(ids[start:]))
+    want = w * ce + (1 - w) * topk_divergence(z, *teacher, "forward_kl").mean()
+    torch.testing.assert_close(got, want)
+    assert "w·CE + (1 − w)·divergence" in Divergence.model_fields["ce_weight"].description

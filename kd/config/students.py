@@ -72,9 +72,12 @@ class Divergence(Strict):
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 -> forward KL, 1 -> reverse KL")
     alpha: float = Field(0.1, ge=0, lt=1, description="skew KLs: the share of the first distribution mixed into the "
                                                       "second (0 = plain KL; DistiLLM uses 0.1)")
-    temperature: float = Field(1.0, gt=0, description="softens both distributions alike; KL-type losses are scaled "
-                                                      "by T², TVD is not")
-    ce_weight: float = Field(0.0, ge=0, le=1, description="mix of cross-entropy on the teacher's tokens")
+    temperature: float = Field(1.0, gt=0, description="both sides are softmax(logits / T) restricted to the teacher's "
+                                                      "top-k + one tail bucket (the logits dataset stores the "
+                                                      "teacher's tail at each T its students use); KL-type losses "
+                                                      "are scaled by T², TVD is not")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="w in the per-token loss w·CE + (1 − w)·divergence, CE on "
+                                                          "the teacher's tokens: 0.5 is ½ CE + ½ divergence")
 
 
 class OnPolicy(Strict):
@@ -157,7 +160,10 @@ class Training(Strict):
         description="an accelerate config file for `accelerate launch --config_file` (e.g. profiles/accelerate/"
                     "fsdp.yaml, deepspeed_zero2.yaml): shards a model too large for one device; TRL objectives only, "
                     "with processes > 1")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="precision of the forward and backward passes: bfloat16 / float16 run them under "
+                               "autocast while the weights and optimizer state stay float32 (float16 with loss "
+                               "scaling); the trained model is saved in this dtype")
     freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
                                                     "this many bottom transformer layers: faster steps, and a "
                                                     "from_teacher student keeps the teacher's own lower layers")

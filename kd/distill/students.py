@@ -137,7 +137,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
             case "grpo" | "rloo":
                 result = rl.train_rl(name, cfg, params, root, model, tok, records, job.ckpt_dir, job.device, on_step)
             case "on_policy":
-                teacher, _ = load_teacher(params, cfg.on_policy.teacher, root, dtype=job.dtype)
+                teacher, _ = load_teacher(params, cfg.on_policy.teacher, root, dtype=job.declared)
                 result = train_on_policy(model, tok, teacher.to(job.device), records, t, cfg.on_policy, job.ckpt_dir,
                                          job.device, on_step)
             case _:

@@ -149,7 +149,10 @@ class Training(Strict):
     max_length: int = Field(512, ge=8, description="prompt + completion tokens per example; longer completions are cut")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    seed: int = Field(0, description="data order, random init and sampling; same seed, same model (on CPU)")
+    seed: int = Field(0, description="which records `subsample` draws, the random init (from_config), data order "
+                                     "and sampling; same seed, same model (on CPU)")
+    subsample: int | None = Field(None, ge=1, description="train on this many of the datasets' records, drawn by "
+                                                          "`seed` (null: all of them)")
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")

@@ -27,7 +27,7 @@ from kd.distill import checkpoint, ranks
 from kd.distill.loop import Result
 from kd.errors import KdError
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
-from kd.records import atomic_write_text, ensure_writable, read_dataset, write_json
+from kd.records import atomic_write_text, ensure_writable, read_dataset, sha256_text, write_json
 from kd.runtime.device import resolve_device, training_dtypes
 from kd.runtime.init import init_digest
 from kd.runtime.models import DatasetRef, MlflowRef, ModelInfo, save_model
@@ -48,6 +48,16 @@ def read_training_data(root: Path, names: list[str]) -> tuple[list[dict[str, Any
                 seen.add(r["id"])
                 records.append(r)
     return records, refs
+
+
+def subsample(records: list[dict[str, Any]], t: Any) -> list[dict[str, Any]]:
+    """`training.subsample` of the records, drawn by `training.seed` (all when it is None or not smaller), in
+    their order. A record is kept by the rank of sha256(seed, its id): the draw of one record does not depend on
+    the others, so adding records to a dataset moves few of the drawn ones."""
+    if t.subsample is None or t.subsample >= len(records):
+        return records
+    kept = set(sorted(range(len(records)), key=lambda i: sha256_text(f"{t.seed}:{records[i]['id']}"))[:t.subsample])
+    return [r for i, r in enumerate(records) if i in kept]
 
 
 def final_metrics(result: Result) -> dict[str, Any]:

@@ -283,6 +283,7 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
     if not records:
         raise envelope.no_records("reward_models", name, cfg.datasets)
     trained, held = split(records, cfg.held_out, f"reward_models.{name}.datasets")
+    trained = envelope.subsample(trained, t)  # the held-out prompts stay the same whatever the seed
     job = envelope.prepare(name, "reward_models", cfg, params, root, refs)
     model, tok = init_reward_model(cfg, params, root, name, dtype=job.dtype)
     freeze(model, t.freeze_layers, f"reward_models.{name}.training.freeze_layers")

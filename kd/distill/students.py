@@ -88,6 +88,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     records, refs = envelope.read_training_data(root, cfg.datasets)
     if not records:
         raise envelope.no_records("students", name, cfg.datasets)
+    records = envelope.subsample(records, t)
     job = envelope.prepare(name, "students", cfg, params, root, refs, logits_ref(cfg, root))
     model, tok = init_student(cfg.init, params, root, dtype=job.dtype, seed=t.seed, key=f"students.{name}.init")
     model.to(job.device)

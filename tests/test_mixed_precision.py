@@ -31,7 +31,7 @@ def _losses(root: Path, name: str) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_bf16_training_moves_the_weights_and_follows_fp32(tmp_path: Path, tiny_model_dir: Path,
+def test_bf16_training_moves_the_weights_and_follows_fp32(tmp_path: Path, tiny_model_dir: Path, tracking: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # regression: `training.dtype: bfloat16` ran AdamW on bf16 weights; at lr 1e-5 an update is below half an ulp
     # of most weights, and only ~2% of them moved at all in 20 steps
@@ -40,8 +40,6 @@ def test_bf16_training_moves_the_weights_and_follows_fp32(tmp_path: Path, tiny_m
                 for n, d in (("f32", "float32"), ("b16", "bfloat16"))}
     root = make_student_project(tmp_path / "p", tiny_model_dir, students, logits=False)
     monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv(STOP_ENV, raising=False)
     moved: list[float] = []
     train = loop.train
 

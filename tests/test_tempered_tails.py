@@ -106,3 +106,16 @@ def test_feature_stage_declares_its_students_temperatures() -> None:
     assert tail_temperatures(params.students, "sft_logits") == (0.5, 2.0)
     reads = dataset_reads("sft_logits", params.datasets["sft_logits"], params, ROOT)
     assert {"students.student_fkl.kd.temperature", "students.student_t05.kd.temperature"} <= set(reads["params"])
+
+
+def test_served_teacher_cannot_give_tails_at_other_temperatures(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # a server returns top-k log-probs only: the tail at T ≠ 1 is unknown, said in one line before any request
+    from test_feature_served import served
+
+    from kd.runtime.served import ServedFeatures
+
+    cfg = Feature(method="feature", teacher="tiny", dataset="src", top_k=K, max_length=96)
+    teacher = ServedFeatures("tiny", served("http://127.0.0.1:9", tiny_model_dir), tmp_path)
+    with pytest.raises(KdError) as e:
+        elicit_features("logits", cfg, teacher, tmp_path / "data", tmp_path / "cache", temperatures=(2.0,))
+    assert str(e.value).startswith("datasets.logits: students train on it at temperature 2") and "\n" not in str(e.value)

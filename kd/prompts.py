@@ -9,19 +9,17 @@ block renders to one chat message. Its header comment declares the variables it 
 Seed text and teacher outputs only ever enter as variable values, so `{{ ... }}` inside them is printed
 literally and never rendered a second time.
 
-The sandbox also keeps a template to the project and to a bounded, reproducible output: it loads only `.jinja`
-files whose real path lies inside the project directory (no `..`, absolute path or symlink out of it; that also
-keeps `.env` and params.yaml out), it has no `lipsum` (random text), an expression that prints a function or an
-object (whose text holds a memory address) is an error, and no rendered message, string operation or width may
-exceed MAX_TEXT characters.
+Templates stay in the project: only `.jinja` files whose real path lies inside the project directory load (no
+`..`, absolute path or symlink out of it; that also keeps `.env` and params.yaml out). The sandbox itself
+(kd.sandbox) bounds a render in time, memory and size and prints plain data only, so a prompt is reproducible.
+Every failure is one line naming the template (and the row): the template's fault stops the stage; a row too
+long for any prompt (TooLong) is rejected as that row's fault.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,121 +28,17 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta
-from jinja2.compiler import CodeGenerator
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
 from kd.errors import KdError
+from kd.sandbox import MAX_TEXT, Sandbox, guarded_filter, stable
+from kd.watchdog import Runaway, unwatch, watch
 
+__all__ = ["MAX_TEXT", "BLOCKS", "Prompt", "TooLong", "declared_variables", "environment", "load_prompt",
+           "read_template"]
 BLOCKS = ("system", "user")
-MAX_TEXT = 8_000_000  # characters in one rendered message: ≈2M tokens, past every context window, so a long row
-# (1 MB for a long-context teacher) renders and is judged by the teacher (`too_long`), not by the sandbox
 _HEADER = re.compile(r"\A\s*\{#-?(.*?)-?#\}", re.DOTALL)
 _VARS_LINE = re.compile(r"^\s*vars:\s*(.*)$", re.MULTILINE)
-
-
-def _stable(value: Any) -> Any:
-    """`finalize` of every `{{ }}`: only plain data prints; a function or an object prints its memory address,
-    which would change the request (and its cache key) on every run."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        for v in value:
-            _stable(v)
-        return value
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _stable(k), _stable(v)
-        return value
-    raise SecurityError(f"prints a {type(value).__name__}, whose text is not the same from run to run")
-
-
-_WIDTH = re.compile(r"\d{7,}")  # a width or precision of a million or more in a %- or {}-format string
-_WIDTH_ARGS = ("center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap", "truncate", "safe_range")
-
-
-def _sized(value: Any, what: str) -> Any:
-    """`value` if it is within MAX_TEXT characters or items; a `range` stands for a text about to be built."""
-    if isinstance(value, str | list | tuple | dict | range) and len(value) > MAX_TEXT:
-        raise SecurityError(f"{what} makes {len(value)} characters or items; the limit is {MAX_TEXT}")
-    return value
-
-
-def _precheck(name: str, args: tuple, kwargs: dict) -> None:
-    """Refuse a call that would build a text past MAX_TEXT before it is built (a check after would be too late)."""
-    values = [*args, *kwargs.values()]
-    strs = [a for a in values if isinstance(a, str)]
-    if name in _WIDTH_ARGS:
-        for a in values:
-            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEXT:
-                raise SecurityError(f"{name}: {a} exceeds the limit of {MAX_TEXT} characters")
-    if name in ("format", "%") and any(_WIDTH.search(a) for a in strs):
-        raise SecurityError(f"{name}: a format width over {MAX_TEXT} characters")
-    if name == "replace" and len(strs) >= 3:
-        text, old, new = strs[:3]
-        grows = (text.count(old) if old else len(text) + 1) * max(len(new) - len(old), 0)
-        _sized(range(len(text) + grows), name)
-    if name == "join":
-        items = next((a for a in values if isinstance(a, list | tuple)), [])
-        _sized(range(sum(len(i) for i in items if isinstance(i, str)) + len(items) * sum(map(len, strs))), name)
-
-
-def _guarded_filter(name: str, f: Any) -> Any:
-    @functools.wraps(f)  # keeps Jinja's pass_context / pass_environment marks
-    def run(*args: Any, **kwargs: Any) -> Any:
-        _precheck(name, args, kwargs)
-        return _sized(f(*args, **kwargs), name)
-    return run
-
-
-class _BoundedConcat(CodeGenerator):
-    """Compiles `a ~ b` so that its result is size-checked: a doubling `~` loop stops at MAX_TEXT."""
-
-    def visit_Concat(self, node: Any, frame: Any) -> None:
-        self.write("environment.sized(")
-        super().visit_Concat(node, frame)
-        self.write(", '~')")
-
-
-class Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox with every way to build text bounded by MAX_TEXT (Jinja bounds only `range`, to
-    MAX_RANGE items): `'a' * 10**8`, `2 ** 10**8`, a doubling `~` or `+` loop, `x.center(10**9)`, a huge
-    format width or `replace`/`join` fail at once instead of filling memory."""
-
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-    code_generator_class = _BoundedConcat
-
-    @staticmethod
-    def sized(value: Any, what: str) -> Any:
-        return _sized(value, what)
-
-    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-        if op == "*":
-            _sized(range(_product_len(left, right)), "*")
-        elif op == "**" and _power_digits(left, right) > MAX_TEXT:
-            raise SecurityError(f"`**` would build a number of over {MAX_TEXT} digits")
-        elif op == "%":
-            _precheck("%", (left,), {})
-        result = {"*": operator.mul, "**": operator.pow, "+": operator.add, "%": operator.mod}[op](left, right)
-        return _sized(result, op)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        name = getattr(__obj, "__name__", "a call")
-        bound = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # "{:9}".format is wrapped by Jinja
-        _precheck(name, (bound, *args) if isinstance(bound, str) else args, kwargs)
-        return _sized(super().call(__context, __obj, *args, **kwargs), name)
-
-
-def _product_len(a: Any, b: Any) -> int:
-    for seq, n in ((a, b), (b, a)):
-        if isinstance(seq, str | list | tuple) and isinstance(n, int):
-            return len(seq) * max(n, 0)
-    return 0
-
-
-def _power_digits(a: Any, b: Any) -> int:
-    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0:
-        return int(b * math.log10(abs(a))) + 1
-    return 0
 
 
 def _within(root: Path, name: str) -> Path:
@@ -184,11 +78,13 @@ def environment(root: str) -> Sandbox:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,  # an include ends its line like inline text would
-        finalize=_stable,
+        finalize=stable,
+        optimized=False,  # constant folding would run `~` and attribute lookups past the sandbox's checks
     )
-    # kept: range (bounded by the sandbox), dict, namespace, cycler, joiner: plain data, same text every run
+    # kept: range (bounded by the sandbox), dict, namespace, cycler, joiner; they print nothing themselves (a
+    # cycler's or joiner's text is refused as not plain). Gone: `lipsum` and `|random`, a new text every run.
     del env.globals["lipsum"]
-    env.filters = {name: _guarded_filter(name, f) for name, f in env.filters.items()}
+    env.filters = {name: guarded_filter(name, f) for name, f in env.filters.items() if name != "random"}
     return env
 
 
@@ -229,43 +125,91 @@ class Prompt:
             where: what is being rendered (e.g. `seeds/q.jsonl row 3`), named in any error after the template.
 
         Raises:
+            TooLong: the row is at fault: its values make over a quarter of MAX_TEXT characters and the message
+                passes MAX_TEXT, a size bound or the render budget (the stage rejects that record as `too_long`).
             KdError: one line naming the template (and `where`): a missing variable, a sandbox violation, a message
-                over MAX_TEXT characters, endless recursion.
+                over MAX_TEXT characters, a render past its time or memory budget (kd.watchdog), any other error.
         """
         at = f"{self.path}{f' ({where})' if where else ''}"
         missing = sorted(set(self.variables) - set(variables))
         if missing:
             raise KdError(f"{at}: no value given for declared variable(s) {', '.join(missing)}")
         ctx = self._template.new_context({k: variables[k] for k in self.variables})
-        messages = []
-        for block in BLOCKS:
-            fn = self._template.blocks.get(block)
-            if fn is None:
-                continue
+        messages, w, block = [], None, ""
+        try:
+            w = watch()
             try:
-                text = _bounded(fn(ctx), at, block).strip()
-            except SecurityError as e:
-                raise KdError(f"{at}: blocked by the template sandbox: {e}") from None
-            except jinja2.UndefinedError as e:
-                raise KdError(f"{at}: {e.message}") from None
-            except jinja2.TemplateError as e:
-                raise KdError(f"{at}: template error while rendering: {e}") from None
-            except RecursionError:
-                raise KdError(f"{at}: the {block} block calls itself without end (self.{block}(), a macro or an "
-                              f"include of itself)") from None
-            if text:
-                messages.append({"role": block, "content": text})
+                for block in BLOCKS:
+                    fn = self._template.blocks.get(block)
+                    if fn is not None and (text := _bounded(fn(ctx), block).strip()):
+                        messages.append({"role": block, "content": text})
+            finally:
+                unwatch(w)
+        except Runaway:
+            spent = w[2] if w else "its budget"
+            if _size(variables) > MAX_TEXT // 4:  # work on a row of millions of characters: the row's fault
+                raise _too_long(at, self.path, variables, f"rendering the {block} message took over {spent}") from None
+            raise KdError(f"{at}: stopped after {spent}: the template runs away (a loop, recursion or a value "
+                          f"growing without end)") from None
+        except (SecurityError, _Overflow) as e:
+            if _size(variables) > MAX_TEXT // 4:  # a long row printed once or a few times: the row's fault
+                raise _too_long(at, self.path, variables, f"the {block} message passes {MAX_TEXT} characters") \
+                    from None
+            why = _line(e) if isinstance(e, _Overflow) else f"blocked by the template sandbox: {_line(e)}"
+            raise KdError(f"{at}: {why}") from None
+        except jinja2.UndefinedError as e:
+            raise KdError(f"{at}: {_line(e.message)}") from None
+        except jinja2.TemplateError as e:
+            raise KdError(f"{at}: template error while rendering: {_line(e)}") from None
+        except RecursionError:
+            raise KdError(f"{at}: the {block} block calls itself without end (self.{block}(), a macro or an include "
+                          f"of itself)") from None
+        except Exception as e:  # noqa: BLE001 - `{{ 1/0 }}`, `{{ 9**5000 }}` (too many digits to print) …
+            raise KdError(f"{at}: template error while rendering: {type(e).__name__}: {_line(e)}") from None
         return messages
 
 
-def _bounded(pieces: Iterable[str], at: str, block: str) -> str:
+class _Overflow(Exception):  # noqa: N818
+    """A message past MAX_TEXT characters (see `_bounded`)."""
+
+
+class TooLong(KdError):
+    """A row too long for any message: the row's fault, so the record is rejected (`too_long`), not the stage
+    failed. `digest` stands for the request it could not become (sha256 of the template and the values)."""
+
+    def __init__(self, message: str, digest: str) -> None:
+        super().__init__(message)
+        self.digest = digest
+
+
+def _size(variables: dict[str, Any]) -> int:
+    """Characters of the text a row passes (strings, and lists of them such as demos)."""
+    return sum(len(v) if isinstance(v, str) else sum(len(x) for x in v if isinstance(x, str))
+               if isinstance(v, list | tuple) else 0 for v in variables.values())
+
+
+def _too_long(at: str, path: str, variables: dict[str, Any], why: str) -> TooLong:
+    h = hashlib.sha256(f"kd too long\n{path}".encode())
+    for k in sorted(variables):
+        h.update(f"\n{k}={variables[k]!s}".encode("utf-8", "surrogatepass"))
+    return TooLong(f"{at}: {why} with this row's {_size(variables)} characters; the row is rejected as too long",
+                   h.hexdigest())
+
+
+def _line(e: Any) -> str:
+    """An error's text on one short line (it may quote the template's values)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _bounded(pieces: Iterable[str], block: str) -> str:
     """The rendered text, stopped as soon as it passes MAX_TEXT characters (a loop can print without end)."""
     out, size = [], 0
     for piece in pieces:
         size += len(piece)
         if size > MAX_TEXT:
-            raise KdError(f"{at}: the {block} message passes {MAX_TEXT} characters; a template renders a prompt, "
-                          f"not a corpus")
+            raise _Overflow(f"the {block} message passes {MAX_TEXT} characters; a template renders a prompt, not a "
+                            f"corpus")
         out.append(piece)
     return "".join(out)
 

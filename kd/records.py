@@ -16,6 +16,7 @@ from typing import Any
 from kd import __version__
 from kd.errors import KdError
 from kd.paths import DATA_DIR
+from kd.secrets import scrub_known
 
 RECORDS_FILE = "records.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -24,6 +25,10 @@ CARD_FILE = "README.md"
 # Fields that describe where a record came from; everything else is content and goes into the id.
 NON_CONTENT_FIELDS = ("id", "provenance")
 MANIFEST_KEYS = ("name", "method", "files", "fingerprint", "records", "rejected")  # what readers of a manifest use
+# nesting levels of one JSONL row (kd's own records: 5). Python's json reads up to ~1,000 and then raises
+# RecursionError; a row nested a few hundred deep still loads but breaks whatever recurses into it next (hashing,
+# rendering, writing) in a deeper stack, so a row is refused at the door, naming its file and line.
+MAX_ROW_DEPTH = 64
 
 
 def canonical_json(obj: Any) -> str:
@@ -144,7 +149,8 @@ class DatasetWriter:
         return record["id"]
 
     def reject(self, row: dict[str, Any]) -> None:
-        self.rejected.append((row["reason"], canonical_json(row)))
+        # a server's words are scrubbed where they arrive (kd.runtime.openai); this is the last gate before a DVC output
+        self.rejected.append((row["reason"], scrub_known(canonical_json(row))))
 
     def close(self, templates: dict[str, str], teacher: dict[str, Any] | None, extra: dict[str, Any] | None = None,
               card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
@@ -249,9 +255,27 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise KdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise KdError(f"{path}:{n}: nested deeper than {MAX_ROW_DEPTH} levels") from None
             if not isinstance(row, dict):
                 raise KdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            if line.count("[") + line.count("{") > MAX_ROW_DEPTH and _deeper_than(row, MAX_ROW_DEPTH):  # count: cheap
+                raise KdError(f"{path}:{n}: nested deeper than {MAX_ROW_DEPTH} levels")
             yield row
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests more than `limit` levels of objects and arrays (without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values() if isinstance(x, dict | list))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v if isinstance(x, dict | list))
+    return False
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

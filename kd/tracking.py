@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kd import __version__
 from kd.paths import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
-from kd.secrets import REDACTED, is_secret_key, looks_secret
+from kd.secrets import REDACTED, is_secret_key, looks_secret, scrub_known
 
 MAX_PARAM_CHARS = 6000  # MLflow truncates longer values with a warning; we cut them ourselves, visibly
 MAX_DIGEST_CHARS = 36  # MLflow rejects longer dataset digests
@@ -94,8 +94,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 def redact(flat: dict[str, str]) -> dict[str, str]:
-    """Replace values whose key names a secret, or that look like a key themselves, by `***`."""
-    return {k: REDACTED if is_secret_key(k.rsplit(".", 1)[-1]) or looks_secret(v) else v
+    """Replace values whose key names a secret, that look like a key themselves, or that hold a key kd knows in any
+    encoding (kd.secrets.scrub_known), by `***`."""
+    return {k: REDACTED if is_secret_key(k.rsplit(".", 1)[-1]) or looks_secret(v) or scrub_known(v) != v else v
             for k, v in flat.items()}
 
 

@@ -25,6 +25,11 @@ exactly N requests were answered before the kill. `api_key`: requests without `A
 <api_key>` get 401 (whose body echoes the key it got, as real servers partly do, to test scrubbing).
 `served_model`: the model name its answers report (OpenAI reports a dated snapshot of the one asked for).
 
+Hostile servers: `echo(key)` (the key a request carried) gives raw JSON text that 401 and "context" error
+messages end with, put into the body unescaped, so it may hold the key JSON-escaped (`\\/`, `\\u002d`),
+percent-encoded or in base64 as a server would echo it. `usage_json`: the raw JSON text of every answer's `usage`
+(`{"prompt_tokens": 1e400}` cannot be written with json.dumps).
+
 Batch API (`/v1/files`, `/v1/batches`): an uploaded JSONL file becomes a batch that reports `in_progress` for
 `batch_polls` polls, then `batch_end` ("completed", or "failed"/"expired"/"cancelled": no output). Its lines are
 answered like online requests; `batch_faults` are consumed one per line ("context", "filter": the line goes to the
@@ -76,7 +81,8 @@ class FakeOpenAI:
                  answer: Callable[[list[dict[str, Any]]], str] | None = None,
                  kill_pid_at: int | None = None, api_key: str | None = None,
                  served_model: str | None = None, port: int = 0,
-                 prompt_logprobs: Callable[[list[int], int], list[Any]] | None = None, max_logprobs: int = 20) -> None:
+                 prompt_logprobs: Callable[[list[int], int], list[Any]] | None = None, max_logprobs: int = 20,
+                 echo: Callable[[str], str] | None = None, usage_json: str | None = None) -> None:
         unknown = [f for f in faults or [] if f not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
@@ -90,6 +96,8 @@ class FakeOpenAI:
         self.port = port  # 0: a free one
         self.prompt_logprobs = prompt_logprobs
         self.max_logprobs = max_logprobs  # vLLM's --max-logprobs: asking for more is a 400
+        self.echo = echo
+        self.usage_json = usage_json
         self.timeout_sleep_s = 2.0  # how long a "timeout" fault stalls before answering anyway
         self.received = 0  # POSTs to /v1/chat/completions (and /v1/completions when served)
         self.answered = 0  # complete, valid 200 completions sent
@@ -207,6 +215,8 @@ def model_prompt_logprobs(model_dir: Any) -> Callable[[list[int], int], list[Any
     return compute
 
 
+_ECHO = "@@fake-echo@@"  # stands for raw text put into a body after json.dumps
+
 # What nginx sends when the model server behind it is down: several lines of HTML.
 _BAD_GATEWAY = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
                 b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
@@ -255,7 +265,13 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None,
-               code: str | int | None = None) -> None:
+               code: str | int | None = None, echo: bool = False) -> None:
+        if echo and self.fake.echo is not None:  # raw text after the message, as the server wrote it
+            data = json.dumps({"error": {"message": message + _ECHO, "type": kind, "code": code or status}}).encode()
+            got = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            self._send_raw(status, data.replace(_ECHO.encode(), self.fake.echo(got).encode()), "application/json",
+                           headers)
+            return
         self._send(status, {"error": {"message": message, "type": kind, "code": code or status}}, headers)
 
     def do_GET(self) -> None:
@@ -296,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
             auth = self.headers.get("Authorization", "")
             if auth != f"Bearer {fake.api_key}":
                 got = auth.removeprefix("Bearer ")
-                self._error(401, f"Incorrect API key provided: {got}", "invalid_api_key")
+                self._error(401, f"Incorrect API key provided: {got}", "invalid_api_key", echo=True)
                 return
         match fault:
             case "429":
@@ -314,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             case "context":
                 self._error(400, "This model's maximum context length is 8192 tokens. However, your messages resulted "
                             "in 9100 tokens. Please reduce the length of the messages.", "invalid_request_error",
-                            code="context_length_exceeded")
+                            code="context_length_exceeded", echo=True)
                 return
             case "filter":
                 self._error(400, "The response was filtered due to the prompt triggering content management policy.",
@@ -346,7 +362,13 @@ class _Handler(BaseHTTPRequestHandler):
                         f"allowed: {fake.max_logprobs}", "BadRequestError")
             return
         finish = "length" if fault == "length" else "stop"
-        if self._send(200, fake.completion(body, finish)):
+        if fake.usage_json is not None:
+            data = json.dumps({**fake.completion(body, finish), "usage": _ECHO}).encode()
+            sent = self._send_raw(200, data.replace(json.dumps(_ECHO).encode(), fake.usage_json.encode()),
+                                  "application/json")
+        else:
+            sent = self._send(200, fake.completion(body, finish))
+        if sent:
             with fake._lock:
                 fake.answered += 1
 

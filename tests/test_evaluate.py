@@ -19,6 +19,7 @@ from kd.config import load_params
 from kd.errors import KdError
 from kd.evaluation.evaluate import TeacherView, contains_match, evaluate, exact_match, normalise, summary
 from kd.evaluation.outputs import write_reports
+from kd.evaluation.results import NOT_ROWS
 
 FP = {"sft": "ab" * 32, "sft_logits": "cd" * 32}
 NEWLINE = 198  # "\n" in the teacher's tokenizer
@@ -87,7 +88,7 @@ def test_copy_of_teacher_agrees_exactly(project, result):
     m = metrics(project)
     assert m["student_same"]["kl"] == 0.0
     assert m["student_same"]["rouge_l"] == 1.0
-    for k in ("judge", "length", "ok_rate", "eos_rate", "distinct_2"):
+    for k in ("judge", "length", "terminates_cleanly", "eos_rate", "distinct_2"):
         assert m["student_same"][k] == m["teacher"][k]
 
 
@@ -142,7 +143,9 @@ def chat_ids_of(project: Path, prompt) -> list[int]:
     ("7 x 8: first 7 x 4 = 28, then 28 x 2 = 56.", "56", True, True),
     ("7 x 8 = 54, so the answer is 54.", "56", False, False),
     ("The answer is: Au", "Au", True, True),
-    ("The symbol for gold is Au.", "Au", False, True),  # states no answer; only `contains` sees it
+    ("The symbol for gold is Au.", "Au", True, True),  # what it says last, after "is", is its answer
+    ("Today is Wednesday.", "Saturday", False, False),
+    ("The first emperor of Rome was Augustus Caesar.", "Augustus", False, True),
     ("560", "56", False, False),  # whole words only
     ("Gaul", "Au", False, False),
     ("", "56", False, False),
@@ -162,13 +165,13 @@ def test_metrics_json_shape_with_intervals(project, result):
     assert list(m)[:5] == ["teacher", "context_free", "baseline", "student_same", "student_other"]
     for name in ("baseline", "student_same", "student_other"):
         row = m[name]
-        assert {"kl", "ok_rate", "eos_rate", "judge", "rouge_l", "distinct_2", "length"} <= set(row)
-        for k in ("kl", "ok_rate", "judge", "rouge_l"):
+        assert {"kl", "terminates_cleanly", "eos_rate", "judge", "rouge_l", "distinct_2", "length"} <= set(row)
+        for k in ("kl", "terminates_cleanly", "judge", "rouge_l"):
             assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"], (name, k, row)
     assert m["teacher"]["kl"] == 0.0 and m["teacher"]["rouge_l"] == 1.0
     assert "likelihood judge `smollm2`" in m["sanity"]
     plots = {p.name for p in (project / "reports/plots").iterdir()}
-    assert {"kl.csv", "ok_rate.csv", "judge.csv"} <= plots
+    assert {"kl.csv", "terminates_cleanly.csv", "judge.csv"} <= plots
     assert (project / "reports/plots/kl.csv").read_text().splitlines()[0] == "model,kl,low,high"
 
 
@@ -183,7 +186,7 @@ def test_report_names_every_model_fingerprint_and_verdict(project, result):
     assert text.count("### eval-") == 4  # ~5 examples, capped by the 4 prompts
     # the tiny random students loop: the report says so before anything else
     first = text.split("## Results")[0]
-    assert "## Read this first" in first and "`student_other` answers properly on only" in first
+    assert "## Read this first" in first and "`student_other` terminates cleanly on only" in first
 
 
 def test_degenerate_answers_are_counted_and_flagged(project, result):
@@ -194,7 +197,7 @@ def test_degenerate_answers_are_counted_and_flagged(project, result):
             assert s.stopped is o.stopped and s.length == o.length
             if not o.text:
                 assert s.degenerate == "empty"
-    ok = result.row("student_other").value("ok_rate")
+    ok = result.row("student_other").value("terminates_cleanly")
     assert ok == sum(s.stopped and s.degenerate is None for s in result.row("student_other").scores) / 4
 
 
@@ -293,10 +296,10 @@ def fb_result(project: Path, fb_params: str, result):
 def test_feedback_adds_its_keys_and_changes_nothing_else(project, result, fb_result):
     base = metrics(project)
     m = json.loads((project / "reports_fb/metrics.json").read_text())
-    assert [k for k in m if k not in ("sanity", "compare")] == [*[k for k in base if k != "sanity"], "reward_model"]
+    assert [k for k in m if k not in NOT_ROWS] == [*[k for k in base if k not in NOT_ROWS], "reward_model"]
     assert m["reward_model"] == RM_METRICS
     for name, row in base.items():
-        if name == "sanity":
+        if name in NOT_ROWS:
             continue
         assert {k: v for k, v in m[name].items() if not k.startswith(tuple(NEW_KEYS))} == row  # generation unchanged
         if name != "context_free":
@@ -425,8 +428,8 @@ def test_win_rate_counts_with_a_scripted_judge(tmp_path, project):
     m = json.loads(metrics_json(run))
     assert m["s"] == {"win_rate": round(3.5 / 6, 4), "win_rate_lo": m["s"]["win_rate_lo"],
                            "win_rate_hi": m["s"]["win_rate_hi"], "wins": 2, "ties": 3, "losses": 1,
-                           "unparseable": 1, "inconsistent": 1, "judge_consistency": 0.8, "ok_rate": 0.0,
-                           "eos_rate": 0.0, "ok_rate_lo": 0.0, "ok_rate_hi": 0.0, "eos_rate_lo": 0.0,
+                           "unparseable": 1, "inconsistent": 1, "judge_consistency": 0.8, "terminates_cleanly": 0.0,
+                           "eos_rate": 0.0, "terminates_cleanly_lo": 0.0, "terminates_cleanly_hi": 0.0, "eos_rate_lo": 0.0,
                            "eos_rate_hi": 0.0}
     assert m["copycat"]["ties"] == 7 and "judge_consistency" not in m["copycat"]  # all identical: never asked
     assert "wins" not in m["baseline"] and run.feedback.against == "baseline"

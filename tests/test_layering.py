@@ -16,6 +16,7 @@ from kd.pipeline.code import imported_files, kd_imports
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = (
     ("ground", ("kd/__init__.py", "kd/errors.py", "kd/secrets.py", "kd/paths.py", "kd/records.py", "kd/prompts.py",
+                "kd/sandbox.py", "kd/watchdog.py",
                 "kd/tracking.py", "kd/stage.py", "kd/config/")),
     ("cache", ("kd/cache/",)),
     ("runtime", ("kd/runtime/",)),

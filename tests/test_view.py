@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
-from viewproject import SCRIPT, build_view_project
+from viewproject import SCRIPT, shared_view_project
 
 from kd.view import index as view_index
 from kd.view.app import create_app
@@ -21,12 +21,13 @@ from kd.view.index import VIEW_DIR
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_view_project(tmp_path_factory.mktemp("view") / "project")
+    return shared_view_project(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def client(project: Path) -> TestClient:
-    return TestClient(create_app(project), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    # the pipeline page's forecast runs in a worker process: wait for it (a real page shows "computing…" after 5 s)
+    return TestClient(create_app(project, wait_s=120), base_url="http://127.0.0.1", raise_server_exceptions=False)
 
 
 def rows(root: Path, name: str) -> list[dict[str, Any]]:
@@ -252,11 +253,11 @@ def test_browser_walks_the_pages(browser, project):
     import shutil
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver, base, shots = browser
-    driver.get(base + "/")
-    assert "will run" in driver.find_element(By.TAG_NAME, "main").text
+    driver.get(base + "/")  # the forecast is computed in the background; the page reloads itself until it is there
+    WebDriverWait(driver, 60).until(lambda d: "will run" in d.find_element(By.TAG_NAME, "main").text)
     shot(driver, shots, "pipeline")
     driver.find_element(By.LINK_TEXT, "data/derived").click()
     assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Dataset derived")

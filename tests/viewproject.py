@@ -83,6 +83,18 @@ def _commit(root: Path, message: str) -> None:
     _git(root, "commit", "-q", "-m", message)
 
 
+def shared_view_project(factory: Any) -> Path:
+    """The view project, built once per test session (it takes seconds) under pytest's base temporary directory:
+    the modules that read it share it (one that changes it restores it, or works on a copy)."""
+    root = factory.getbasetemp() / "view-shared" / "project"
+    if not (root.parent / "built").is_file():
+        if root.parent.exists():
+            shutil.rmtree(root.parent)
+        build_view_project(root)
+        (root.parent / "built").touch()
+    return root
+
+
 def build_view_project(root: Path) -> Path:
     from kd.config import load_params
     from kd.pipeline.spec import dvc_yaml

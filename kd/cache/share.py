@@ -13,7 +13,10 @@ so that:
 - safe with concurrent writers: nothing on the remote is ever overwritten (a pack's name is its content's hash;
   two teammates pushing the same entries make two packs, and pull takes each key once);
 - verified: every entry is checked with its kind's one check (`check_entry`, `entry_problem`) before it is sent or
-  installed; a bad one is reported and skipped, and the transfer goes on with the rest.
+  installed; a bad one is reported and skipped, and the transfer goes on with the rest;
+- bounded: a pack is decompressed as it is read, a line at a time, and installed in batches, so a pull holds at most
+  one batch in memory; a pack that decompresses past PACK_MAX_BYTES, or past PACK_MAX_RATIO times its compressed
+  size, is a gzip bomb, not kd's: it is refused in one line and the other packs install.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,14 @@ from kd.errors import KdError
 from kd.paths import CACHE_DIR
 
 TOP = "kd-cache"
-PACK_ENTRIES = 50_000  # entries per pack: bounds the memory one pack takes to build or install
+PACK_ENTRIES = 50_000  # entries per pack: bounds the memory one pack takes to build
+# Limits on a pack pulled from a remote. kd's own packs measure 1.2 KB an entry and 4.6x gzip (the default build's
+# 136 entries: 164 KB in 35 KB), so a full pack is ~60 MB in ~13 MB: the limits leave 16x room for long answers.
+PACK_MAX_BYTES = 1 << 30  # decompressed bytes of one pack
+PACK_MAX_RATIO = 200  # decompressed / compressed bytes, judged once a pack is past RATIO_FROM
+RATIO_FROM = 16 << 20  # below this a pack is small whatever its ratio (a few repetitive answers compress far better)
+ENTRY_MAX_BYTES = 16 << 20  # one entry (one line of a pack): room for an answer of millions of characters
+INSTALL_BATCH = 32 << 20  # entries installed a transaction at a time while a pack is read: the memory a pull holds
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,28 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
+class PackRefused(Exception):
+    """A remote pack past the limits on size or compression ratio: refused whole, in one line."""
+
+
+def pack_lines(fs: Any, path: str) -> Iterator[bytes]:
+    """The entries (lines) of a remote pack, decompressed as they are read; raises PackRefused past the limits,
+    and what gzip or the filesystem raise for a damaged or unreadable pack. A last line without its newline is
+    not an entry (a pack cut short)."""
+    with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        total = 0
+        while line := f.readline(ENTRY_MAX_BYTES + 2):
+            total += len(line)
+            if len(line) > ENTRY_MAX_BYTES + 1:
+                raise PackRefused(f"holds an entry over {ENTRY_MAX_BYTES >> 20} MB")
+            if total > PACK_MAX_BYTES:
+                raise PackRefused(f"decompresses past {PACK_MAX_BYTES >> 20} MB (the limit for one pack)")
+            if total > RATIO_FROM and total > PACK_MAX_RATIO * max(raw.tell(), 1):
+                raise PackRefused(f"decompresses past {PACK_MAX_RATIO}x its size (kd's packs: about 5x)")
+            if line.endswith(b"\n"):
+                yield line[:-1]
+
+
 def pack(entries: list[tuple[str, bytes]]) -> tuple[str, bytes, bytes]:
     """(name, pack bytes, key list bytes) of entries: deterministic bytes, named by their sha256."""
     entries = sorted(entries)
@@ -310,26 +342,11 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
         here = cache.present(keys)
         cache.note_pack(name, here, complete=False)
         lacking = {k for k in keys if k not in here}
-        good, refused = [], []
-        if lacking:
-            path = fs.join(base, "packs", f"{name}.jsonl.gz")
-            try:
-                lines = gzip.decompress(fs.cat_file(path)).split(b"\n")[:-1]
-            except Exception as e:  # unreadable or not gzip: its keys are refused, the other packs still come
-                lines, why = [], f"remote pack {path} unreadable ({type(e).__name__})"
-            else:
-                why = f"remote pack {path} holds no entry for it"
-            for i, key in enumerate(keys):
-                if key not in lacking:
-                    continue
-                entry, problem = judge(lines[i], key) if i < len(lines) else (None, why)
-                if problem:
-                    refused.append((key, problem if i >= len(lines) else f"in remote pack {path}, refused: {problem}"))
-                else:
-                    good.append((key, lines[i], entry))
-            moved.moved += cache.insert(good)
-            moved.rejected += refused
-        cache.note_pack(name, [key for key, _, _ in good], complete=not refused)
+        installed, new, refused = _install_pack(cache, fs, fs.join(base, "packs", f"{name}.jsonl.gz"), keys,
+                                                lacking, name) if lacking else ([], 0, [])
+        moved.moved += new
+        moved.rejected += refused
+        cache.note_pack(name, installed, complete=not refused)
     packs = cache.packs()
     unpacked = set(cache.unpacked([packs[n][0] for n in names if n in packs]))
     here = cache.present(loose)  # one file per entry, as pushed before packs existed
@@ -352,6 +369,44 @@ def _pull_requests(cache: RequestCache, fs: Any, base: str, loose: dict[str, str
                 good.append((key, raw, entry))
     moved.moved += cache.insert(good)
     return moved
+
+
+def _install_pack(cache: RequestCache, fs: Any, path: str, keys: list[str], lacking: set[str],
+                  name: str) -> tuple[list[str], int, list[tuple[str, str]]]:
+    """Install the entries of one remote pack this cache lacks, a batch at a time as the pack is read: (keys
+    installed, how many were new, (key, why) refused). A pack past the limits is one refusal, under its name."""
+    installed, refused, batch, size, done, new = [], [], [], 0, 0, 0
+
+    def flush() -> None:
+        nonlocal size, new
+        new += cache.insert(batch)
+        installed.extend(key for key, _, _ in batch)
+        batch.clear()
+        size = 0
+
+    try:
+        for i, line in enumerate(pack_lines(fs, path)):
+            done = i + 1
+            if i >= len(keys) or keys[i] not in lacking:
+                continue
+            entry, problem = judge(line, keys[i])
+            if problem:
+                refused.append((keys[i], f"in remote pack {path}, refused: {problem}"))
+                continue
+            batch.append((keys[i], line, entry))
+            size += len(line)
+            if size >= INSTALL_BATCH:
+                flush()
+        why = f"remote pack {path} holds no entry for it"
+    except PackRefused as e:  # a gzip bomb: one line for the whole pack (its lines read so far were not kd's either)
+        flush()
+        left = len(lacking) - len(installed)
+        return installed, new, [(name, f"remote pack {path} refused: {e}; {left} of its entries not installed")]
+    except Exception as e:  # unreadable or not gzip: its keys are refused, the other packs still come
+        why = f"remote pack {path} unreadable ({type(e).__name__})"
+    flush()
+    refused += [(key, why) for key in keys[done:] if key in lacking]
+    return installed, new, refused
 
 
 def _pull_files(kind: Kind, fs: Any, there: dict[str, str], jobs: int) -> Moved:

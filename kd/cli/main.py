@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from kd.cache import renders
 from kd.cache import share as cache_share
-from kd.cli.term import Style, emit, use_colour
+from kd.cli.term import Style, emit, printable, say, use_colour
 from kd.config import load_params
 from kd.config.docs import PARAMS_DOC, params_reference
 from kd.errors import KdError
@@ -39,7 +40,7 @@ from kd.view.app import LOOPBACK, serve
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate params.yaml, every template and seed file it names, and dvc.yaml against the stage graph."""
-    print(check(Path(args.root)))
+    say(check(Path(args.root)))
     return 0
 
 
@@ -85,32 +86,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     records = read_jsonl(path / manifest["files"]["records"])
     problems = dataset_problems(manifest, records)  # show what is there, not what the manifest claims
     rejected = manifest["rejected"]
-    print(f"{manifest['name']} ({manifest['method']}): {len(records)} records, "
-          f"{sum(rejected.values())} rejected {json.dumps(rejected) if rejected else ''}")
-    print(f"  fingerprint {fingerprint(str(r.get('id')) for r in records)}")
+    say(f"{manifest['name']} ({manifest['method']}): {len(records)} records, "
+        f"{sum(rejected.values())} rejected {json.dumps(rejected) if rejected else ''}")
+    say(f"  fingerprint {fingerprint(str(r.get('id')) for r in records)}")
     for problem in problems:
-        print(f"  DAMAGED     {problem}")
+        say(f"  DAMAGED     {problem}")
     if problems:
-        print(f"  fix         {restore_hint(path)}")
+        say(f"  fix         {restore_hint(path)}")
         return 1
-    print(f"  teacher     {json.dumps(manifest['teacher'])}")
+    say(f"  teacher     {json.dumps(manifest['teacher'])}")
     for t in manifest["templates"]:
-        print(f"  template    {t['path']}  sha256 {t['sha256'][:12]}")
+        say(f"  template    {t['path']}  sha256 {t['sha256'][:12]}")
     rows = read_jsonl(path / manifest["files"]["rejected"]) if args.rejected else records
     width = 100
     for row in rows[: args.n]:
-        print()
+        say()
         if args.rejected:
-            print(f"- rejected: {row['reason']}  ({row.get('template', '')})")
-            print(textwrap.indent(textwrap.shorten(row.get("text", ""), width * 3, placeholder=" …"), "    "))
+            say(f"- rejected: {row['reason']}  ({row.get('template', '')})")
+            say(textwrap.indent(textwrap.shorten(row.get("text", ""), width * 3, placeholder=" …"), "    "))
             continue
         prov = row["provenance"]
-        print(f"- {row['id'][:12]}  {prov['method']}  parents {len(prov['parents'])}  seeds "
-              f"{', '.join(s['id'] for s in prov['seeds']) or '-'}")
+        say(f"- {row['id'][:12]}  {prov['method']}  parents {len(prov['parents'])}  seeds "
+            f"{', '.join(s['id'] for s in prov['seeds']) or '-'}")
         for part in ("prompt", "completion", "messages"):
             for msg in row.get(part, []):
                 text = textwrap.shorten(msg["content"], width * 3, placeholder=" …")
-                print(textwrap.indent(textwrap.fill(f"{msg['role']}: {text}", width), "    "))
+                say(textwrap.indent(textwrap.fill(f"{msg['role']}: {text}", width), "    "))
     return 0
 
 
@@ -119,28 +120,34 @@ def cmd_cache(args: argparse.Namespace) -> int:
     why (and removed with --fix: the next build asks or computes them again)."""
     counts, damaged = cache_share.verify(Path(args.root))
     for d in damaged:
-        print(f"damaged {d.kind[:-1]} entry: {d.where} ({d.problem})")
+        say(f"damaged {d.kind[:-1]} entry: {d.where} ({d.problem})")
     failed = cache_share.fix(Path(args.root), damaged) if args.fix else []
     for d, why in failed:
-        print(f"kd cache: cannot remove {d.where} ({why})", file=sys.stderr)
+        say(f"kd cache: cannot remove {d.where} ({why})", err=True)
     kept = len(failed)
     parts = [f"{kind}: {n} entries, {sum(d.kind == kind for d in damaged)} damaged" for kind, n in counts.items()]
+    memo_rows, bad_memo = renders.verify(cache_share.kinds(Path(args.root))[0].local, fix=args.fix)
+    print("".join(f"damaged render memo row: {m} (does not match the request key it names)\n" for m in bad_memo), end="")
+    parts += [f"render memo: {memo_rows} rows, {len(bad_memo)} damaged{' (removed)' if bad_memo and args.fix else ''}"] \
+        if memo_rows else []
     removed = f" ({len(damaged) - kept} removed)" if damaged and args.fix else ""
     print(f"kd cache verify: {'; '.join(parts)}{removed}")
-    return 1 if (damaged and not args.fix) or kept else 0
+    return 1 if ((damaged or bad_memo) and not args.fix) or kept else 0
 
 
 def _report(args: argparse.Namespace, report: dict, render) -> None:
-    """`--json` for scripts; otherwise text, coloured and paged only on a terminal."""
+    """`--json` for scripts; otherwise text, coloured and paged only on a terminal. Either way the report's text
+    (answers, seed rows, template lines) is made printable before it is styled or printed."""
     if args.json:
         try:  # a million-record diff lists tens of thousands of ids: orjson writes them ~10x faster
             import orjson
 
-            print(orjson.dumps(report, default=str, option=orjson.OPT_INDENT_2).decode())
-        except ImportError:
-            print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+            text = orjson.dumps(report, default=str, option=orjson.OPT_INDENT_2).decode()
+        except (ImportError, TypeError):  # no orjson, or a lone surrogate in the data (orjson refuses it)
+            text = json.dumps(report, indent=2, ensure_ascii=False, default=str)
+        print(printable(text, as_json=True))
         return
-    emit(render(report, Style(use_colour(args.color))), pager=not args.no_pager)
+    emit(render(printable(report), Style(use_colour(args.color))), pager=not args.no_pager)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -181,12 +188,12 @@ def cmd_cache_share(args: argparse.Namespace) -> int:
     push = args.cache_command == "push"
     result = (cache_share.push if push else cache_share.pull)(Path(args.root), args.remote, args.jobs)
     for kind, key, why in result.rejected:
-        print(f"kd cache {args.cache_command}: {kind} {key[:16]}: {why}", file=sys.stderr)
+        say(f"kd cache {args.cache_command}: {kind} {key[:16]}: {why}", err=True)
     words = ("pushed", "already there", "skipped as damaged") if push else ("installed", "already present",
                                                                           "skipped as bad")
     parts = [f"{m.kind}: {m.moved} {words[0]}, {m.already} {words[1]}, {len(m.rejected)} {words[2]}"
              for m in result.kinds]
-    print(f"kd cache {args.cache_command} ({'to' if push else 'from'} remote '{result.remote}'): {'; '.join(parts)}")
+    say(f"kd cache {args.cache_command} ({'to' if push else 'from'} remote '{result.remote}'): {'; '.join(parts)}")
     return 1 if result.rejected else 0
 
 
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.fn(args))
     except KdError as e:
-        print(f"kd: error: {redact(str(e))}", file=sys.stderr)  # no message may carry a key (kd.secrets)
+        say(f"kd: error: {redact(str(e))}", err=True)  # no message may carry a key (kd.secrets)
         sys.exit(2)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from kd.config.base import Strict
+from kd.config.base import Name, Strict
 from kd.config.datasets import (
     Curation,
     Dataset,
@@ -22,7 +22,7 @@ from kd.config.datasets import (
     SelfKnowledge,
     Source,
 )
-from kd.config.errors import format_errors
+from kd.config.errors import format_errors, key_path, one_line
 from kd.config.students import RL, Evaluation, FromConfig, FromTeacher, Rank, RewardModel, Student
 from kd.config.teachers import EmbeddedTeacher, LocalTeacher, OpenAITeacher, Price, Teacher, billed_price
 from kd.config.yamlfile import read_params_yaml
@@ -33,7 +33,7 @@ __all__ = ["Curation", "Dataset", "EmbeddedTeacher", "Evaluation", "Evol", "Expa
            "Judge", "Labeling", "LocalTeacher", "RL", "Rank", "RewardModel", "SelfKnowledge", "Student",
            "OpenAITeacher", "Params", "Price", "Sampling", "Source", "Strict", "Teacher", "Tracking", "billed_price", "dataset_config",
            "dataset_inputs",
-           "dataset_teachers", "load_params", "PARAMS_STAGE"]
+           "dataset_teachers", "load_params", "PARAMS_STAGE", "STAGE_NAMES"]
 
 PARAMS_STAGE = "params"  # the DVC stage that validates params.yaml before any other stage runs (kd.pipeline.spec)
 STAGE_NAMES = (PARAMS_STAGE, "teacher", "evaluate")  # stages of their own: no dataset or model may take the name
@@ -65,13 +65,13 @@ class Params(Strict):
     project: str = Field("kd", pattern=r"^[A-Za-z0-9_.-]+$", description="the MLflow experiment the runs go to")
     embedded_teacher: EmbeddedTeacher = Field(EmbeddedTeacher(), description="the `teacher` stage: a GGUF on PyPI "
                                               "made a local model directory")
-    teachers: dict[str, Teacher] = Field(min_length=1, description="who answers: local models and OpenAI-compatible "
+    teachers: dict[Name, Teacher] = Field(min_length=1, description="who answers: local models and OpenAI-compatible "
                                                                   "servers, by name")
-    datasets: dict[str, Dataset] = Field(default_factory=dict, description="one DVC stage each; `method` chooses "
+    datasets: dict[Name, Dataset] = Field(default_factory=dict, description="one DVC stage each; `method` chooses "
                                                                           "the elicitation method")
-    students: dict[str, Student] = Field(default_factory=dict, description="one DVC stage each: init + objective "
+    students: dict[Name, Student] = Field(default_factory=dict, description="one DVC stage each: init + objective "
                                                                           "-> models/<name>")
-    reward_models: dict[str, RewardModel] = Field(default_factory=dict, description="Bradley-Terry reward models, "
+    reward_models: dict[Name, RewardModel] = Field(default_factory=dict, description="Bradley-Terry reward models, "
                                                                                   "one DVC stage each")
     evaluation: Evaluation | None = Field(None, description="the held-out comparison (the `evaluate` stage)")
     tracking: Tracking = Field(Tracking(), description="MLflow: model artifacts and registry")
@@ -80,20 +80,25 @@ class Params(Strict):
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
         for path, key, value in _walk(data, ()):
-            where = redact(".".join(map(str, path)))  # a key typed as a mapping key is a key too
+            where = redact(key_path(path))  # a key typed as a mapping key is a key too
             if isinstance(key, str) and (is_secret_key(key) and value not in (None, "") or looks_secret(key)):
-                raise KdError(f"params.yaml: {where}: {why_refused(key, '')}")
+                raise KdError(one_line(f"params.yaml: {where}: {why_refused(key, '')}"))
             if isinstance(value, str) and looks_secret(value):
-                raise KdError(f"params.yaml: {where}: {why_refused(str(key), value)}")
+                raise KdError(one_line(f"params.yaml: {where}: {why_refused(str(key), value)}"))
         return data
 
     @model_validator(mode="after")
     def _references(self) -> Params:
+        stage_of: dict[str, str] = {}  # each dataset, student and reward model is the DVC stage of its name
         for section in ("datasets", "students", "reward_models"):
             for name in getattr(self, section):
                 if name in STAGE_NAMES:
                     raise ValueError(f"{section}.{name}: '{name}' names a stage of its own in dvc.yaml; choose "
                                      f"another name (reserved: {', '.join(STAGE_NAMES)})")
+                if name in stage_of and (stage_of[name], section) != ("students", "reward_models"):
+                    raise ValueError(f"{section}.{name}: {stage_of[name]}.{name} has the same name; both would be "
+                                     f"the DVC stage '{name}'")
+                stage_of[name] = section
         for name, ds in self.datasets.items():
             for key, teacher in dataset_teachers(ds).items():
                 if teacher not in self.teachers:
@@ -255,7 +260,8 @@ def dataset_config(params: Params, name: str, method: str) -> Any:
     """The `datasets.<name>` section, checked to be of the stage's method."""
     ds = params.datasets.get(name)
     if ds is None:
-        raise KdError(f"params.yaml: datasets.{name}: not declared (declared: {', '.join(params.datasets) or 'none'})")
+        raise KdError(f"params.yaml: {key_path(('datasets', name))}: not declared "
+                      f"(declared: {', '.join(params.datasets) or 'none'})")
     if ds.method != method:
         raise KdError(f"params.yaml: datasets.{name}.method is '{ds.method}', but this is the {method} stage")
     return ds

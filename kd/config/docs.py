@@ -7,6 +7,7 @@ page and a test fails when the committed page is stale.
 from __future__ import annotations
 
 import json
+import textwrap
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -14,7 +15,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from kd.config import Params
+from kd.config import STAGE_NAMES, Params
+from kd.config.base import NAME, NAME_RULE
+from kd.config.yamlfile import MAX_DEPTH, MAX_INT_DIGITS, MAX_VALUES
 
 PARAMS_DOC = "docs/params.md"
 HEADER = """\
@@ -28,6 +31,13 @@ are read as YAML 1.2 reads them (and DVC): `3e-4` is a float.
 
 A key's type links to the table of its section. `a | b` is a closed choice.
 """
+LIMITS = textwrap.fill(
+    f"Names (the keys of `teachers`, `datasets`, `students` and `reward_models`) are identifiers: {NAME_RULE} "
+    f"(`{NAME.pattern}`), because a name becomes a directory, a DVC stage name, a word of a stage's command and a "
+    f"params key. {', '.join(f'`{n}`' for n in STAGE_NAMES)} are stages of their own; a dataset, a student and a "
+    f"reward model may not share a name. Anchors and aliases may share blocks (`<<: *train`), but a file whose values, "
+    f"aliases expanded, number over {MAX_VALUES} or nest deeper than {MAX_DEPTH} levels is refused (an alias bomb), "
+    f"and so is an integer of more than {MAX_INT_DIGITS} digits.", width=116) + "\n"
 
 
 def _title(model: type[BaseModel]) -> str:
@@ -111,7 +121,7 @@ def _table(model: type[BaseModel], found: list[type[BaseModel]]) -> list[str]:
 def params_reference() -> str:
     """The whole page: Params first, then every model it reaches, breadth first (a stable order)."""
     found: list[type[BaseModel]] = [Params]
-    parts, done = [HEADER], 0
+    parts, done = [HEADER, LIMITS], 0
     while done < len(found):
         parts.append("\n".join(_table(found[done], found)))
         done += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Annotated, Any, Union
@@ -11,6 +12,19 @@ from pydantic import BaseModel, ValidationError
 from kd.secrets import redact
 
 TAGS = ("method", "backend", "kind")  # discriminator fields of the tagged unions in params.yaml
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a key part shown as it is; any other is quoted (ascii: one line, no escapes)
+
+
+def key_path(parts: tuple | list) -> str:
+    """`datasets.sft.sampling`, with a part that is not a plain word quoted: a hostile key (`sft;touch x`, a newline,
+    a terminal escape) is shown as `datasets.'sft;touch x'`, on one line and without sending control characters."""
+    return ".".join(str(p) if isinstance(p, int) or isinstance(p, str) and PLAIN_KEY.fullmatch(p) else ascii(p)
+                    for p in parts)
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character escaped (a message may quote a value the user typed)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
@@ -69,7 +83,7 @@ def format_errors(err: ValidationError, data: Any, model: type[BaseModel], sourc
     lines = []
     for e in err.errors():
         path, loc = _user_path(tuple(e["loc"]), data)
-        where = ".".join(map(str, path)) or "(top level)"
+        where = key_path(path) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
@@ -83,8 +97,8 @@ def format_errors(err: ValidationError, data: Any, model: type[BaseModel], sourc
         elif e["type"].endswith("_type") and isinstance(e.get("input"), str | bool):  # strict: nothing is coerced
             got = "a string (quoted in YAML?)" if isinstance(e["input"], str) else str(e["input"]).lower()
             msg = f"{msg.replace('Input should be', 'must be')}, not {got}"
-        if "." in msg.split(":")[0] and msg.startswith(("datasets.", "teachers.")):
+        if "." in msg.split(":")[0] and msg.startswith(tuple(f"{key}." for key in model.model_fields)):
             lines.append(f"{source}: {msg}")  # cross-reference errors already carry their key path
         else:
             lines.append(f"{source}: {where}: {msg}")
-    return "\n".join(dict.fromkeys(redact(line) for line in lines))
+    return "\n".join(dict.fromkeys(one_line(redact(line)) for line in lines))

@@ -33,10 +33,12 @@ class LocalTeacher(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call; higher = faster, more memory")
     trust_remote_code: bool = Field(False, description="run the Python code (*.py) in the model directory; refused "
-                                                       "unless `code_digest` pins that code")
+                                                       "unless `code_digest` pins that code, and refused whenever a "
+                                                       "config's `auto_map` names code outside the directory")
     code_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
-                                    description="sha256 of the directory's code, required by trust_remote_code "
-                                                "(read the code, then copy in the digest the error prints)")
+                                    description="sha256 of the directory's code and of its *config.json files (their "
+                                                "`auto_map` picks the code), required by trust_remote_code (read the "
+                                                "code, then copy in the digest the error prints)")
     revision: str | None = Field(None, description="a label for the model's version, recorded in provenance")
     price: Price | None = Field(None, description="cost per million tokens; null = free (your own hardware)")
 

@@ -202,7 +202,7 @@ def _from_pretrained(init: FromPretrained, root: Path, dtype: Any, key: str) -> 
 
     local = under(root, init.path)
     where = str(local) if local.is_dir() else init.path  # else a hub id; needs the network
-    trust = trusted_code(local, init, key) if local.is_dir() else init.trust_remote_code  # a hub id: `revision` pins
+    trust = trusted_code(local, init, key)  # a local directory: `code_digest` pins; a hub id: a commit
     kw = {"revision": init.revision, "trust_remote_code": trust}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)

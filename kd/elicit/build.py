@@ -94,7 +94,7 @@ def _streamed(name: str, method: str, m: Streamed, params: Params, cfg: Any, roo
         assert identity == plan.identity, "the forecast planned the requests of another teacher identity"
         asker = Asker(teacher, cache, name)
         asker.cached = plan.cached
-        refused = asker.send(plan.misses(), plan.new)
+        refused = {**plan.refused, **asker.send(plan.misses(), plan.new)}  # rows too long to render, refusals
     finally:
         plan.discard()
     writer, tally = DatasetWriter(data_dir / name, name, method), Tally(name)

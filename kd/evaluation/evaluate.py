@@ -11,7 +11,9 @@ the students were trained (`evaluation.template`: the training template's system
 - the teacher's judge score of the answer: its mean token log-probability with repeated 4-grams scored at a
   floor (kd.runtime.scoring.judge_score), so a loop cannot look likely (a degenerate answer scores the floor);
 - ROUGE-L F1 against the teacher's answer; exact match of the extracted final answer against short seed
-  references, and whether the reference appears as whole words;
+  references, and whether the reference appears as whole words; all three on what the answer adds to the
+  question (kd.runtime.quality.without_echo), and scored also for two cheap answers (the question echoed, a
+  constant) that no row is credited for not beating;
 - the answer's length in tokens (the end-of-turn token not counted).
 Every figure is a ratio of per-prompt sums, so it carries a bootstrap interval over prompts (kd.evaluation.stats).
 With `evaluation.reward_model` / `judge`, kd.evaluation.feedback adds rewards, win rates and the sanity set.
@@ -26,6 +28,7 @@ et al. 2020, "The Curious Case of Neural Text Degeneration" (repetition in greed
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import unicodedata
@@ -58,7 +61,15 @@ from kd.runtime.init import init_student
 from kd.runtime.local import generate_ids
 from kd.runtime.models import directory_digest, load_teacher, read_info
 from kd.runtime.novelty import rouge_l, words
-from kd.runtime.quality import RUN, degeneracy, distinct_n, final_answer, longest_run
+from kd.runtime.quality import (
+    CONSTANT_ANSWER,
+    RUN,
+    degeneracy,
+    distinct_n,
+    final_answer,
+    longest_run,
+    without_echo,
+)
 from kd.runtime.scoring import REPEAT_FLOOR, judge_scores
 from kd.runtime.tokenize import chat_ids as conversation_ids
 from kd.runtime.tokenize import encode, tokenizer_digest
@@ -93,27 +104,39 @@ def normalise(text: str) -> str:
     return " ".join(kept.split())
 
 
-def extracted(answer: str, reference: str) -> str | None:
-    """The answer's final answer, read the way the reference is written: the last number for a numeric
-    reference, else what it states as its answer (or its last line)."""
-    numeric = final_answer(reference, "last_number") == normalise(reference).replace(" ", "")
-    return final_answer(answer, "last_number" if numeric else "stated")
+# what an answer says last is its answer: "The chemical symbol for gold is Au." -> "au"
+_COPULA = re.compile(r".*(?:\b(?:is|was|are|were|equals)\b|=)\s*(.+)$")
 
 
-def exact_match(answer: str, reference: str) -> bool:
+def extracted(answer: str, reference: str, question: str = "") -> str | None:
+    """The answer's final answer, read the way the reference is written, from what the answer adds to the question
+    (kd.runtime.quality.without_echo: an echo of "What is 144 divided by 12?" does not answer 12). For a numeric
+    reference: the last number of what it states as its answer ("the answer is …"), else its last number; else
+    what it states as its answer, or its last line, after its last "is"/"was"/"="."""
+    text = without_echo(answer, question)
+    stated = final_answer(text, "stated")
+    if final_answer(reference, "last_number") == normalise(reference).replace(" ", ""):
+        return final_answer(stated or "", "last_number") or final_answer(text, "last_number")
+    m = _COPULA.match(stated or "")
+    return m.group(1).strip(" .*_`\"'") or None if m else stated
+
+
+def exact_match(answer: str, reference: str, question: str = "") -> bool:
     """The extracted final answer equals the reference, after normalising both."""
-    got = extracted(answer, reference)
+    got = extracted(answer, reference, question)
     return got is not None and normalise(got) == normalise(reference) != ""
 
 
-def contains_match(answer: str, reference: str) -> bool:
-    """The reference appears as whole words in the answer ("The answer is 56." contains "56", "560" not)."""
+def contains_match(answer: str, reference: str, question: str = "") -> bool:
+    """The reference appears as whole words in what the answer adds to the question ("The answer is 56." contains
+    "56", "560" not)."""
     ref = normalise(reference)
-    return bool(ref) and f" {ref} " in f" {normalise(answer)} "
+    return bool(ref) and f" {ref} " in f" {normalise(without_echo(answer, question))} "
 
 
-def rouge(a: str, b: str) -> float:
-    """ROUGE-L F1 of two texts; two empty answers agree perfectly."""
+def rouge(a: str, b: str, question: str = "") -> float:
+    """ROUGE-L F1 of what two answers add to the question; two empty answers agree perfectly."""
+    a, b = without_echo(a, question), without_echo(b, question)
     vocab: dict[str, int] = {}
     ia, ib = ([vocab.setdefault(w, len(vocab)) for w in words(t)] for t in (a, b))
     return 1.0 if not ia and not ib else rouge_l(ia, ib)
@@ -227,17 +250,30 @@ def _degenerate(o: Output) -> str | None:
     return degeneracy(_content(o)) if o.text else "empty"
 
 
-def _scores(run: Run, outputs: list[Output], kl: list[tuple[float, int]] | None, judge: list[float],
-            degenerate: list[str | None], teacher: list[Output]) -> list[Scores]:
+def scores_of(prompts: list[EvalPrompt], outputs: list[Output], kl: list[tuple[float, int]] | None,
+              judge: list[float | None], degenerate: list[str | None], teacher: list[Output]) -> list[Scores]:
+    """Every per-prompt figure of one model's answers (its KL and judge scores computed by the caller)."""
     out = []
-    for i, (p, o) in enumerate(zip(run.prompts, outputs, strict=True)):
+    for i, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
         content = _content(o)
         out.append(Scores(
-            kl=kl[i] if kl else None, judge=judge[i], rouge=rouge(o.text, teacher[i].text),
-            exact=exact_match(o.text, p.reference) if p.exact_target else None,
-            contains=contains_match(o.text, p.reference) if p.exact_target else None,
+            kl=kl[i] if kl else None, judge=judge[i], rouge=rouge(o.text, teacher[i].text, p.instruction),
+            exact=exact_match(o.text, p.reference, p.instruction) if p.exact_target else None,
+            contains=contains_match(o.text, p.reference, p.instruction) if p.exact_target else None,
             stopped=o.stopped, degenerate=degenerate[i],
             distinct_2=distinct_n(content, 2), longest_run=longest_run(content), length=o.length))
+    return out
+
+
+def cheap_answers(prompts: list[EvalPrompt], teacher: list[Output]) -> list[ModelResult]:
+    """Two fixed answers scored on the text figures like a model's answers: the question echoed, and a constant
+    (kd.runtime.quality.CONSTANT_ANSWER). What they score needs no model, so the report bolds no row that does
+    not beat them."""
+    out = []
+    for name, texts in (("echo", [p.instruction for p in prompts]), ("constant", [CONSTANT_ANSWER] * len(prompts))):
+        fixed = [Output([], True, t) for t in texts]
+        out.append(ModelResult(name, "cheap", {}, None, scores_of(prompts, fixed, None, [None] * len(prompts),
+                                                                  [None] * len(prompts), teacher)))
     return out
 
 
@@ -266,7 +302,7 @@ def _score(name: str, kind: str, about: dict[str, Any], model: Any, tok: Any, t:
     degenerate = [_degenerate(o) for o in outputs]
     sound = [i for i, why in enumerate(degenerate) if why is None]
     judged = dict(zip(sound, teacher_judge(t.model, [scored[i] for i in sound], batch_size, device), strict=True))
-    scores = _scores(run, outputs, kl, [judged.get(i, REPEAT_FLOOR) for i in range(len(outputs))], degenerate,
+    scores = scores_of(run.prompts, outputs, kl, [judged.get(i, REPEAT_FLOOR) for i in range(len(outputs))], degenerate,
                      t.outputs)
     return ModelResult(name, kind, about, outputs, scores, generated - start, time.perf_counter() - generated)
 
@@ -309,6 +345,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     res = _score(TEACHER, "teacher", about, tmodel, ttok, t, run, cfg.batch_size, device)
     res.generate_s = generated - t0
     run.results.append(_log(log, res))
+    run.cheap = cheap_answers(prompts, outputs)
     run.results.append(ModelResult(CONTEXT_FREE, "context_free", {"fitted_on": "the evaluated teacher positions"},
                                    None, [Scores(kl=kl) for kl in t.context_free()]))
 
@@ -339,7 +376,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     return run
 
 
-COMPARED = ("kl", "ok_rate", "rouge_l", "judge")
+COMPARED = ("kl", "terminates_cleanly", "rouge_l", "judge")
 
 
 def compare(run: Run, a: list[str], b: list[str], claim: str) -> Comparison:

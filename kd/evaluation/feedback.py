@@ -11,10 +11,14 @@
   win rate = (wins + 0.5 ties) / (wins + ties + losses). Identical answers are ties without asking. The share of
   pairs whose two orders agreed is the judge's position consistency; below CONSISTENCY_MIN the report shows
   "judge unreliable" instead of a rate.
-- Sanity set: every judge (the evaluation's, and each likelihood or pairwise judge a dataset uses) and every
-  reward model ranks the teacher's own answer to each held-out prompt against degenerate answers to the same
-  prompt (empty, one word repeated, one sentence repeated). One that ranks the degenerate answer first on
-  more than 1 − SANITY_PASS of the pairs fails, and the report says so in its first lines.
+- Sanity set: every judge (the evaluation's, and each rubric, pairwise or likelihood judge a dataset uses) and
+  every reward model ranks the teacher's own answer to each held-out prompt against bad answers to the same
+  prompt, all made from what the evaluation already has (its prompts and the teacher's answers; no teacher
+  call but the scorer's own): degenerate ones (empty, one word repeated, one sentence repeated) and the cheap
+  tricks that end cleanly and never loop (the question echoed, a constant "The answer is 42.", a confident
+  wrong answer, "I don't know."). One that ranks any of them above (or level with) the teacher's answer on
+  more than 1 − SANITY_PASS of the prompts fails: the report flags it in its first lines and its figure is
+  not a quality figure.
 
 Both go through the request cache like kd.elicit (scores are cache entries too, though cheap), so rerunning
 the evaluate stage asks the judge and the reward model nothing new.
@@ -36,7 +40,6 @@ from kd.errors import KdError
 from kd.evaluation.results import (
     BASELINE,
     REWARD_MAX_LENGTH,
-    SANITY_PASS,
     TEACHER,
     Feedback,
     RewardModelInfo,
@@ -50,6 +53,7 @@ from kd.runtime import judges
 from kd.runtime.ask import Asker
 from kd.runtime.judges import Group, Judged, score_groups
 from kd.runtime.models import INFO_FILE, read_info
+from kd.runtime.quality import CONSTANT_ANSWER, REFUSAL, perturbed
 from kd.runtime.roles import judge_backend
 from kd.runtime.scoring import RewardScorer
 
@@ -83,39 +87,52 @@ def check(params: Params, root: Path) -> RewardModelInfo | None:
     return None if cfg.reward_model is None else reward_model_info(params, root, cfg.reward_model)
 
 
-def degenerate_variants(answer: str) -> dict[str, str]:
-    """The sanity set's degenerate answers to a prompt, made from a good answer: what greedy decoding of an
-    undertrained model produces."""
+# the sanity set's bad answers, in the report's column order
+NEGATIVES = ("empty", "word_loop", "sentence_loop", "echo", "constant", "wrong_answer", "refusal")
+
+
+def negatives(instruction: str, answer: str, other: str) -> dict[str, str]:
+    """The sanity set's bad answers to a prompt, made from its teacher answer `answer` (and `other`, the teacher's
+    answer to another prompt): what greedy decoding of an undertrained model produces, and the cheap tricks a
+    model could learn to game a scorer with. The wrong answer is the teacher's own with every number one higher
+    (worded like a right one, so only its content is wrong), else the other prompt's answer."""
     first = answer.split()[0] if answer.split() else "the"
     sentence = answer.replace("\n", " ").split(". ")[0].strip().rstrip(".") + "."
-    return {"empty": "", "one word repeated": " ".join([first] * 24), "one sentence repeated": " ".join([sentence] * 6)}
+    return {"empty": "", "word_loop": " ".join([first] * 24), "sentence_loop": " ".join([sentence] * 6),
+            "echo": instruction, "constant": CONSTANT_ANSWER, "wrong_answer": perturbed(answer) or other,
+            "refusal": REFUSAL}
 
 
-def _sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
-    """Per held-out prompt whose teacher answer is sound: [teacher's answer, *degenerate variants]. An answer cut
-    at max_new_tokens still counts: it is real text, and its degenerate variants are still degenerate."""
+def sanity_groups(run: Run) -> tuple[list[Group], list[str]]:
+    """Per held-out prompt whose teacher answer is sound: [teacher's answer, *bad answers]. An answer cut at
+    max_new_tokens still counts: it is real text, and the bad answers are still bad. The `other` answer of a
+    prompt is the next sound prompt's (the first's, for the last): deterministic, and never its own."""
     teacher = run.row(TEACHER)
-    groups, names = [], list(degenerate_variants("x"))
-    for p, o, s in zip(run.prompts, teacher.outputs, teacher.scores, strict=True):
-        if s.degenerate is None:
-            groups.append(Group(p.instruction, list(p.messages), [o.text, *degenerate_variants(o.text).values()],
-                                {"file": run.prompts_path, "id": p.id, "sanity": True}))
-    return groups, names
+    sound = [(p, o.text) for p, o, s in zip(run.prompts, teacher.outputs, teacher.scores, strict=True)
+             if s.degenerate is None]
+    groups = []
+    for k, (p, text) in enumerate(sound):
+        other = next((t for _, t in sound[k + 1:] + sound[:k] if t != text), REFUSAL)
+        groups.append(Group(p.instruction, list(p.messages), [text, *negatives(p.instruction, text, other).values()],
+                            {"file": run.prompts_path, "id": p.id, "sanity": True}))
+    return groups, list(NEGATIVES)
 
 
-def sanity_of_scores(scorer: str, groups: list[Group], names: list[str], judged: list[Judged]) -> Sanity:
-    """A scoring judge or reward model: the teacher's answer (candidate 0) must score above each variant."""
+def sanity_of_scores(scorer: str, groups: list[Group], names: list[str], judged: list[Judged],
+                     figure: str | None = None) -> Sanity:
+    """A scoring judge or reward model: the teacher's answer (candidate 0) must score above each bad answer (an
+    unscored bad answer counts as ranked below, an unscored teacher answer as ranked below all)."""
     passed = {n: [0, 0] for n in names}
     for j in judged:
         good = j.scores[0]
         for n, bad in zip(names, j.scores[1:], strict=True):
             passed[n][1] += 1
             passed[n][0] += good is not None and (bad is None or good > bad)
-    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()})
+    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()}, figure)
 
 
 def sanity_of_pairwise(scorer: str, cfg: Judge, root: Path, asker: Asker, groups: list[Group],
-                       names: list[str]) -> Sanity:
+                       names: list[str], figure: str | None = None) -> Sanity:
     """A pairwise judge: it must prefer the teacher's answer in both orders (a tie or a flip fails)."""
     pairs = [Group(g.instruction, g.prompt, [g.texts[0], bad], g.origin) for g in groups for bad in g.texts[1:]]
     judged, _ = judges.judge(cfg, root, asker, pairs)
@@ -124,41 +141,46 @@ def sanity_of_pairwise(scorer: str, cfg: Judge, root: Path, asker: Asker, groups
         n = names[k % len(names)]
         passed[n][1] += 1
         passed[n][0] += j.failure is None and j.scores[0] > j.scores[1]
-    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()})
+    return Sanity(scorer, {n: (a, b) for n, (a, b) in passed.items()}, figure)
 
 
-def _judges_to_check(params: Params) -> dict[str, Judge]:
-    """Every distinct likelihood or pairwise judge the project uses: the evaluation's and the datasets'."""
-    found: dict[str, Judge] = {}
+def _judges_to_check(params: Params) -> dict[str, tuple[Judge, str | None]]:
+    """Every distinct judge the project uses, with the report figure it gives: the evaluation's first (the judge
+    column is the evaluation teacher's likelihood judge; win rates are its pairwise judge's), then each
+    dataset's (rubric, pairwise or likelihood), whose scores became training data."""
+    ev = params.evaluation
+    found: dict[str, tuple[Judge, str | None]] = {
+        f"likelihood judge `{ev.teacher}`": (Judge(teacher=ev.teacher, kind="likelihood"), "judge")}
+    if ev.judge is not None:
+        found[f"pairwise judge `{ev.judge.teacher}`"] = (ev.judge, "win_rate")
     for ds in params.datasets.values():
         judge = ds.judge if isinstance(ds, FeedbackConfig | SelfKnowledge) else None
-        if judge is not None and judge.kind in ("likelihood", "pairwise"):
-            found.setdefault(f"{judge.kind} judge `{judge.teacher}`", judge)
-    ev = params.evaluation
-    # the report's judge column is the evaluation teacher's likelihood judge
-    found.setdefault(f"likelihood judge `{ev.teacher}`", Judge(teacher=ev.teacher, kind="likelihood"))
-    if ev.judge is not None:
-        found.setdefault(f"pairwise judge `{ev.judge.teacher}`", ev.judge)
+        if judge is not None:
+            found.setdefault(f"{judge.kind} judge `{judge.teacher}`", (judge, None))
     return found
 
 
 def sanity(run: Run, params: Params, root: Path, cache: RequestCache) -> list[Sanity]:
     """Every judge and the reward model on the sanity set (their answers are cached like any request)."""
-    groups, names = _sanity_groups(run)
+    groups, names = sanity_groups(run)
     if not groups:
         return []
     cfg = params.evaluation
     out = []
-    for label, judge in _judges_to_check(params).items():
+    for label, (judge, figure) in _judges_to_check(params).items():
         asker = Asker(judge_backend(judge, params, root), cache, f"sanity {label}")
-        if judge.kind == "likelihood":
-            out.append(sanity_of_scores(label, groups, names, score_groups(asker, "loglik", groups, judge.max_length)))
-        else:
-            out.append(sanity_of_pairwise(label, judge, root, asker, groups, names))
+        match judge.kind:
+            case "likelihood":
+                out.append(sanity_of_scores(label, groups, names,
+                                            score_groups(asker, "loglik", groups, judge.max_length), figure))
+            case "rubric":
+                out.append(sanity_of_scores(label, groups, names, judges.judge(judge, root, asker, groups)[0], figure))
+            case "pairwise":
+                out.append(sanity_of_pairwise(label, judge, root, asker, groups, names, figure))
     if cfg.reward_model is not None:
         asker = Asker(RewardScorer(root / MODELS_DIR / cfg.reward_model, cfg.batch_size), cache, "sanity reward")
         out.append(sanity_of_scores(f"reward model `{cfg.reward_model}`", groups, names,
-                                    score_groups(asker, "reward", groups, REWARD_MAX_LENGTH)))
+                                    score_groups(asker, "reward", groups, REWARD_MAX_LENGTH), "reward"))
     return out
 
 
@@ -241,6 +263,6 @@ def add_feedback(run: Run, params: Params, root: Path, info: RewardModelInfo | N
     for role, (cached, new) in fb.requests.items():
         log(f"evaluate: {role}: {cached + new} requests ({cached} cached, {new} new)")
     for s in run.sanity:
-        verdict = "passes" if s.rate >= SANITY_PASS else "FAILS"
+        verdict = "passes" if s.trusted else f"FAILS on {', '.join(s.failing)}"
         log(f"evaluate: sanity set: {s.scorer} {verdict} ({s.rate:.0%} of pairs rank the teacher's answer first)")
     run.feedback = fb

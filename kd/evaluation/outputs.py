@@ -15,7 +15,7 @@ from typing import Any
 
 from kd.evaluation.charts import figures
 from kd.evaluation.report import report_md
-from kd.evaluation.results import CONSISTENCY_MIN, METRICS, REWARD_ROW, Comparison, Run
+from kd.evaluation.results import CHEAP, CONSISTENCY_MIN, METRICS, NOT_ROWS, REWARD_ROW, Comparison, Run
 from kd.paths import FIGURES_DIR, PLOTS_DIR
 from kd.records import atomic_write_text, replace_dir
 from kd.tracking import start_run
@@ -23,9 +23,11 @@ from kd.tracking import start_run
 CURVE_EXTS = (".csv", ".tsv", ".json")
 
 
+
 def metrics_json(run: Run) -> str:
     """{row: {metric: value, metric_lo, metric_hi}}, the shape `dvc metrics diff` compares; unknown values are
-    left out. With a reward model, its own figures are one more row; comparisons are `compare.<b>_vs_<a>`."""
+    left out. With a reward model, its own figures are one more row; comparisons are `compare.<b>_vs_<a>`;
+    `sanity.<scorer>`: overall, per bad answer and `trusted` (1/0); `cheap.<answer>`: what a fixed answer scores."""
     out: dict[str, Any] = {r.name: r.metrics() for r in run.results}
     fb = run.feedback
     if fb is not None and fb.reward_model is not None:
@@ -42,7 +44,10 @@ def metrics_json(run: Run) -> str:
                 if ci:
                     out[name]["win_rate_lo"], out[name]["win_rate_hi"] = round(ci[0], 4), round(ci[1], 4)
     for s in run.sanity:
-        out.setdefault("sanity", {})[s.scorer] = round(s.rate, 4)
+        out.setdefault("sanity", {})[s.scorer] = {"overall": round(s.rate, 4), "trusted": int(s.trusted),
+                                                  **{n: round(v, 4) for n, v in s.rates().items()}}
+    if run.cheap:
+        out[CHEAP] = {c.name: c.metrics() for c in run.cheap}
     for c in run.comparisons:
         out.setdefault("compare", {})[comparison_key(c)] = {
             m: {"difference": d, "lo": lo, "hi": hi} for m, (d, (lo, hi)) in c.differences.items()}
@@ -120,7 +125,7 @@ def _write_dir(path: Path, files: dict[str, bytes]) -> None:
 def per_model_metrics(run: Run) -> dict[str, dict[str, float]]:
     """{row: {metric: value}} for the evaluation's child runs: the same names in every row's run, so MLflow's
     compare view and charts put the models side by side (prefixed names in one run would be one chart each)."""
-    rows = {row: values for row, values in json.loads(metrics_json(run)).items() if row not in ("sanity", "compare")}
+    rows = {row: values for row, values in json.loads(metrics_json(run)).items() if row not in NOT_ROWS}
     return {row: {k: v for k, v in values.items() if isinstance(v, (int, float))} for row, values in rows.items()}
 
 
@@ -130,7 +135,9 @@ def metrics_for_mlflow(run: Run) -> dict[str, float]:
     for row, values in per_model_metrics(run).items():
         out |= {f"{row}.{k}": v for k, v in values.items()}
     for s in run.sanity:
-        out[f"sanity.{s.scorer.split('`')[0].strip().replace(' ', '_')}"] = round(s.rate, 4)
+        scorer = f"sanity.{s.scorer.split('`')[0].strip().replace(' ', '_')}"
+        out |= {scorer: round(s.rate, 4), f"{scorer}.trusted": int(s.trusted),
+                **{f"{scorer}.{n}": round(v, 4) for n, v in s.rates().items()}}
     for r in run.results:
         out |= {f"{r.name}.generate_s": round(r.generate_s, 2), f"{r.name}.score_s": round(r.score_s, 2)}
     if run.feedback is not None:

@@ -2,7 +2,10 @@
 
 A pure function of the evaluation's results (no times, no dates), so the same models give a byte-identical
 report. It leads with what a reader must not miss: judges or reward models that fail their sanity set, and
-students that do not distil.
+students that do not distil. Quality figures and form figures (how an answer ends, how it repeats itself: a model
+that always says "I don't know." passes those) are two tables; a scorer that fails its sanity set gives no quality
+figure. No column is bolded where every row ties, nor a row that does not beat the cheap answers (the question
+echoed, a constant answer).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from pathlib import Path
 
 from kd.evaluation.results import (
     BASELINE,
+    CLEAN_RATE,
     CONSISTENCY_MIN,
     METRICS,
-    OK_RATE,
     REWARD_MAX_LENGTH,
     SANITY_PASS,
     Comparison,
@@ -26,8 +29,10 @@ from kd.records import MANIFEST_FILE
 
 # Measured against the teacher: the teacher's own row is the reference point, not a contender.
 TEACHER_RELATIVE = ("kl", "rouge_l")
-TABLE = ("kl", "ok_rate", "eos_rate", "judge", "rouge_l", "exact_match", "contains_match", "distinct_2", "length")
+QUALITY = ("kl", "judge", "rouge_l", "exact_match", "contains_match")
+FORM = ("terminates_cleanly", "eos_rate", "distinct_2", "length")
 EXAMPLES = 5
+_CHEAP = {"echo": "the question echoed", "constant": "“The answer is 42.” every time"}
 CELL_CHARS = 360
 _MARKDOWN = set("\\`*_[]#|~")
 
@@ -49,12 +54,17 @@ def _cell_value(r: ModelResult, metric: str, bold: bool) -> str:
 
 
 def _best(run: Run, metric: str) -> set[str]:
+    """The rows to bold: the best value, unless every row ties (0/13 for all is no winner) or it does not beat
+    what a cheap answer scores without a model."""
     higher = METRICS[metric].higher
     rows = [r for r in run.results if r.value(metric) is not None
             and not (metric in TEACHER_RELATIVE and r.kind == "teacher")]
-    if higher is None or len(rows) < 2:
+    if higher is None or len(rows) < 2 or len({r.value(metric) for r in rows}) == 1:
         return set()
     best = (max if higher else min)(r.value(metric) for r in rows)
+    floor = [c.value(metric) for c in run.cheap if c.value(metric) is not None]
+    if floor and (best <= max(floor) if higher else best >= min(floor)):
+        return set()
     return {r.name for r in rows if r.value(metric) == best}
 
 
@@ -77,29 +87,32 @@ def warnings(run: Run) -> list[str]:
     """What must be read first: failed sanity sets, and students that do not distil."""
     out = []
     for s in run.sanity:
-        if s.rate < SANITY_PASS:
-            out.append(f"**{s.scorer} FAILS its sanity set**: it ranks the teacher's own answer above a degenerate "
-                       f"one on only {s.rate:.0%} of pairs (needed: {SANITY_PASS:.0%}); do not trust its scores, "
-                       "preferences built with it, or rewards from it.")
+        if not s.trusted:
+            rates = s.rates()
+            bad = ", ".join(f"{n} on {1 - rates[n]:.0%}" for n in s.failing)
+            out.append(f"**{s.scorer} FAILS its sanity set**: it ranks a bad answer above (or level with) the "
+                       f"teacher's own on more than {1 - SANITY_PASS:.0%} of prompts ({bad}); its scores are no "
+                       "quality figure: do not trust them, preferences built with it, or rewards from it.")
     if not run.sanity:
         out.append("**No sanity set**: the teacher gave no sound answer (non-degenerate) to build it from, so no judge "
-                   "or reward model was checked; do not trust the judge column.")
+                   "or reward model was checked; the judge column is no quality figure.")
     cf = next((r for r in run.results if r.kind == "context_free"), None)
     for r in run.results:
         if r.kind != "student":
             continue
-        kl, ok = r.value("kl"), r.value("ok_rate")
+        kl, ok = r.value("kl"), r.value("terminates_cleanly")
         if cf is not None and kl is not None and cf.value("kl") is not None and kl >= cf.value("kl"):
             out.append(f"**`{r.name}` does not beat the context-free baseline** (KL {kl:.3f} vs {cf.value('kl'):.3f}): "
                        "it has not learned more from the teacher than one fixed distribution would.")
-        if ok is not None and ok < OK_RATE:
-            out.append(f"**`{r.name}` answers properly on only {ok:.0%} of prompts** (needed: {OK_RATE:.0%}; its "
+        if ok is not None and ok < CLEAN_RATE:
+            out.append(f"**`{r.name}` terminates cleanly on only {ok:.0%} of prompts** (needed: {CLEAN_RATE:.0%}; its "
                        f"answers end with the end-of-turn token on {r.value('eos_rate'):.0%}).")
     return out
 
 
 def verdicts(run: Run) -> list[str]:
-    """One line per student: against the context-free and untrained baselines, and whether it answers."""
+    """One line per student: against the context-free and untrained baselines, and whether it terminates cleanly
+    (a form check, necessary for a student that distils, never evidence that it answers well)."""
     cf = next((r for r in run.results if r.kind == "context_free"), None)
     base = next((r for r in run.results if r.kind == "baseline"), None)
     lines = []
@@ -116,16 +129,22 @@ def verdicts(run: Run) -> list[str]:
             if ref is not None and ref.value("kl") is not None:
                 word = "beats" if ci[1] < ref.value("kl") else "is not shown to beat"
                 parts.append(f"{word} {what} ({ref.value('kl'):.3f})")
-        ok = r.value("ok_rate")
-        parts.append(f"answers properly on {ok:.0%} of prompts" + (" ✓" if ok >= OK_RATE else " ✗"))
+        ok = r.value("terminates_cleanly")
+        parts.append(f"terminates cleanly on {ok:.0%} of prompts ({'enough' if ok >= CLEAN_RATE else 'too few'}; "
+                     "form, not quality)")
         lines.append(", ".join(parts))
     return lines
 
 
-def _comparison(c: Comparison) -> list[str]:
+def _comparison(c: Comparison, untrusted: set[str]) -> list[str]:
     a, b = ", ".join(f"`{n}`" for n in c.a), ", ".join(f"`{n}`" for n in c.b)
     over = "prompts" + (f" and {max(len(c.a), len(c.b))} seeds" if max(len(c.a), len(c.b)) > 1 else "")
-    rows = [[METRICS[m].label, f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] for m, (d, (lo, hi)) in c.differences.items()]
+
+    def label(m: str) -> str:
+        why = " (form, not quality)" if METRICS[m].kind == "form" else " (fails its sanity set)" if m in untrusted else ""
+        return METRICS[m].label + why
+
+    rows = [[label(m), f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] for m, (d, (lo, hi)) in c.differences.items()]
     kl = c.differences.get("kl")
     if kl is not None and kl[1][1] < 0:
         verdict = f"**{c.claim}**: {b} is closer to the teacher than {a}, and the 95% interval excludes 0."
@@ -154,26 +173,51 @@ def report_md(run: Run, root: Path, curves: list[str], figures: list[str] = ()) 
     if w := warnings(run):
         lines += ["## Read this first", "", *[f"- {x}" for x in w], ""]
     lines += ["## Results", ""]
-    best = {m: _best(run, m) for m in TABLE}
-    header = ["model"] + [METRICS[m].label + (f" ({len(targets)})" if m in ("exact_match", "contains_match") else "")
-                          for m in TABLE]
-    rows = [[f"`{r.name}`"] + [_cell_value(r, m, r.name in best[m]) for m in TABLE] for r in run.results]
-    lines += [_table(header, rows, align="r"), "",
-              "[95% bootstrap interval over prompts]; best per column in **bold**. KL(teacher‖model): full "
+    untrusted = run.untrusted()
+    quality = [m for m in QUALITY if m not in untrusted]
+    form = [m for m in QUALITY if m in untrusted] + list(FORM)
+    best = {m: _best(run, m) for m in quality}
+
+    def label(m: str) -> str:
+        n = f" ({len(targets)})" if m in ("exact_match", "contains_match") else ""
+        return METRICS[m].label + n + (" — fails its sanity set" if m in untrusted else "")
+
+    lines += [_table(["model"] + [label(m) for m in quality],
+                     [[f"`{r.name}`"] + [_cell_value(r, m, r.name in best[m]) for m in quality] for r in run.results],
+                     align="r"), "",
+              "Quality figures: [95% bootstrap interval over prompts]; best per column in **bold** (none where every "
+              "row ties, or where the best does not beat the cheap answers below). KL(teacher‖model): full "
               "vocabulary, teacher-forced on the teacher's answers, token-weighted mean; `context_free` is the best "
               "any model ignoring its context can score (the teacher's mean next-token distribution over the very "
-              "positions evaluated). Answered: ends with the end-of-turn token and is not degenerate (empty, the "
-              "same token 6 times in a row, or distinct-2 below 0.4); EOS: ends with the end-of-turn token. Teacher "
-              "judge: the teacher's mean token log-probability of the answer with repeated 4-grams scored at −10, so "
-              "a loop cannot look likely (a degenerate answer scores −10 outright). Exact: the answer's extracted final answer equals the short reference; "
-              f"contains: the reference appears as whole words (both over the {len(targets)} prompts whose "
-              "reference has at most 3 words).", ""]
+              "positions evaluated). Teacher judge: the teacher's mean token log-probability of the answer with "
+              "repeated 4-grams scored at −10, so a loop cannot look likely (a degenerate answer scores −10 "
+              "outright); shown here only while it passes its sanity set. ROUGE-L, exact and contains read what an "
+              "answer adds to the question (words copied from it in runs of 3 or more are left out, so an echo "
+              "earns nothing). Exact: the extracted final answer (for a number: the last number of what the answer "
+              "states as its answer, else its last number; else what it states, after its last “is”/“=”) equals "
+              f"the short reference; contains: the reference appears as whole words (both over the {len(targets)} "
+              "prompts whose reference has at most 3 words).", ""]
+    if run.cheap:
+        shown = [m for m in quality if any(c.value(m) is not None for c in run.cheap)]
+        lines += ["Cheap answers, no model: " + "; ".join(
+            f"{_CHEAP[c.name]}: " + ", ".join(f"{METRICS[m].label.rstrip(' ↑↓')} {_num(m, c.value(m))}" for m in shown)
+            for c in run.cheap) + ".", ""]
+    lines += ["### Form, not quality", "",
+              _table(["model"] + [label(m) for m in form],
+                     [[f"`{r.name}`"] + [_cell_value(r, m, False) for m in form] for r in run.results
+                      if any(r.value(m) is not None for m in form)], align="r"), "",
+              "How answers end and repeat themselves: a model that always says “I don't know.” scores 100% here, so "
+              "none of these says an answer is right. Terminates cleanly: ends with the end-of-turn token and is "
+              "not degenerate (empty, the same token 6 times in a row, or distinct-2 below 0.4); EOS: ends with "
+              "the end-of-turn token."
+              + (" A scorer's figure that fails its sanity set is shown here, not as quality." if untrusted & set(QUALITY)
+                 else ""), ""]
     if v := verdicts(run):
         lines += ["## Verdicts", "", *[f"- {x}" for x in v], ""]
     if run.comparisons:
         lines += ["## Comparisons", ""]
         for c in run.comparisons:
-            lines += _comparison(c)
+            lines += _comparison(c, untrusted)
     if run.sanity:
         lines += _sanity(run)
     if run.feedback is not None:
@@ -208,11 +252,15 @@ def report_md(run: Run, root: Path, curves: list[str], figures: list[str] = ()) 
 def _sanity(run: Run) -> list[str]:
     names = list(run.sanity[0].passed)
     rows = [[s.scorer, *[f"{s.passed[n][0]}/{s.passed[n][1]}" for n in names], f"{s.rate:.0%}",
-             "passes" if s.rate >= SANITY_PASS else "**FAILS**"] for s in run.sanity]
+             "passes" if s.trusted else f"**FAILS** ({', '.join(s.failing)})"] for s in run.sanity]
     return ["## Judges and reward models: the sanity set", "",
-            "Each ranks the teacher's own answer to a held-out prompt against degenerate answers to the same prompt "
-            f"(greedy loops of undertrained models); one must rank the teacher's answer first on {SANITY_PASS:.0%} of "
-            "the pairs to be trusted. A pairwise judge must prefer it in both orders.", "",
+            "Each ranks the teacher's own answer to a held-out prompt against bad answers to the same prompt, made "
+            "from the prompts and the teacher's answers: degenerate ones (empty, a word or a sentence on repeat) "
+            "and cheap tricks that end cleanly and never loop (`echo`: the question itself; `constant`: “The answer "
+            "is 42.”; `wrong_answer`: the teacher's answer with every number one higher, else another prompt's "
+            f"answer; `refusal`: “I don't know.”). Cells: prompts on which the teacher's answer ranked above it. "
+            f"To be trusted, a scorer must do so on at least {SANITY_PASS:.0%} of prompts for every bad answer; "
+            "a pairwise judge must prefer the teacher's answer in both orders.", "",
             _table(["scorer", *names, "overall", "verdict"], rows), ""]
 
 
@@ -284,7 +332,8 @@ def _feedback(run: Run) -> list[str]:
         lines += ["## Reward model", "",
                   f"`{rm.name}` (`models/{rm.name}`): held-out pair accuracy **{rm.accuracy:.3f}** over "
                   f"{rm.pairs_held_out} pairs (chance = 0.5{train}). The rewards below mean little when it is near "
-                  "chance or fails the sanity set.", "",
+                  "chance" + (", and it **fails its sanity set**: they are no quality figure." if "reward" in
+                              run.untrusted() else "."), "",
                   _table(["model", "mean reward ↑ [95% interval]", "answers scored"], rows, align="r"), "",
                   "Mean reward: the reward model's score of each model's answer to each held-out prompt (prompt + "
                   f"answer through its chat template, as it was trained; longer than {REWARD_MAX_LENGTH} tokens: not "
@@ -300,6 +349,8 @@ def _feedback(run: Run) -> list[str]:
             cons = "—" if w.consistency is None else f"{w.consistency:.0%}"
             rows.append([f"`{name}`", rate, cons, str(w.wins), str(w.ties), str(w.losses), str(w.unparseable),
                          str(w.identical)])
+        if "win_rate" in run.untrusted():
+            lines += ["**This judge fails its sanity set: its win rates are no quality figure.**", ""]
         lines += [f"## Win rate against {who}", "",
                   f"The judge, teacher `{fb.judge.teacher}`, compared each student's answer with {who}'s on each "
                   f"held-out prompt, with `{fb.template.path}` (sha256 `{fb.template.sha256[:16]}`), asked in both "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kd.config import Judge
 from kd.evaluation.stats import interval, ratio
@@ -15,18 +15,25 @@ from kd.prompts import Prompt
 from kd.runtime.novelty import words
 
 TEACHER, BASELINE, CONTEXT_FREE = "teacher", "baseline", "context_free"
-ROWS = (TEACHER, BASELINE, CONTEXT_FREE, "reward_model")  # names a student may not take
+CHEAP = "cheap"  # metrics.json: what the cheap answers score (kd.evaluation.evaluate.cheap_answers), not a model
+NOT_ROWS = ("sanity", "compare", CHEAP)  # metrics.json's keys that are not a model's row
+ROWS = (TEACHER, BASELINE, CONTEXT_FREE, "reward_model", *NOT_ROWS)  # names a student may not take
 # A reference this short is an answer to match exactly ("56", "Au", "Merci beaucoup"); longer ones are
 # model answers of their own and would only ever score 0.
 EXACT_MAX_WORDS = 3
-OK_RATE = 0.9  # a student distils when at least this share of its answers end properly and are not degenerate
+# A student distils only when at least this share of its answers terminate cleanly (end with the end-of-turn token,
+# not empty, no loop). Necessary, never sufficient: "I don't know." every time terminates cleanly.
+CLEAN_RATE = 0.9
 DIGITS = 4
 # The metrics.json row of the reward model's own figures (held-out pair accuracy); a student may not take it.
 REWARD_ROW = "reward_model"
 # Tokens of prompt + answer the reward model reads (as kd.elicit.self_knowledge); a longer answer is left out of
 # the mean and counted, never cut (a score of half an answer would judge another text).
 REWARD_MAX_LENGTH = 2048
-SANITY_PASS = 0.9  # a judge or reward model must rank the teacher's answer first on this share of sanity pairs
+# A judge or reward model must rank the teacher's answer above each cheap answer of the sanity set on this share of
+# prompts: ranking any one of them above (or level with) it on more than 10% flags it, and its figure is no quality
+# figure.
+SANITY_PASS = 0.9
 CONSISTENCY_MIN = 0.75  # below this share of order-consistent verdicts, a pairwise judge's win rate is not shown
 
 
@@ -79,6 +86,9 @@ class Metric:
     higher: bool | None  # None: descriptive only
     parts: Callable[[Scores], tuple[float, float] | None]  # one prompt's (numerator, denominator)
     fmt: str = "{:.3f}"
+    # quality: says how good the answers are (a judge's or reward model's only while it passes its sanity set);
+    # form: how an answer ends or repeats itself, which a model that always says "I don't know." passes
+    kind: Literal["quality", "form"] = "quality"
 
 
 def _flag(x: bool | None) -> tuple[float, float] | None:
@@ -91,16 +101,16 @@ def _value(x: float | int | None) -> tuple[float, float] | None:
 
 METRICS: dict[str, Metric] = {
     "kl": Metric("KL(teacher‖model) ↓", False, lambda s: s.kl),
-    "ok_rate": Metric("answered ↑", True,
-                      lambda s: None if s.stopped is None else (float(s.stopped and s.degenerate is None), 1.0)),
-    "eos_rate": Metric("EOS ↑", True, lambda s: _flag(s.stopped)),
+    "terminates_cleanly": Metric("terminates cleanly ↑", True, lambda s: None if s.stopped is None
+                                 else (float(s.stopped and s.degenerate is None), 1.0), kind="form"),
+    "eos_rate": Metric("EOS ↑", True, lambda s: _flag(s.stopped), kind="form"),
     "judge": Metric("teacher judge ↑", True, lambda s: _value(s.judge)),
     "rouge_l": Metric("ROUGE-L vs teacher ↑", True, lambda s: _value(s.rouge)),
     "exact_match": Metric("exact ↑", True, lambda s: _flag(s.exact)),
     "contains_match": Metric("contains ↑", True, lambda s: _flag(s.contains)),
-    "distinct_2": Metric("distinct-2 ↑", True, lambda s: _value(s.distinct_2)),
-    "longest_run": Metric("longest run", None, lambda s: _value(s.longest_run), "{:.1f}"),
-    "length": Metric("length (tokens)", None, lambda s: _value(s.length), "{:.1f}"),
+    "distinct_2": Metric("distinct-2 ↑", True, lambda s: _value(s.distinct_2), kind="form"),
+    "longest_run": Metric("longest run", None, lambda s: _value(s.longest_run), "{:.1f}", kind="form"),
+    "length": Metric("length (tokens)", None, lambda s: _value(s.length), "{:.1f}", kind="form"),
     "reward": Metric("mean reward ↑", True, lambda s: _value(s.reward)),
 }
 
@@ -108,7 +118,7 @@ METRICS: dict[str, Metric] = {
 @dataclass
 class ModelResult:
     name: str
-    kind: str  # teacher | context_free | baseline | student
+    kind: str  # teacher | context_free | baseline | student | cheap (a fixed answer: the report's floor, not a row)
     about: dict[str, Any]  # where it came from: the teacher's identity, the init, or kd_model.json
     outputs: list[Output] | None  # None: the context-free row generates nothing
     scores: list[Scores]  # one per prompt, in the prompts' order
@@ -195,15 +205,29 @@ class WinRate:
 
 @dataclass(frozen=True)
 class Sanity:
-    """How a judge or reward model ranks the teacher's own answers against degenerate ones."""
+    """How a judge or reward model ranks the teacher's own answers against the sanity set's bad ones."""
 
-    scorer: str  # e.g. "judge (smollm2, likelihood)", "reward model `reward`"
-    passed: dict[str, tuple[int, int]]  # degenerate variant -> (pairs ranked right, pairs)
+    scorer: str  # e.g. "likelihood judge `smollm2`", "reward model `reward`"
+    passed: dict[str, tuple[int, int]]  # bad answer (kd.evaluation.feedback.NEGATIVES) -> (prompts ranked right, prompts)
+    figure: str | None = None  # the report's figure this scorer gives (`judge`, `reward`, `win_rate`), if any
 
     @property
     def rate(self) -> float:
         right, total = (sum(x) for x in zip(*self.passed.values(), strict=True)) if self.passed else (0, 0)
         return right / total if total else 0.0
+
+    def rates(self) -> dict[str, float]:
+        """Per bad answer, the share of prompts on which the teacher's answer was ranked above it."""
+        return {n: right / total if total else 0.0 for n, (right, total) in self.passed.items()}
+
+    @property
+    def failing(self) -> list[str]:
+        """The bad answers it ranks above (or level with) the teacher's on more than 1 − SANITY_PASS of prompts."""
+        return [n for n, r in self.rates().items() if r < SANITY_PASS]
+
+    @property
+    def trusted(self) -> bool:
+        return bool(self.passed) and not self.failing
 
 
 @dataclass
@@ -242,6 +266,15 @@ class Run:
     sanity: list[Sanity] = field(default_factory=list)  # every judge and reward model on the sanity set
     feedback: Feedback | None = None  # reward model and judge figures, with `evaluation.reward_model` / `judge`
     comparisons: list[Comparison] = field(default_factory=list)
+    # fixed answers scored like a model's (an echo of the question, a constant): no row beats what they score
+    # without beating them, so the report bolds no row at or below them
+    cheap: list[ModelResult] = field(default_factory=list)
 
     def row(self, name: str) -> ModelResult:
         return next(r for r in self.results if r.name == name)
+
+    def untrusted(self) -> set[str]:
+        """The figures (`judge`, `reward`, `win_rate`) given by a scorer that failed, or never faced, its sanity
+        set: they are not quality figures."""
+        checked = {s.figure: s.trusted for s in self.sanity if s.figure is not None}
+        return {f for f in ("judge", "reward", "win_rate") if not checked.get(f, False)}

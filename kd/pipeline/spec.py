@@ -8,6 +8,7 @@ the templates, seeds, upstream data and models its params name, and the params k
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,10 +16,13 @@ from typing import Any, Literal
 import yaml
 
 from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
+from kd.config.errors import one_line
 from kd.config.students import FromPretrained, Training, logits_readers
 from kd.elicit import curation, expansion, feedback, labeling
+from kd.errors import KdError
 from kd.paths import (
     DATA_DIR,
+    DVC_FILE,
     FIGURES_DIR,
     METRICS_DIR,
     MODELS_DIR,
@@ -68,6 +72,38 @@ class Stage:
 
 def _script(kind: str) -> str:
     return f"stages/{kind}.py"
+
+
+def command(*words: str) -> str:
+    """A stage's command line, each word quoted for the shell DVC runs it with. Names are identifiers already
+    (kd.config.base.NAME), so this changes no shipped command; it is the second wall should one ever get through."""
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _inside(root: Path, path: str) -> bool:
+    """Whether `path` (relative to the project `root`) names a place inside the project where it says: no `..`
+    (`data/../prompts` is inside, but it is prompts/), not absolute, not the root, and the directories leading there
+    resolved (a symlink among them may lead out). The out itself is taken as written: with DVC's symlink cache type
+    a file out is a link into the DVC cache, which may live outside (a shared cache)."""
+    base, p = root.resolve(), Path(path)
+    if p.is_absolute() or ".." in p.parts or p.name in ("", "."):
+        return False
+    return ((base / p).parent.resolve() / p.name).is_relative_to(base)
+
+
+def _outs_inside(root: Path, stages: list[Stage]) -> None:
+    """DVC deletes a stage's outs before running it, so an out that leads elsewhere (`data/../prompts`, an absolute
+    path, a symlink leading out of the project) would delete what is there.
+
+    Raises:
+        KdError: the first such out, one line naming the stage.
+    """
+    for st in stages:
+        for path in [*st.outs, *st.metrics, *st.plots]:
+            if not _inside(root, path):
+                raise KdError(one_line(f"{DVC_FILE}: stage {st.name}: out {path} leads out of its place in the "
+                                       f"project (`..`, an absolute path, a symlink leading out); DVC deletes a "
+                                       f"stage's outs before it runs"))
 
 
 def dataset_reads(name: str, cfg: Dataset, params: Params, root: Path) -> dict[str, list[str]]:
@@ -150,7 +186,7 @@ def launcher(t: Training) -> str:
     if t.processes == 1:
         return "python"
     if t.accelerate_config:  # FSDP or DeepSpeed: the file names the distributed type and its settings
-        return f"accelerate launch --config_file {t.accelerate_config} --num_processes {t.processes} --num_machines 1"
+        return f"accelerate launch --config_file {shlex.quote(t.accelerate_config)} --num_processes {t.processes} --num_machines 1"
     return (f"accelerate launch --multi_gpu --num_processes {t.processes} --num_machines 1 --mixed_precision no "
             f"--dynamo_backend no")
 
@@ -164,7 +200,7 @@ def student_stage(name: str, cfg: Student, params: Params, root: Path) -> Stage:
         data.append(str(MODELS_DIR / cfg.rl.reward_model))
     script = _script("student")
     return Stage(
-        name, "student", f"{launcher(cfg.training)} {script} {name}",
+        name, "student", f"{launcher(cfg.training)} {command(script, name)}",
         deps=closure(root, script) + data + sorted({*models, *(params.teachers[t].path for t in teachers)})
         + ([cfg.training.accelerate_config] if cfg.training.accelerate_config else []),
         # Finer than `teachers.<t>`: a teacher's batch_size does not change this student.
@@ -178,7 +214,7 @@ def reward_model_stage(name: str, cfg: RewardModel, params: Params, root: Path) 
     models, teachers = _init_models(cfg.init, params, root)
     script = _script("reward_model")
     return Stage(
-        name, "reward_model", f"python {script} {name}",
+        name, "reward_model", command("python", script, name),
         deps=closure(root, script) + [str(DATA_DIR / d) for d in cfg.datasets]
         + sorted({*models, *(params.teachers[t].path for t in teachers)}),
         params=[f"reward_models.{name}", *(f"teachers.{t}.path" for t in teachers)],
@@ -200,7 +236,7 @@ def _evaluate(params: Params, root: Path) -> Stage:
               *([str(MODELS_DIR / ev.reward_model)] if ev.reward_model else [])]
     script = _script("evaluate")
     return Stage(
-        "evaluate", "evaluate", f"python {script}",
+        "evaluate", "evaluate", command("python", script),
         deps=closure(root, script) + templates + [ev.prompts] + list(dict.fromkeys(models)),
         params=["evaluation", *(f"teachers.{t}" for t in teachers), f"students.{base}.init",
                 f"students.{base}.training.seed"],
@@ -217,20 +253,20 @@ def stages(params: Params, root: Path) -> list[Stage]:
     with the data intact.
 
     Raises:
-        KdError: a template that does not load (its path, line and what is wrong).
+        KdError: a template that does not load (its path, line and what is wrong); an out outside the project.
     """
     out = []
     checked: set[str] = set()  # the templates and seeds the `params` stage validates
     if _embedded_used(params):
         script = _script("teacher")
-        out.append(Stage("teacher", "teacher", f"python {script}", deps=closure(root, script),
+        out.append(Stage("teacher", "teacher", command("python", script), deps=closure(root, script),
                          params=["embedded_teacher"], outs=[params.embedded_teacher.out]))
     for name, cfg in params.datasets.items():
         reads = dataset_reads(name, cfg, params, root)
         checked |= {*reads["templates"], *reads["seeds"]}
         script = _script(cfg.method)
         out.append(Stage(
-            name, "dataset", f"python {script} {name}",
+            name, "dataset", command("python", script, name),
             deps=closure(root, script) + list(dict.fromkeys(reads["models"] + reads["seeds"] + reads["datasets"]
                                                            + reads["templates"])),
             params=[*reads["params"], f"datasets.{name}"], outs=[str(DATA_DIR / name)],
@@ -242,8 +278,9 @@ def stages(params: Params, root: Path) -> list[Stage]:
     for st in out:
         st.deps.insert(0, str(PARAMS_CHECKED))
     script = _script(PARAMS_STAGE)
-    check = Stage(PARAMS_STAGE, "params", f"python {script}", deps=closure(root, script) + [PARAMS_FILE, *sorted(checked)],
-                  params=[], outs=[str(PARAMS_CHECKED)])
+    check = Stage(PARAMS_STAGE, "params", command("python", script),
+                  deps=closure(root, script) + [PARAMS_FILE, *sorted(checked)], params=[], outs=[str(PARAMS_CHECKED)])
+    _outs_inside(root, [check, *out])
     return [check, *out]
 
 

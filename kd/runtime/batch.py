@@ -157,7 +157,8 @@ class BatchTeacher:
         status, body = response.get("status_code"), response.get("body")
         if status == 200:
             try:
-                answer = parse_completion(json.dumps(body).encode(), self.online.endpoint)
+                answer = self.online.checked(parse_completion(json.dumps(body).encode(), self.online.endpoint),
+                                             self.online.body(key, wanted[key]))  # oversized: a rejection here too
             except ValueError:
                 return  # unreadable: left unanswered, so the stage fails and a rerun asks it again
         elif isinstance(status, int):

@@ -116,7 +116,7 @@ def _from_pretrained(cfg: FromPretrained, root: Path, dtype: Any, key: str) -> t
 
     local = under(root, cfg.path)
     where = str(local) if local.is_dir() else cfg.path  # else a hub id; needs the network
-    trust = trusted_code(local, cfg, key) if local.is_dir() else cfg.trust_remote_code  # a hub id: `revision` pins
+    trust = trusted_code(local, cfg, key)  # a local directory: `code_digest` pins; a hub id: a commit
     kw = {"revision": cfg.revision, "trust_remote_code": trust}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)

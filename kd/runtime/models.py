@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,12 @@ CARD_FILE = "README.md"
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 # Code a model directory may carry, which `trust_remote_code` runs (modelling/tokenizer modules, native extensions).
 CODE_FILES = (".py", ".so", ".pyd", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h")
+# A class transformers may import from the model directory itself: `module.Class` (or `pkg.module.Class`). Anything
+# else leaves the directory: `repo--module.Class` (another hub repo, or `/abs/dir--module.Class`: a directory
+# anywhere), a path with `/` or `..`.
+LOCAL_CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+# A pinned hub revision is a commit: a branch or tag (`main`, `v1`) can move to other code after it was read.
+COMMIT = re.compile(r"[0-9a-f]{40}")
 # Weights in pickle formats: loading them can run arbitrary code, so kd never does (safetensors only).
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PROVENANCE_FILES = (CARD_FILE, INFO_FILE)
@@ -123,9 +130,50 @@ def code_files(path: Path) -> list[Path]:
                   and "__pycache__" not in p.relative_to(path).parts)
 
 
+def config_files(path: Path) -> list[Path]:
+    """The configs that name which code runs (`auto_map`, `custom_pipelines`): transformers reads them at the top
+    of the directory, and each one's name ends `config.json` (config, tokenizer_config, generation_config,
+    processor_config, preprocessor_config, video_preprocessor_config, adapter_config …)."""
+    return sorted(p for p in path.glob("*config.json") if p.is_file())
+
+
 def code_digest(path: Path) -> str:
-    """sha256 of a model directory's code (CODE_FILES, by relative path and content): what `code_digest` pins."""
-    return _hash_files(path, code_files(path))
+    """sha256 of everything in a model directory that decides which code runs (its code files and its configs,
+    by relative path and content): what `code_digest` pins. A config is in it because its `auto_map` chooses
+    the classes: with code files alone, a directory without any hashed to the digest of the empty set and its
+    config.json could then point anywhere."""
+    return _hash_files(path, sorted(set(code_files(path)) | set(config_files(path))))
+
+
+def code_references(path: Path) -> list[tuple[str, str]]:
+    """(config file, reference) for every class a config names in an `auto_map` (or a `custom_pipelines` `impl`),
+    at any depth (a composite model's sub-configs carry their own). An unreadable config gives ("file", "")."""
+    refs: list[tuple[str, str]] = []
+
+    def walk(node: Any, name: str, mapped: bool) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, name, mapped or k in ("auto_map", "impl"))
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, name, mapped)
+        elif mapped and node is not None:
+            refs.append((name, node if isinstance(node, str) else repr(node)))
+
+    for p in config_files(path):
+        try:
+            walk(json.loads(p.read_bytes()), p.name, False)
+        except (ValueError, RecursionError):  # transformers would fail on it too; refuse rather than guess
+            refs.append((p.name, ""))
+    return refs
+
+
+def foreign_code(path: Path) -> str | None:
+    """The first config reference to code outside the directory (or an unreadable config), in words; else None."""
+    for name, ref in code_references(path):
+        if not LOCAL_CLASS.fullmatch(ref):
+            return f"{name} is not valid JSON" if ref == "" else f"{name} maps a class to {ref[:120]!r}"
+    return None
 
 
 def trusted_code(path: Path, cfg: LocalTeacher | FromPretrained, key: str) -> bool:
@@ -137,6 +185,14 @@ def trusted_code(path: Path, cfg: LocalTeacher | FromPretrained, key: str) -> bo
     """
     if not cfg.trust_remote_code:
         return False
+    if not path.is_dir():  # a hub id: only a commit pins the code that will be downloaded and run
+        if not (cfg.revision and COMMIT.fullmatch(cfg.revision)):
+            raise KdError(f"{key}.revision: trust_remote_code: true on hub model {cfg.path} needs `revision` pinned "
+                          f"to a full 40-hex commit (a branch or tag can move to other code)")
+        return True
+    if why := foreign_code(path):
+        raise KdError(f"{key}.trust_remote_code: {cfg.path}: {why}, which is code outside the directory (another "
+                      f"repo, an absolute path or `..`); kd runs only code pinned inside it by `code_digest`")
     actual = code_digest(path)
     if cfg.code_digest is None:
         raise KdError(f"{key}.code_digest: trust_remote_code: true runs the Python code in {cfg.path}; read it, then "

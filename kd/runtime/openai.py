@@ -7,6 +7,13 @@ request itself (too long for the context, invalid, content filter): that one rec
 (kd.runtime.refusals) and the stage goes on. Other 4xx (401/403 keys, 404 unknown model) fail at once.
 The API key is read from the environment variable the params name and lives only in this object.
 
+The server is not trusted with sizes: a body is read as a stream up to a cap (`body_cap`), an error body up to
+MAX_ERROR_BYTES, and a chat answer longer than OVERSIZE_CHARS_PER_TOKEN characters per `max_tokens` token (no
+tokenizer spends 32 characters on a token; a faithful server cannot send more than ~4-5) is the rejection
+`oversized_answer` of that one record, never cached. Token usage that is not a count (`1e400`, negative, a word, over
+MAX_USAGE_TOKENS) is counted as 0, with a warning and a `usage_note` kept with the answer: usage only prices the
+build, and the answer itself is fine, so the record is kept.
+
 Each answer records who gave it (`served_by`: the endpoint, scheme://host[:port] of `base_url`, and the model name
 the server reported), so provenance tells which server answered even when the cache answers for another one.
 """
@@ -19,6 +26,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -29,7 +37,7 @@ from pydantic import SecretStr
 from kd.config import OpenAITeacher as OpenAIConfig
 from kd.errors import KdError, TeacherError
 from kd.runtime.refusals import MAX_ERROR_CHARS, Reason, refused
-from kd.secrets import REDACTED, endpoint, looks_like_key, redact
+from kd.secrets import REDACTED, endpoint, looks_like_key, redact, remember, scrub_known_bytes
 
 RETRY_STATUS = {408, 409, 429}
 REQUEST_STATUS = {400, 413, 422}  # about this request's content; 401/403/404 are about the key or the model
@@ -45,6 +53,11 @@ _NOT_THE_REQUEST = re.compile(r"model\b.{0,80}\b(not found|does not exist|not ex
                               r"|not supported with this model|extra inputs are not permitted"
                               # vLLM asked for more prompt log-probs than its --max-logprobs
                               r"|logprobs of \d+, which is greater than max allowed", re.IGNORECASE)
+OVERSIZE_CHARS_PER_TOKEN = 32  # 8x the ~4 characters a token spans in English text
+MAX_BODY_BASE = 1 << 20  # bytes a chat body may take beside its answer (JSON, usage, a long model name, logprobs)
+MAX_ERROR_BYTES = 64 << 10  # of an error body read at all: a line of it is shown, 500 characters kept
+MAX_USAGE_TOKENS = 10**9  # one request's tokens; above that a number is not a count (the largest contexts are ~10M)
+LOGPROB_ENTRY_BYTES = 256  # generous size of one {"<id>": {"logprob", "rank", "decoded_token"}} entry
 
 
 def identity(cfg: OpenAIConfig) -> dict[str, Any]:
@@ -69,8 +82,13 @@ class OpenAITeacher:
                 shown = REDACTED if looks_like_key(cfg.api_key_env) else cfg.api_key_env
                 raise KdError(f"teachers.{name}.api_key_env: environment variable {shown} is not set "
                               f"(export it, or set api_key_env: null for a server without keys)")
+            if not (value.isascii() and value.isprintable()):  # an HTTP header is ASCII: httpx would raise deep inside
+                raise KdError(f"teachers.{name}.api_key_env: environment variable {cfg.api_key_env} holds characters "
+                              f"an API key cannot have (non-ASCII or control characters); check what was pasted")
+            remember(value)  # scrubbed from every message and answer from now on, in any encoding (kd.secrets)
             self._key = SecretStr(value)
         self.requests_sent = 0
+        self.warned_usage = False
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -128,30 +146,41 @@ class OpenAITeacher:
 
     async def _ask(self, client: httpx.AsyncClient, path: str, body: dict[str, Any], parse: Any) -> dict[str, Any]:
         last = "no attempt made"
+        cap = body_cap(body)
         for attempt in range(1, self.cfg.max_attempts + 1):
             retry_after = None
             try:
                 self.requests_sent += 1
-                r = await client.post(path, json=body)
+                async with client.stream("POST", path, json=body) as r:
+                    content, over = await read_capped(r, cap if r.status_code == 200 else MAX_ERROR_BYTES)
             except httpx.TimeoutException:
                 last = f"timed out after {self.cfg.timeout_s:g} s"
             except httpx.TransportError as e:
                 last = f"connection error ({type(e).__name__}: {self.scrub(str(e), 200)})"
             else:
+                text = content.decode("utf-8", "replace") if r.status_code != 200 else ""
+                if r.status_code == 200 and over:
+                    if "messages" in body:  # this answer only: a rejection, asked again next run
+                        return refused("oversized_answer", f"answer body over {cap:,} bytes for max_tokens "
+                                                           f"{body.get('max_tokens')}; not read further")
+                    raise TeacherError(f"teacher '{self.name}' ({self.endpoint}): a {path} answer is over {cap:,} "
+                                       f"bytes, more than the request can need; is {self.endpoint} the server meant?")
                 if r.status_code == 200:
                     try:
-                        return parse(r.content, self.endpoint)
+                        answer = parse(content, self.endpoint)
                     except ValueError as e:
-                        last = f"unreadable response ({e})"
+                        last = f"unreadable response ({self.scrub(str(e), 200)})"
+                    else:
+                        return self.checked(answer, body)
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}: {self.scrub(r.text, 200)}"
+                    last = f"HTTP {r.status_code}: {self.scrub(text, 200)}"
                     retry_after = _retry_after(r.headers.get("retry-after"))
                 else:
-                    message = redact(f"HTTP {r.status_code}: {self.scrub(r.text, MAX_ERROR_CHARS)}")
-                    if reason := about_the_request(r.status_code, r.text):
+                    message = redact(f"HTTP {r.status_code}: {self.scrub(text, MAX_ERROR_CHARS)}")
+                    if reason := about_the_request(r.status_code, text):
                         return refused(reason, message)
                     raise TeacherError(f"teacher '{self.name}' ({self.endpoint}) refused a request with HTTP "
-                                       f"{r.status_code}: {self.scrub(r.text, 300)}")
+                                       f"{r.status_code}: {self.scrub(text, 300)}")
             if attempt == self.cfg.max_attempts:
                 break
             backoff = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
@@ -160,12 +189,48 @@ class OpenAITeacher:
         raise TeacherError(f"teacher '{self.name}' ({self.endpoint}): a request failed {self.cfg.max_attempts} "
                            f"times; last: {last}. Answers received so far are cached: rerun to resume.")
 
+    def checked(self, answer: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """A chat answer far beyond `max_tokens` becomes the rejection `oversized_answer`; a bad usage note warns."""
+        if (note := answer.get("usage_note")) and not self.warned_usage:
+            self.warned_usage = True
+            print(f"kd: warning: teacher '{self.name}' ({self.endpoint}): {self.scrub(note, 200)}", file=sys.stderr)
+        text = answer.get("text")
+        limit = OVERSIZE_CHARS_PER_TOKEN * int(body.get("max_tokens") or 0)
+        if "messages" in body and isinstance(text, str) and limit and len(text) > limit:
+            return refused("oversized_answer", f"answer of {len(text):,} characters for max_tokens "
+                                               f"{body['max_tokens']} (more than {limit:,}: "
+                                               f"{OVERSIZE_CHARS_PER_TOKEN} a token)")
+        return answer
+
     def scrub(self, text: str, limit: int) -> str:
-        """A server's text made fit for a one-line error: key removed *before* the cut (a key straddling the
-        cut would otherwise leak its head), whitespace folded (an HTML error page spans lines)."""
-        if self._key and self._key.get_secret_value() in text:
-            text = text.replace(self._key.get_secret_value(), "***")
-        return " ".join(text.split())[:limit]
+        """A server's text made fit for a one-line error: keys removed in any encoding (kd.secrets.redact) *before*
+        the cut (a key straddling the cut would otherwise leak its head), whitespace folded (an HTML error page spans
+        lines). Only a bounded head is looked at: what is shown is `limit` characters."""
+        return " ".join(redact(text[:MAX_ERROR_BYTES]).split())[:limit]
+
+
+def body_cap(body: dict[str, Any]) -> int:
+    """The most bytes an answer to `body` is read to: room for an answer of OVERSIZE_CHARS_PER_TOKEN characters
+    a token, each JSON-escaped (`\\uXXXX`, 6 bytes, 12 for a surrogate pair), or for vLLM's prompt log-probs."""
+    cap = MAX_BODY_BASE + 12 * OVERSIZE_CHARS_PER_TOKEN * int(body.get("max_tokens") or 0)
+    if body.get("prompt_logprobs"):
+        cap += len(body.get("prompt") or ()) * (int(body["prompt_logprobs"]) + 1) * LOGPROB_ENTRY_BYTES
+    return cap
+
+
+async def read_capped(r: httpx.Response, cap: int) -> tuple[bytes, bool]:
+    """(the body, or its first `cap` bytes; whether it was longer). A declared Content-Length over the cap is not
+    read at all; a body without one (chunked, compressed) is read until the cap is passed."""
+    declared = r.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap and not r.headers.get("content-encoding"):
+        return b"", True
+    chunks, size = [], 0
+    async for chunk in r.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            return b"".join(chunks)[:cap], True
+    return b"".join(chunks), False
 
 
 def about_the_request(status: int, body: str) -> Reason | None:
@@ -191,6 +256,7 @@ def _retry_after(value: str | None) -> float | None:
 
 def parse_completion(content: bytes, served_at: str) -> dict[str, Any]:
     """The one answer of a chat-completions body, with who gave it; raises ValueError when it is not one."""
+    content = scrub_known_bytes(content)  # a server echoing the key in an answer must not put it in the cache
     try:
         data = json.loads(content)
         choice = data["choices"][0]
@@ -200,12 +266,31 @@ def parse_completion(content: bytes, served_at: str) -> dict[str, Any]:
     if not isinstance(text, str):
         raise ValueError("message.content is not a string")
     finish = choice.get("finish_reason") or "stop"
-    usage = data.get("usage") or {}
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     model = data.get("model")
-    return {"text": text, "finish_reason": str(finish),
-            "served_by": {"endpoint": served_at, "model": _printable(model[:200]) if isinstance(model, str) else None},
-            "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                      "completion_tokens": int(usage.get("completion_tokens") or 0)}}
+    counts = {k: token_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")}
+    answer = {"text": text, "finish_reason": _printable(str(finish)[:100]),
+              "served_by": {"endpoint": served_at, "model": _printable(model[:200]) if isinstance(model, str) else None},
+              "usage": {k: v or 0 for k, v in counts.items()}}
+    if bad := [k for k, v in counts.items() if v is None]:
+        answer["usage_note"] = (f"usage {', '.join(f'{k}={_printable(str(usage[k])[:40])}' for k in bad)} is not a "
+                                f"token count (0 to {MAX_USAGE_TOKENS:,}); counted as 0")
+    return answer
+
+
+def token_count(value: Any) -> int | None:
+    """A usage number as an int (missing: 0), or None when it is not a plausible count: inf, NaN, negative,
+    fractional, a word, a bool, over MAX_USAGE_TOKENS. Numeric strings are taken (some servers send them)."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 12:
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is int and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
+    return None
 
 
 def _printable(text: str) -> str:

@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kd.errors import KdError
+from kd.prompts import TooLong
 from kd.runtime.ask import Call
+from kd.runtime.refusals import refused
 
 CHUNK = 512  # keys per index lookup: one query instead of 512, and a bounded list of pending calls
 
@@ -49,6 +52,8 @@ class Plan:
     """Items added in order; `close` after the last. Counts are over distinct requests, as the Asker counts.
 
     An item whose memo key (kd.cache.renders) names a request key is not rendered unless its request must be sent.
+    An item whose row is too long for any prompt (kd.prompts.TooLong) becomes a `too_long` refusal in `refused`,
+    under a key standing for it, like a request the teacher refused: its record is rejected, the stage goes on.
     """
 
     cache: Any  # kd.cache.store.RequestCache: `present(keys)` answers from its index
@@ -66,6 +71,7 @@ class Plan:
     new_caps: dict[int, int] = field(default_factory=dict)  # max_tokens -> how many new requests have it
     keys: bytearray = field(default_factory=bytearray)  # 32 bytes per call, in call order
     first: bytearray = field(default_factory=bytearray)  # 1 where a call is the first with its key
+    refused: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> refusal of the rows too long to render
 
     def __post_init__(self) -> None:
         self._seen: set[bytes] = set()
@@ -95,10 +101,17 @@ class Plan:
         for i, item in enumerate(items):
             key = known.get(memos[i]) if memos is not None else None
             if key is None:
-                rendered[i] = call = self.render(item)
-                key = call.key
-                if memos is not None:
-                    self.memo.add(memos[i], key)
+                try:
+                    rendered[i] = call = self.render(item)
+                except TooLong as e:  # the row's fault: a rejection of its record, not a failed stage
+                    key = e.digest
+                    self.refused[key] = refused("too_long", str(e))
+                except KdError as e:  # the template's fault: the stage stops, naming which request it was
+                    raise KdError(f"{e} (request {self.calls + 1} of the stage)") from None
+                else:
+                    key = call.key
+                    if memos is not None:
+                        self.memo.add(memos[i], key)
             digest = bytes.fromhex(key)
             self.keys += digest
             self.calls += 1
@@ -108,6 +121,7 @@ class Plan:
             self._seen.add(digest)
             self.first.append(1)
             distinct.append((i, key))
+        distinct = [(i, k) for i, k in distinct if k not in self.refused]
         found = self.cache.present([k for _, k in distinct])
         for i, key in distinct:
             hit = found.get(key)

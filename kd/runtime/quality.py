@@ -1,5 +1,6 @@
 """Is an answer degenerate? Empty, or stuck repeating itself: what a judge must never reward and no dataset
-should keep. Also how a final answer is read out of a longer one.
+should keep. Also how a final answer is read out of a longer one, and the cheap tricks (a constant answer, a
+refusal, an echo of the question, a confident wrong answer) that no scorer may rank above a real answer.
 
 Works on any sequence of items: token ids (the evaluation) or words and punctuation of a text (elicitation), so
 one definition serves both.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 RUN = 6  # the same item this many times in a row ("\n\n\n\n\n\n", "the the the ...") is a loop
@@ -20,6 +22,11 @@ REPEAT_N = 4  # an item that completes a 4-gram seen earlier in the same answer 
 _ITEM = re.compile(r"\w+|([^\w\s])\1*")
 _NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _ANSWER_PREFIX = re.compile(r"^(?:final\s+answer|answer)\s*[:=-]\s*", re.IGNORECASE)
+# The cheap answers every judge and reward model must rank below the teacher's (kd.evaluation.feedback's sanity
+# set): a model that always gives one of them ends cleanly and never loops, so only a scorer can tell.
+CONSTANT_ANSWER = "The answer is 42."
+REFUSAL = "I don't know."
+ECHO_N = 3  # words copied from the question in runs of this many or more are an echo, not an answer
 _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*\**\s*([^\n.]+)", re.IGNORECASE)
 
 
@@ -100,3 +107,30 @@ def final_answer(text: str, how: str = "last_number") -> str | None:
                 return " ".join(found[-1].split()).strip(" .*_`\"'").lower() or None
             return final_answer(text, "last_line")
     raise AssertionError(how)
+
+
+def _word_key(word: str) -> str:
+    return "".join(c for c in word.lower() if c.isalnum())
+
+
+def without_echo(answer: str, question: str, n: int = ECHO_N) -> str:
+    """The answer without the words it copies from the question in runs of `n` or more (compared lower-case,
+    punctuation aside), the rest kept as written: an echo of the question is left with nothing, "144 divided by
+    12 is 12" (to "What is 144 divided by 12?") with "is 12". What a figure reads so an echo earns nothing."""
+    spans = list(re.finditer(r"\S+", answer))
+    said = [_word_key(m.group(0)) for m in spans]
+    asked = [w for w in map(_word_key, question.split()) if w]
+    grams = {tuple(asked[i:i + n]) for i in range(len(asked) - n + 1)}
+    copied = [False] * len(said)
+    for i in range(len(said) - n + 1):
+        if tuple(said[i:i + n]) in grams:
+            copied[i:i + n] = [True] * n
+    ends = [m.start() for m in spans[1:]] + [len(answer)] if spans else []
+    return "".join(answer[m.start():end] for m, end, c in zip(spans, ends, copied, strict=True) if not c).strip()
+
+
+def perturbed(text: str) -> str | None:
+    """The text with every number one higher ("7 x 8 = 56" -> "8 x 9 = 57"): a confident wrong answer made from a
+    right one, worded the same; None when the text has no number."""
+    out = _NUMBER.sub(lambda m: str(Decimal(m.group(0).replace(",", "")) + 1), text)
+    return None if out == text else out

@@ -1,6 +1,7 @@
 """Requests a teacher will not answer because of the request itself: they become rejections, not stage failures.
 
-A prompt longer than the teacher's context, or one a server refuses (invalid request, content filter), says
+A prompt longer than the teacher's context, or one a server refuses (invalid request, content filter) or answers
+far beyond what was asked (`oversized_answer`), says
 nothing about the other records; the stage rejects that record with the reason and the server's words and goes
 on. Failures that are about the teacher (bad key, unknown model, a server down after retries) still stop it.
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-Reason = Literal["too_long", "refused_by_server"]
-REASONS: tuple[Reason, ...] = ("too_long", "refused_by_server")
+# oversized_answer: a server's answer far beyond the request's `max_tokens` (kd.runtime.openai): not kept, not
+# cached, asked again next run; a server that does it to every request fails no stage, it rejects every record.
+Reason = Literal["too_long", "refused_by_server", "oversized_answer"]
+REASONS: tuple[Reason, ...] = ("too_long", "refused_by_server", "oversized_answer")
 MAX_ERROR_CHARS = 500  # of a server's error text kept in rejected.jsonl
 
 

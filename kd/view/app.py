@@ -4,25 +4,34 @@ Safe by construction: templates autoescape (Starlette's Jinja2Templates escapes 
 markup, and a Content-Security-Policy forbids scripts anyway; names in URLs are looked up among what the project
 has (datasets with a manifest, models with kd_model.json), never joined into paths; a seed file must resolve
 inside the project; every route is GET; an unknown id is a 404 page and a user's mistake (a bad revision) a
-400 page with kd's one-line message, never a traceback. Only loopback addresses are accepted as Host, so a web
-page elsewhere cannot read the viewer through DNS rebinding.
+400 page with kd's one-line message, never a traceback; no page shows the project's absolute path. Only loopback
+addresses are accepted as Host (`[::1]` too), so a web page elsewhere cannot read the viewer through DNS rebinding.
+
+Nothing slow runs on the event loop: the status forecast and diffs run in a worker process (kd/view/work.py), the
+other pages in Starlette's thread pool (plain `def` routes), so one slow page never freezes the others, and a
+SIGTERM or Ctrl-C stops the server (and kills the worker) within seconds.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -30,7 +39,6 @@ from starlette.templating import Jinja2Templates
 from kd.errors import KdError
 from kd.paths import DATA_DIR, MODELS_DIR
 from kd.provenance import audit
-from kd.provenance.diff import diff, sides
 from kd.provenance.forecast import money
 from kd.provenance.revisions import git
 from kd.records import CARD_FILE, MANIFEST_FILE, read_jsonl, seed_id
@@ -38,10 +46,14 @@ from kd.runtime.models import INFO_FILE
 from kd.secrets import redact
 from kd.view import pages
 from kd.view.index import DatasetIndex
+from kd.view.work import WAIT_S, Worker, build_state
 
 HERE = Path(__file__).parent
 PAGE = 50  # records a page
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses to bind; as a Host header an IPv6 one is in brackets
+LOOPBACK_HOSTS = tuple(f"[{h}]" if ":" in h else h for h in LOOPBACK)
+MAX_OFFSET = 10**9  # a number parameter beyond this (or not a number) is a 400 page (SQLite's integers end at 2**63)
+REFRESH = 2  # seconds before a page still computing reloads itself (a meta refresh: the pages run no script)
 _HEX = re.compile(r"[0-9a-f]{4,64}")
 _REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/~^@{}-]{0,99}")  # a revision git understands, never an option
 HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'none'; object-src 'none'",
@@ -77,6 +89,16 @@ class Project:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.indexes: dict[Path, DatasetIndex] = {}
+        self.lock = threading.Lock()  # pages run in a thread pool: one index opened per fingerprint
+        # the project's absolute path as messages may spell it (resolved or as given), longest first
+        spelled = {str(self.root), str(root.absolute())}
+        self.hidden = sorted(spelled | {html.escape(p) for p in spelled}, key=len, reverse=True)
+
+    def relative(self, text: str) -> str:
+        """`text` with the project's absolute path shown relative to the project (pages never show where it is)."""
+        for path in self.hidden:
+            text = text.replace(path + "/", "").replace(path, ".")
+        return text
 
     def datasets(self) -> list[str]:
         return sorted(p.parent.name for p in (self.root / DATA_DIR).glob(f"*/{MANIFEST_FILE}"))
@@ -87,31 +109,39 @@ class Project:
     def index(self, name: str) -> DatasetIndex:
         if name not in self.datasets():
             raise HTTPException(404, f"no dataset {name!r} in {DATA_DIR}/")
-        index = DatasetIndex.open(self.root, self.root / DATA_DIR / name)
-        if index.path in self.indexes:  # already open: keep the first connection
-            index.close()
-            return self.indexes[index.path]
-        self.indexes[index.path] = index
-        return index
+        with self.lock:
+            index = DatasetIndex.open(self.root, self.root / DATA_DIR / name)
+            if index.path in self.indexes:  # already open: keep the first connection
+                index.close()
+                return self.indexes[index.path]
+            self.indexes[index.path] = index
+            return index
 
 
 def page(request: Request, template: str, status: int = 200, **context: Any) -> Response:
     project: Project = request.app.state.project
-    return templates.TemplateResponse(request, template, {"project": project.root.name, "status": status, **context},
-                                      status_code=status, headers=HEADERS)
+    body = templates.TemplateResponse(request, template, {"project": project.root.name, "status": status, **context})
+    return HTMLResponse(project.relative(bytes(body.body).decode()), status_code=status, headers=HEADERS)
 
 
 def _int(request: Request, key: str) -> int:
-    value = request.query_params.get(key, "0")
-    return int(value) if value.isdigit() else 0
+    """A whole-number query parameter (0 when absent); anything else is a 400 page naming it."""
+    value = request.query_params.get(key, "") or "0"
+    if not (value.isascii() and value.isdigit() and int(value) <= MAX_OFFSET):
+        raise KdError(f"{key}={value[:40]!r}: expected a whole number from 0 to {MAX_OFFSET}")
+    return int(value)
 
 
 async def pipeline(request: Request) -> Response:
-    return page(request, "pipeline.html", nav="pipeline", p=pages.pipeline(request.app.state.project.root),
-                datasets=request.app.state.project.datasets())
+    """The stage graph and kd status's forecast, computed off the event loop once per build state."""
+    project: Project = request.app.state.project
+    state = await run_in_threadpool(build_state, project.root)
+    found = await request.app.state.worker.get("pipeline", state, pages.pipeline, project.root)
+    return page(request, "pipeline.html", nav="pipeline", p=found.value, found=found, refresh=REFRESH,
+                datasets=await run_in_threadpool(project.datasets))
 
 
-async def dataset(request: Request) -> Response:
+def dataset(request: Request) -> Response:
     project: Project = request.app.state.project
     name = request.path_params["name"]
     index = project.index(name)
@@ -125,7 +155,7 @@ async def dataset(request: Request) -> Response:
                 offset=offset, size=PAGE, categories=index.categories(), link=link)
 
 
-async def rejected(request: Request) -> Response:
+def rejected(request: Request) -> Response:
     project: Project = request.app.state.project
     name = request.path_params["name"]
     index = project.index(name)
@@ -138,7 +168,7 @@ async def rejected(request: Request) -> Response:
                 offset=offset, size=PAGE, link=link)
 
 
-async def record(request: Request) -> Response:
+def record(request: Request) -> Response:
     project: Project = request.app.state.project
     name, rid = request.path_params["name"], request.path_params["id"]
     if not _HEX.fullmatch(rid) or project.index(name).record(rid) is None:
@@ -147,7 +177,7 @@ async def record(request: Request) -> Response:
     return page(request, "record.html", nav="data", name=name, r=report)
 
 
-async def seed(request: Request) -> Response:
+def seed(request: Request) -> Response:
     project: Project = request.app.state.project
     file, sid = request.query_params.get("file", ""), request.query_params.get("id", "")
     path = (project.root / file).resolve()
@@ -171,33 +201,33 @@ def revisions(root: Path) -> list[tuple[str, str]]:
 
 
 async def diff_page(request: Request) -> Response:
+    """A dataset's record-level diff between revisions, computed off the event loop once per build state."""
     project: Project = request.app.state.project
     q = request.query_params
     name, rev_a, rev_b = q.get("dataset", ""), q.get("a", "HEAD") or "HEAD", q.get("b", "")
-    report = None
+    found = None
     if name:
-        if name not in project.datasets():
+        if name not in await run_in_threadpool(project.datasets):
             raise HTTPException(404, f"no dataset {name!r} in {DATA_DIR}/")
         for rev in (rev_a, rev_b):
             if rev and not _REV.fullmatch(rev):
                 raise KdError(f"{rev[:100]!r}: not a git revision")
-        a, b = sides(project.root, str(DATA_DIR / name), rev_a, rev_b or None)
-        report = diff(a, b, project.root, examples=min(_int(request, "n") or 5, 50))
-        for ex in report["examples"]:
-            ex["output_rows"] = pages.side_by_side(ex["output_diff"])
-            for p in ex["prompt_diffs"]:
-                p["rows"] = pages.side_by_side(p["diff"])
-    return page(request, "diff.html", nav="diff", datasets=project.datasets(), revs=revisions(project.root),
-                name=name, rev_a=rev_a, rev_b=rev_b, r=report, side_by_side=pages.side_by_side)
+        n = min(_int(request, "n") or 5, 50)
+        state = await run_in_threadpool(build_state, project.root)
+        found = await request.app.state.worker.get(("diff", name, rev_a, rev_b, n), state, pages.dataset_diff,
+                                                   project.root, name, rev_a, rev_b, n)
+    return page(request, "diff.html", nav="diff", datasets=await run_in_threadpool(project.datasets),
+                revs=await run_in_threadpool(revisions, project.root), name=name, rev_a=rev_a, rev_b=rev_b,
+                r=found.value if found else None, found=found, refresh=REFRESH, side_by_side=pages.side_by_side)
 
 
-async def models(request: Request) -> Response:
+def models(request: Request) -> Response:
     project: Project = request.app.state.project
     rows = [audit.audit_model(project.root, project.root / MODELS_DIR / m) for m in project.models()]
     return page(request, "models.html", nav="models", models=rows, evaluation=pages.evaluation(project.root))
 
 
-async def model(request: Request) -> Response:
+def model(request: Request) -> Response:
     project: Project = request.app.state.project
     name = request.path_params["name"]
     if name not in project.models():
@@ -218,14 +248,23 @@ async def user_error(request: Request, exc: KdError) -> Response:
     return page(request, "error.html", status=400, title="Cannot show this", message=redact(str(exc)))
 
 
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    app.state.worker.warm()
+    yield
+    app.state.worker.close()  # the server stops: so does every computation
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    print(f"kd view: {request.url.path}: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+    # repr: the URL and the message may carry control characters, shown escaped rather than sent to the terminal
+    print(f"kd view: {request.url.path!r}: {type(exc).__name__}: {redact(str(exc))!r}", file=sys.stderr)
     return page(request, "error.html", status=500, title="Something went wrong",
                 message="the viewer failed on this page; the terminal running `kd view` says why")
 
 
-def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK) -> Starlette:
-    """The viewer over the project at `root`; `hosts`: the Host names it answers to."""
+def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK_HOSTS, wait_s: float = WAIT_S) -> Starlette:
+    """The viewer over the project at `root`; `hosts`: the Host names it answers to; `wait_s`: how long a page
+    waits for a slow computation before it shows "computing…" (tests that read the result wait longer)."""
     routes = [
         Route("/", pipeline),
         Route("/data/{name}", dataset),
@@ -238,8 +277,10 @@ def create_app(root: Path, hosts: tuple[str, ...] = LOOPBACK) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))],
-                    exception_handlers={HTTPException: not_found, KdError: user_error, Exception: server_error})
+                    exception_handlers={HTTPException: not_found, KdError: user_error, Exception: server_error},
+                    lifespan=lifespan)
     app.state.project = Project(root)
+    app.state.worker = Worker(wait_s)
     return app
 
 
@@ -250,7 +291,10 @@ def serve(root: Path, host: str, port: int) -> None:
     if host not in LOOPBACK:
         print(f"kd view: listening on {host}, not 127.0.0.1: anyone who can reach this machine on port {port} can "
               f"read the project's data (the viewer has no login)", file=sys.stderr)
-    hosts = LOOPBACK if host in LOOPBACK else ("*",)
+    hosts = LOOPBACK_HOSTS if host in LOOPBACK else ("*",)
     shown = f"[{host}]" if ":" in host else host
     print(f"kd view: http://{shown}:{port}/  (read-only; Ctrl-C to stop)", flush=True)
-    uvicorn.run(create_app(root, hosts), host=host, port=port, log_level="warning")
+    try:  # a request still running 2 s after SIGTERM or Ctrl-C is cancelled: the server always stops
+        uvicorn.run(create_app(root, hosts), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has stopped: exit 130, no traceback
+        sys.exit(130)

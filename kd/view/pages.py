@@ -12,9 +12,10 @@ from typing import Any
 
 from kd.config import load_params
 from kd.errors import KdError
-from kd.paths import PLOTS_DIR, REPORTS_DIR
+from kd.paths import DATA_DIR, PLOTS_DIR, REPORTS_DIR
 from kd.pipeline.spec import stages
 from kd.pipeline.status import status
+from kd.provenance.diff import diff, sides
 
 BOX_W, BOX_H, GAP_X, GAP_Y = 150, 34, 60, 14
 
@@ -58,6 +59,17 @@ def pipeline(root: Path) -> dict[str, Any]:
     }
 
 
+def dataset_diff(root: Path, name: str, rev_a: str, rev_b: str, examples: int) -> dict[str, Any]:
+    """`kd diff data/<name> rev_a [rev_b]` as the diff page shows it: the report, its diffs split side by side."""
+    a, b = sides(root, str(DATA_DIR / name), rev_a, rev_b or None)
+    report = diff(a, b, root, examples=examples)
+    for ex in report["examples"]:
+        ex["output_rows"] = side_by_side(ex["output_diff"])
+        for p in ex["prompt_diffs"]:
+            p["rows"] = side_by_side(p["diff"])
+    return report
+
+
 def curve(path: Path, y: str = "loss", width: int = 560, height: int = 180) -> dict[str, Any] | None:
     """A training curve (plots/<model>.csv: step, loss, ...) as an SVG polyline, or None if there is none."""
     if not path.is_file():
@@ -87,7 +99,7 @@ def evaluation(root: Path) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KdError(f"{path}: not readable JSON ({e})") from None
-    table = {name: m for name, m in metrics.items() if isinstance(m, dict) and name not in ("compare", "sanity")}
+    table = {name: m for name, m in metrics.items() if isinstance(m, dict) and name not in ("compare", "sanity", "cheap")}
     names = sorted({k for m in table.values() for k in m if not k.endswith(("_lo", "_hi"))})
     rows = [{"model": model, "cells": [_cell(m, k) for k in names]} for model, m in table.items()]
     gens: dict[str, dict[str, str]] = defaultdict(dict)

@@ -19,11 +19,12 @@ def logits(seed: int, scale: float = 3.0, dtype: torch.dtype = torch.float32) ->
     return (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def stored(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the feature stage keeps: top-k ids and log-probs, and the log tail mass (−inf when none)."""
+def stored(teacher: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the feature stage keeps: top-k ids and log-probs (T = 1), and the tail at `temperature`,
+    log Σ_{j∉K} p_j^{1/T} (−inf when none)."""
     logq = torch.log_softmax(teacher, -1)
     values, ids = logq.topk(k, -1)
-    tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), -1) if k < teacher.shape[-1] \
+    tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")) / temperature, -1) if k < teacher.shape[-1] \
         else torch.full(values.shape[:1], float("-inf"), dtype=values.dtype)
     return ids, values, tail
 
@@ -63,7 +64,7 @@ def test_identical_distributions_give_zero(kind: str, temperature: float) -> Non
     t = logits(0, dtype=torch.float64)
     assert full_divergence(t, t.clone(), kind, beta=0.3, temperature=temperature).abs().max() < 1e-6
     for k in (1, K, V):
-        assert topk_divergence(t, *stored(t, k), kind, beta=0.3, temperature=temperature).abs().max() < 1e-6
+        assert topk_divergence(t, *stored(t, k, temperature), kind, beta=0.3, temperature=temperature).abs().max() < 1e-6
 
 
 def test_jsd_beta_limits_are_the_kls() -> None:
@@ -112,15 +113,9 @@ def test_agrees_with_float64_reference(kind: str, temperature: float) -> None:
     want = reference(p, q, kind, 0.3, 0.2) * scale
     torch.testing.assert_close(full_divergence(s, t, kind, 0.3, temperature, alpha=0.2).double(), want,
                                atol=1e-5, rtol=1e-5)
-    # Top-k: both sides folded into the same k + 1 buckets at T = 1, then tempered alike and renormalised.
-    ids, values, tail = stored(t, K)
-
-    def tempered(b: torch.Tensor) -> torch.Tensor:
-        b = b ** (1 / temperature)
-        return b / b.sum(-1, keepdim=True)
-
-    want = reference(tempered(buckets(torch.softmax(s.double(), -1), ids)),
-                     tempered(buckets(torch.softmax(t.double(), -1), ids)), kind, 0.3, 0.2) * scale
+    # Top-k: both sides are the exact tempered distributions p, q restricted to the same k + 1 buckets.
+    ids, values, tail = stored(t, K, temperature)
+    want = reference(buckets(p, ids), buckets(q, ids), kind, 0.3, 0.2) * scale
     got = topk_divergence(s, ids, values, tail, kind, 0.3, temperature, alpha=0.2)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
@@ -147,7 +142,7 @@ def test_skew_kls_against_float64_and_their_limits(alpha: float) -> None:
 def test_tvd_is_bounded(temperature: float) -> None:
     s, t = logits(9, scale=30.0), logits(10, scale=30.0)  # near one-hot, mostly on different tokens
     for got in (full_divergence(s, t, "tvd", temperature=temperature),
-                topk_divergence(s, *stored(t, K), "tvd", temperature=temperature)):
+                topk_divergence(s, *stored(t, K, temperature), "tvd", temperature=temperature)):
         assert (got >= 0).all() and (got <= 1 + 1e-6).all()
     assert full_divergence(s, t, "tvd").max() > 0.9
 
@@ -170,7 +165,8 @@ def test_bucket_gradient_matches_finite_differences() -> None:
     # The student side is a hand-written autograd function (chunked, recomputes softmax in backward).
     s = logits(13, dtype=torch.float64).requires_grad_(True)
     ids = stored(logits(14), K)[0]
-    assert torch.autograd.gradcheck(lambda z: StudentBuckets.apply(z, ids), (s,))
+    for temperature in (1.0, 0.5, 2.0):
+        assert torch.autograd.gradcheck(lambda z, t=temperature: StudentBuckets.apply(z, ids, t), (s,))
 
 
 def test_bfloat16_student_logits() -> None:
@@ -199,3 +195,26 @@ def test_hidden_loss() -> None:
     loss = hidden_loss(h, torch.randn(2, 5, 16, generator=g), proj, "cosine", mask)
     loss.backward()
     assert proj.weight.grad is not None and math.isfinite(loss.item())
+
+
+def test_kd_objective_is_the_documented_mix() -> None:
+    # regression (docs): the KD student's loss is ½ CE + ½ forward KL at ce_weight 0.5, but docs/methods.md and
+    # params.yaml called it "forward KL + ½ CE"; the field description (the source of docs/params.md) states it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd.config.students import Divergence
+    from kd.distill.loop import Example, token_objective
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids, start = torch.randint(0, V, (10,)).tolist(), 4
+    teacher = stored(logits(20)[: 10 - start], K)
+    w = 0.3
+    kd = Divergence(divergence="forward_kl", ce_weight=w)
+    got, _ = token_objective(model, kd, None, 0, 1).loss([Example(ids, start, teacher)], 10 - start)
+    z = model(torch.tensor([ids])).logits[0, start - 1:-1].float()
+    ce = torch.nn.functional.cross_entropy(z, torch.tensor(ids[start:]))
+    want = w * ce + (1 - w) * topk_divergence(z, *teacher, "forward_kl").mean()
+    torch.testing.assert_close(got, want)
+    assert "w·CE + (1 − w)·divergence" in Divergence.model_fields["ce_weight"].description

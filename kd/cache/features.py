@@ -1,10 +1,12 @@
 """The feature cache: one teacher top-k result per source record, so a rerun scores only new records.
 
 `.kd/cache/features/<key[:2]>/<key>.safetensors`, keyed by what determines it (teacher identity with its
-resolved dtype, token ids, k, format) and written atomically as each batch finishes: an interrupted feature
+resolved dtype, token ids, k, the tail temperatures, format) and written atomically as each batch finishes: an interrupted feature
 stage loses at most the batch in flight. Entries are verified on read; a damaged one is reported and recomputed.
 An entry carries its key, its completion start and a checksum of its tensors in the safetensors metadata, so
 `entry_problem` can judge a file on its own (for `kd cache verify`, push and pull) as well as against a record.
+An entry for students at temperatures T ≠ 1 also holds `tempered_tails` [C, m], the tail at each of its m
+temperatures (named in its metadata); one for T = 1 alone has neither, so its key and bytes are as before.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from kd.records import canonical_json, sha256_text
 
 FORMAT = 1  # of an entry and of a feature dataset's logits file
 TENSORS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
-_DTYPES = {"input_ids": "int32", "topk_ids": "int32", "topk_logprobs": "float16", "tail_logprob": "float16"}
+TEMPERED = "tempered_tails"  # [C, m] float16: log Σ_{j∉top-k} p_j^{1/T} at each of the entry's m temperatures
+_DTYPES = {"input_ids": "int32", "topk_ids": "int32", "topk_logprobs": "float16", "tail_logprob": "float16",
+           TEMPERED: "float16"}
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,15 @@ class Item:
     ids: list[int]
     start: int
     key: str
+    temperatures: tuple[float, ...] = ()  # the tail temperatures T ≠ 1 (kd.config.students.tail_temperatures)
 
 
-def feature_key(teacher: dict[str, Any], ids: list[int], top_k: int) -> str:
-    """sha256 of exactly what decides a record's stored features."""
+def feature_key(teacher: dict[str, Any], ids: list[int], top_k: int, temperatures: tuple[float, ...] = ()) -> str:
+    """sha256 of exactly what decides a record's stored features (the temperatures only when there are any, so
+    entries for T = 1 keep their keys)."""
+    extra = {"temperatures": list(temperatures)} if temperatures else {}
     return sha256_text(canonical_json({"teacher": teacher, "input_ids": ids, "top_k": top_k,
-                                       "format": FORMAT, "kind": "feature"}))
+                                       "format": FORMAT, "kind": "feature", **extra}))
 
 
 class FeatureCache:
@@ -94,6 +101,8 @@ class FeatureCache:
         try:
             meta = {"key": item.key, "format": str(FORMAT), "completion_start": str(item.start),
                     "checksum": tensors_checksum({k: v.numpy() for k, v in tensors.items()})}
+            if item.temperatures:
+                meta["temperatures"] = canonical_json(list(item.temperatures))
             save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         except BaseException:
@@ -102,9 +111,10 @@ class FeatureCache:
 
 
 def tensors_checksum(arrays: dict[str, Any]) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes (numpy arrays), in TENSORS order."""
+    """sha256 over each tensor's name, dtype, shape and bytes (numpy arrays), in TENSORS order, then TEMPERED
+    where present."""
     h = hashlib.sha256()
-    for name in TENSORS:
+    for name in (*TENSORS, TEMPERED) if TEMPERED in arrays else TENSORS:
         a = arrays[name]
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)}:".encode())
         h.update(a.tobytes())
@@ -136,8 +146,14 @@ def entry_problem(raw: bytes, key: str, item: Item | None = None, top_k: int | N
         return f"unreadable safetensors ({type(e).__name__})"
     if not isinstance(meta, dict) or meta.get("key") != key or meta.get("format") != str(FORMAT):
         return "its key or format does not match"
-    if sorted(arrays) != sorted(TENSORS):
-        return f"holds tensors {sorted(arrays)}, expected {sorted(TENSORS)}"
+    try:
+        temperatures = tuple(float(t) for t in parse_json(meta["temperatures"].encode())) \
+            if "temperatures" in meta else ()
+    except (TypeError, ValueError, AttributeError):
+        return "unreadable temperatures"
+    expected = sorted([*TENSORS, TEMPERED] if temperatures else TENSORS)
+    if sorted(arrays) != expected:
+        return f"holds tensors {sorted(arrays)}, expected {expected}"
     start = meta.get("completion_start", "")
     n = arrays["input_ids"].shape[0] if arrays["input_ids"].ndim == 1 else -1
     if not start.isdigit() or not 0 <= int(start) < n:
@@ -145,11 +161,13 @@ def entry_problem(raw: bytes, key: str, item: Item | None = None, top_k: int | N
     c = n - int(start)
     k = arrays["topk_ids"].shape[-1] if arrays["topk_ids"].ndim == 2 else -1
     want = {"input_ids": (n,), "topk_ids": (c, k), "topk_logprobs": (c, k), "tail_logprob": (c,)}
+    if temperatures:
+        want[TEMPERED] = (c, len(temperatures))
     for name, shape in want.items():
         a = arrays[name]
         if k < 1 or tuple(a.shape) != shape or str(a.dtype) != _DTYPES[name]:
             return f"{name} has shape {tuple(a.shape)} {a.dtype}, expected {shape} {_DTYPES[name]}"
-    if not (np.isfinite(arrays["topk_logprobs"]).all() and np.isfinite(arrays["tail_logprob"]).all()):
+    if not all(np.isfinite(arrays[n]).all() for n in ("topk_logprobs", "tail_logprob", TEMPERED) if n in arrays):
         return "non-finite log-probabilities"
     if "checksum" in meta and meta["checksum"] != tensors_checksum(arrays):
         return "checksum mismatch"
@@ -158,6 +176,8 @@ def entry_problem(raw: bytes, key: str, item: Item | None = None, top_k: int | N
             return "completion start differs"
         if k != top_k:
             return f"holds top-{k}, expected top-{top_k}"
+        if temperatures != item.temperatures:
+            return f"holds tails at temperatures {list(temperatures)}, expected {list(item.temperatures)}"
         if arrays["input_ids"].tolist() != item.ids:
             return "token ids differ"
     return None

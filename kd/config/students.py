@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -71,9 +72,12 @@ class Divergence(Strict):
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 -> forward KL, 1 -> reverse KL")
     alpha: float = Field(0.1, ge=0, lt=1, description="skew KLs: the share of the first distribution mixed into the "
                                                       "second (0 = plain KL; DistiLLM uses 0.1)")
-    temperature: float = Field(1.0, gt=0, description="softens both distributions alike; KL-type losses are scaled "
-                                                      "by T², TVD is not")
-    ce_weight: float = Field(0.0, ge=0, le=1, description="mix of cross-entropy on the teacher's tokens")
+    temperature: float = Field(1.0, gt=0, description="both sides are softmax(logits / T) restricted to the teacher's "
+                                                      "top-k + one tail bucket (the logits dataset stores the "
+                                                      "teacher's tail at each T its students use); KL-type losses "
+                                                      "are scaled by T², TVD is not")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="w in the per-token loss w·CE + (1 − w)·divergence, CE on "
+                                                          "the teacher's tokens: 0.5 is ½ CE + ½ divergence")
 
 
 class OnPolicy(Strict):
@@ -145,7 +149,10 @@ class Training(Strict):
     max_length: int = Field(512, ge=8, description="prompt + completion tokens per example; longer completions are cut")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    seed: int = Field(0, description="data order, random init and sampling; same seed, same model (on CPU)")
+    seed: int = Field(0, description="which records `subsample` draws, the random init (from_config), data order "
+                                     "and sampling; same seed, same model (on CPU)")
+    subsample: int | None = Field(None, ge=1, description="train on this many of the datasets' records, drawn by "
+                                                          "`seed` (null: all of them)")
     checkpoint_every: int = Field(20, ge=1, description="optimiser steps between resumable checkpoints")
     log_every: int = Field(1, ge=1, description="optimiser steps between metrics sent to MLflow (sft/on_policy: also in plots)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda when present")
@@ -156,7 +163,10 @@ class Training(Strict):
         description="an accelerate config file for `accelerate launch --config_file` (e.g. profiles/accelerate/"
                     "fsdp.yaml, deepspeed_zero2.yaml): shards a model too large for one device; TRL objectives only, "
                     "with processes > 1")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the precision the model trains in")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="precision of the forward and backward passes: bfloat16 / float16 run them under "
+                               "autocast while the weights and optimizer state stay float32 (float16 with loss "
+                               "scaling); the trained model is saved in this dtype")
     freeze_layers: int = Field(0, ge=0, description="freeze the input embeddings (and an LM head tied to them) and "
                                                     "this many bottom transformer layers: faster steps, and a "
                                                     "from_teacher student keeps the teacher's own lower layers")
@@ -210,6 +220,18 @@ class Student(Strict):
                 raise ValueError("training.accelerate_config: needs training.processes > 1 (its stage runs "
                                  "`python` otherwise, and the config would be ignored)")
         return self
+
+
+def logits_readers(students: Mapping[str, Student], logits: str) -> list[str]:
+    """The students that train on feature dataset `logits` (objective kd), in params order."""
+    return [n for n, s in students.items() if s.objective == "kd" and s.logits == logits]
+
+
+def tail_temperatures(students: Mapping[str, Student], logits: str) -> tuple[float, ...]:
+    """The temperatures other than 1 at which feature dataset `logits` must store the teacher's tail, sorted:
+    one per distinct `kd.temperature` of the students reading it. The tail at T needs the full logits, so the
+    feature stage computes it then (kd.distill.losses); T = 1's tail is always stored."""
+    return tuple(sorted({students[n].kd.temperature for n in logits_readers(students, logits)} - {1.0}))
 
 
 class RewardModel(Strict):

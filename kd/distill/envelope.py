@@ -27,8 +27,8 @@ from kd.distill import checkpoint, ranks
 from kd.distill.loop import Result
 from kd.errors import KdError
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
-from kd.records import atomic_write_text, ensure_writable, read_dataset, write_json
-from kd.runtime.device import resolve_device
+from kd.records import atomic_write_text, ensure_writable, read_dataset, sha256_text, write_json
+from kd.runtime.device import resolve_device, training_dtypes
 from kd.runtime.init import init_digest
 from kd.runtime.models import DatasetRef, MlflowRef, ModelInfo, save_model
 
@@ -48,6 +48,16 @@ def read_training_data(root: Path, names: list[str]) -> tuple[list[dict[str, Any
                 seen.add(r["id"])
                 records.append(r)
     return records, refs
+
+
+def subsample(records: list[dict[str, Any]], t: Any) -> list[dict[str, Any]]:
+    """`training.subsample` of the records, drawn by `training.seed` (all when it is None or not smaller), in
+    their order. A record is kept by the rank of sha256(seed, its id): the draw of one record does not depend on
+    the others, so adding records to a dataset moves few of the drawn ones."""
+    if t.subsample is None or t.subsample >= len(records):
+        return records
+    kept = set(sorted(range(len(records)), key=lambda i: sha256_text(f"{t.seed}:{records[i]['id']}"))[:t.subsample])
+    return [r for i, r in enumerate(records) if i in kept]
 
 
 def final_metrics(result: Result) -> dict[str, Any]:
@@ -88,8 +98,14 @@ class Job:
     logits: dict[str, str] | None
     ckpt_dir: Path
     device: str
-    dtype: Any
+    dtype: Any  # of the trained parameters and optimizer state: float32 (kd.runtime.device.training_dtypes)
+    autocast: Any  # the declared half precision the passes run in, or None
     start: float = field(default_factory=time.monotonic)
+
+    @property
+    def declared(self) -> Any:
+        """`training.dtype` as a torch dtype: the saved model's, and a frozen teacher's (nothing to optimise)."""
+        return self.autocast or self.dtype
 
     def start_run(self) -> tracking.Run:
         """The MLflow run, continuing a killed run of the same checkpoint hash (its params are identical)."""
@@ -123,7 +139,8 @@ class Job:
             params=self.cfg.model_dump(mode="json"), git_commit=tracking.git_commit(self.root),
             mlflow=MlflowRef(run_id=run.run_id, tracking_uri=tracking.configured_uri(), experiment=self.params.project),
             metrics=metrics, held_out=held_out, world_size=ranks.world_size())
-        save_model(model.to("cpu"), tok, self.root / MODELS_DIR / self.name, info)
+        # Saved in the declared precision, rounded once from the float32 master weights.
+        save_model(model.to("cpu", self.declared), tok, self.root / MODELS_DIR / self.name, info)
         write_outputs(self.root, self.name, metrics, result.history)
         with run.failing():  # an artifact store that refuses the model fails the stage, and the run with it
             version = self.log_model(run, info.git_commit)
@@ -149,7 +166,7 @@ class Job:
 
 def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Params, root: Path,
             datasets: list[dict[str, str]], logits: dict[str, str] | None = None) -> Job:
-    """The run's checkpoint directory (other runs' checkpoints of this model pruned), device, dtype and seed.
+    """The run's checkpoint directory (other runs' checkpoints of this model pruned), device, dtypes and seed.
 
     Raises:
         KdError: naming `<section>.<name>.datasets` when they hold no records to train on.
@@ -165,7 +182,7 @@ def prepare(name: str, section: Section, cfg: Student | RewardModel, params: Par
         checkpoint.prune_others(ckpt_dir)
     torch.manual_seed(t.seed)
     return Job(name, section, cfg, params, root, datasets, logits, ckpt_dir, ranks.device(resolve_device(t.device)),
-               getattr(torch, t.dtype))
+               *training_dtypes(t.dtype))
 
 
 def world_warning(section: Section, name: str, t: Any, world: int) -> str | None:

@@ -4,7 +4,8 @@ cross-entropy on the teacher's completions, and an optional hidden-state term fr
 Small on purpose (a reader follows one optimiser step top to bottom): AdamW, linear warmup and decay,
 gradient accumulation with the loss averaged over the step's examples by the objective's weight (completion
 tokens here, prompts for the rank objectives of kd.distill.rank), gradient clipping at 1.0 (as transformers'
-Trainer does). An objective gives the loop only its loss on a micro-batch. Data order is a pure function of
+Trainer does). Mixed precision as the Trainer's `bf16`/`fp16`: float32 weights and optimizer state, forward and
+backward under autocast in `training.dtype`, float16 with a GradScaler (kd.runtime.device.training_dtypes). An objective gives the loop only its loss on a micro-batch. Data order is a pure function of
 (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would, and CPU runs are
 bit-reproducible.
 
@@ -27,6 +28,7 @@ from kd.config.students import Divergence, Hidden, Training
 from kd.distill import checkpoint, ranks
 from kd.distill.losses import hidden_loss, topk_divergence
 from kd.errors import KdError
+from kd.runtime.device import training_dtypes
 
 STOP_ENV = "KD_TEST_STOP_AFTER_STEP"  # tests: raise after this many optimiser steps, as a kill would
 MAX_GRAD_NORM = 1.0
@@ -130,12 +132,19 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
     _, total = plan(len(examples), t, world)
     modules = {"model": model} | objective.modules
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    master, half = training_dtypes(t.dtype)
+    if any(p.dtype != master for p in params):  # the optimiser steps float32 weights, or small updates round away
+        raise ValueError(f"train: parameters must be {master} (training.dtype {t.dtype} is the autocast precision)")
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=half == torch.float16)  # float16 gradients underflow unscaled
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, t.warmup_ratio))
     result = Result()
     last = checkpoint.latest(ckpt_dir)
     if last is not None:
         state = checkpoint.load(last, modules, optimizer, scheduler)
+        if "scaler" in state["extra"]:
+            scaler.load_state_dict(state["extra"]["scaler"])
         result.history, result.resumed_from = state["history"], state["step"]
         result.tokens = int(result.history[-1]["tokens"]) if result.history else 0
     model.train()
@@ -147,8 +156,9 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
         weight = sum(objective.weight(e) for b in micro for e in b)  # the step's loss is a mean over this
         loss_sum, sums = 0.0, {}
         for batch in micro[rank::world]:
-            loss, parts = objective.loss(batch, weight)
-            loss.backward()
+            with torch.autocast(device_type, dtype=half, enabled=half is not None):
+                loss, parts = objective.loss(batch, weight)
+            scaler.scale(loss).backward()
             loss_sum += loss.item()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -158,8 +168,10 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
             loss_sum, *summed = ranks.sum_floats([loss_sum, *(sums[k] for k in keys)])
             sums = dict(zip(keys, summed, strict=True))
         result.tokens += int(sums.pop("tokens", 0))
+        scaler.unscale_(optimizer)  # clip the true gradient (a no-op without float16)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when a float16 gradient overflowed; the scale is then lowered
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "loss": loss_sum, **objective.summarise(sums, weight),
@@ -171,7 +183,8 @@ def train(model: Any, examples: list[Any], t: Training, objective: Objective, ck
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
             if ranks.is_main():
-                checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history)
+                checkpoint.save(ckpt_dir, step + 1, modules, optimizer, scheduler, result.history,
+                                {"scaler": scaler.state_dict()} if scaler.is_enabled() else None)
             ranks.barrier()
     bar.close()
     model.eval()
@@ -185,7 +198,7 @@ class Example:
 
     ids: list[int]
     start: int
-    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail_logprob [C])
+    teacher: tuple[Any, Any, Any] | None = None  # (topk_ids [C, k], topk_logprobs [C, k], tail at the student's T [C])
 
 
 def _collate(batch: list[Example], pad: int, device: Any) -> dict[str, Any]:
@@ -245,8 +258,9 @@ class HiddenTerm:
 
 def token_objective(model: Any, kd: Divergence | None, hidden: HiddenTerm | None, pad_id: int,
                     grad_accum: int) -> Objective:
-    """Per completion token: cross-entropy on the teacher's token mixed with a divergence to the stored teacher
-    top-k (`kd`; without it, plain SFT), plus an optional hidden-state term (a mean over micro-batches).
+    """Per completion token: w·CE(teacher's token) + (1 − w)·divergence to the stored teacher top-k, w =
+    `kd.ce_weight` (without `kd`, plain SFT: CE alone), plus an optional hidden-state term (a mean over
+    micro-batches).
     Examples are `Example`s, carrying `teacher` when `kd` is given."""
     import torch.nn.functional as F
 

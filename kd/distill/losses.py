@@ -18,9 +18,13 @@ Conventions (the KL and JSD ones match TRL's `GKDTrainer.generalized_jsd_loss`, 
 - `tvd` = ½·Σ|p − q| ∈ [0, 1].
 - temperature T: both distributions are softened and the KL-type losses are multiplied by T² so their gradient
   scale does not depend on T (Hinton et al.); TVD is not scaled, so it stays in [0, 1]. TRL does not multiply
-  by T²; the two agree at T = 1. With top-k buckets both sides are folded into the same k + 1 buckets at T = 1
-  and then tempered as (k + 1)-way distributions: the tail bucket is tempered as one token on *both* sides, so
-  every divergence is exactly 0 when student = teacher at any T, and k = V is the full-vocabulary loss.
+  by T²; the two agree at T = 1. With top-k buckets each side is the exact tempered distribution restricted to
+  k + 1 outcomes: softmax(z / T) over the whole vocabulary, then folded into the teacher's top-k tokens and one
+  tail bucket. The tail at T is Σ_{j∉K} p_j^{1/T} (normalised), not (Σ_{j∉K} p_j)^{1/T}: tempering the tail bucket
+  as one token would make it 0.13 instead of 0.95 on a flat tail at T = 2. The student's side comes from its full
+  logits; the teacher's from its stored top-k log-probs (T = 1) and its tail at T, log Σ_{j∉K} p_j^{1/T}, which
+  the feature stage stores for every temperature a student uses (kd.runtime.logits). So every divergence is
+  exactly 0 when student = teacher at any T, and k = V is the full-vocabulary loss.
 
 References:
     Hinton et al., Distilling the Knowledge in a Neural Network, 2015, https://arxiv.org/abs/1503.02531
@@ -50,14 +54,16 @@ CHUNK_ROWS = 256
 
 
 class StudentBuckets(torch.autograd.Function):
-    """log p over k + 1 buckets from full student logits: [N, V] logits, [N, k] ids -> [N, k + 1] (float32).
+    """log p over k + 1 buckets from full student logits at temperature T: [N, V] logits, [N, k] ids, T ->
+    [N, k + 1] (float32), p = softmax(logits / T).
 
     Bucket i < k is token ids[:, i]; bucket k is every other token, computed as a masked logsumexp (exact even
-    when the tail is tiny, where log(1 − Σ top-k) would cancel catastrophically).
+    when the tail is tiny, where log(1 − Σ top-k) would cancel catastrophically). T divides each chunk inside,
+    so no tempered [N, V] copy of the logits is made.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:  # type: ignore[override]
         n, k = ids.shape
         # float32 at least (bf16 logits lose the tail), float64 kept for exact references and gradcheck.
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -65,7 +71,7 @@ class StudentBuckets(torch.autograd.Function):
         lse_all = logits.new_empty((n,), dtype=dtype)
         lse_tail = logits.new_empty((n,), dtype=dtype)
         for s in range(0, n, CHUNK_ROWS):
-            z = logits[s:s + CHUNK_ROWS].to(dtype)
+            z = logits[s:s + CHUNK_ROWS].to(dtype) / temperature
             i = ids[s:s + CHUNK_ROWS]
             all_ = torch.logsumexp(z, dim=-1)
             tail = torch.logsumexp(z.scatter(-1, i, float("-inf")), dim=-1)
@@ -73,25 +79,28 @@ class StudentBuckets(torch.autograd.Function):
             out[s:s + CHUNK_ROWS, k] = tail - all_
             lse_all[s:s + CHUNK_ROWS], lse_tail[s:s + CHUNK_ROWS] = all_, tail
         ctx.save_for_backward(logits, ids, lse_all, lse_tail)
+        ctx.temperature = temperature
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        # d log p_i / dz = onehot_i − softmax(z);  d log p_tail / dz = 1[∉K]·softmax_tail(z) − softmax(z)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        # With z = logits / T: d log p_i / dz = onehot_i − softmax(z); d log p_tail / dz = 1[∉K]·softmax_tail(z) −
+        # softmax(z); and dz / dlogits = 1 / T.
         logits, ids, lse_all, lse_tail = ctx.saved_tensors
+        temperature = ctx.temperature
         k = ids.shape[1]
         out = torch.empty_like(logits)
         # An empty tail (lse = -inf) has no gradient; +inf makes its softmax exactly 0 instead of NaN.
         lse_tail = torch.where(torch.isneginf(lse_tail), torch.full_like(lse_tail, float("inf")), lse_tail)
         for s in range(0, logits.shape[0], CHUNK_ROWS):
-            z = logits[s:s + CHUNK_ROWS].to(lse_all.dtype)
-            i, g = ids[s:s + CHUNK_ROWS], grad[s:s + CHUNK_ROWS].to(lse_all.dtype)
+            z = logits[s:s + CHUNK_ROWS].to(lse_all.dtype) / temperature
+            i, g = ids[s:s + CHUNK_ROWS], grad[s:s + CHUNK_ROWS].to(lse_all.dtype) / temperature
             g_top, g_tail = g[:, :k], g[:, k]
             tail_soft = torch.exp(z - lse_tail[s:s + CHUNK_ROWS, None]).scatter(-1, i, 0.0)
             d = g_tail[:, None] * tail_soft - g.sum(-1, keepdim=True) * torch.exp(z - lse_all[s:s + CHUNK_ROWS, None])
             d = d.scatter_add(-1, i, g_top)
             out[s:s + CHUNK_ROWS] = d.to(logits.dtype)
-        return out, None
+        return out, None, None
 
 
 def _divergence(logp: Tensor, logq: Tensor, kind: Kind, beta: float, alpha: float) -> Tensor:
@@ -149,10 +158,12 @@ def topk_divergence(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
         student_logits: [N, V] raw student logits at the N scored positions (any float dtype).
         topk_ids: [N, k] the teacher's top-k token ids.
         topk_logprobs: [N, k] the teacher's log-probabilities of those tokens (T = 1).
-        tail_logprob: [N] log of the teacher's remaining mass (−inf or very low when top-k covers it all).
+        tail_logprob: [N] the teacher's tail at `temperature`: log Σ_{j∉top-k} p_j^{1/T} over its T = 1
+            probabilities p (at T = 1 the log of its remaining mass; −inf or very low when top-k covers it all).
         kind: one of KINDS (see the module docstring for the conventions).
         beta: JSD mixture weight (0 = forward KL, 1 = reverse KL).
-        temperature: softens both bucketed distributions alike; KL-type results are scaled by T².
+        temperature: both sides are softmax(z / T) restricted to the k + 1 buckets; KL-type results are scaled
+            by T².
         alpha: the skew of `skew_forward_kl` / `skew_reverse_kl`.
 
     Returns:
@@ -160,12 +171,11 @@ def topk_divergence(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
         completion tokens).
     """
     _check(kind, beta, temperature, alpha)
-    logp = StudentBuckets.apply(student_logits, topk_ids.long()).clamp_min(LOG_FLOOR)
-    teacher = torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1).to(logp.dtype).clamp_min(LOG_FLOOR)
-    # Renormalise even at T = 1: float16 storage leaves the stored buckets summing to 1 ± 1e-3.
-    logq = torch.log_softmax(teacher / temperature, dim=-1)
-    if temperature != 1.0:
-        logp = torch.log_softmax(logp / temperature, dim=-1)
+    logp = StudentBuckets.apply(student_logits, topk_ids.long(), temperature).clamp_min(LOG_FLOOR)
+    # Bucket i < k: q_i^{1/T}; the tail: Σ_{j∉K} q_j^{1/T}, as stored. Their softmax is the exact tempered
+    # restriction (the log-partition cancels); it also renormalises float16 storage (sums of 1 ± 1e-3 at T = 1).
+    teacher = torch.cat([topk_logprobs.to(logp.dtype) / temperature, tail_logprob[:, None].to(logp.dtype)], dim=-1)
+    logq = torch.log_softmax(teacher.clamp_min(LOG_FLOOR), dim=-1)
     return _divergence(logp, logq, kind, beta, alpha) * _scale(kind, temperature)
 
 

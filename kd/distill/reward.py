@@ -283,6 +283,7 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
     if not records:
         raise envelope.no_records("reward_models", name, cfg.datasets)
     trained, held = split(records, cfg.held_out, f"reward_models.{name}.datasets")
+    trained = envelope.subsample(trained, t)  # the held-out prompts stay the same whatever the seed
     job = envelope.prepare(name, "reward_models", cfg, params, root, refs)
     model, tok = init_reward_model(cfg, params, root, name, dtype=job.dtype)
     freeze(model, t.freeze_layers, f"reward_models.{name}.training.freeze_layers")
@@ -303,10 +304,11 @@ def train_reward_model(name: str, root: Path = Path(".")) -> str:
 
     with run.failing():
         result = _train(model.to(job.device), tok, rows, cfg, job.ckpt_dir, job.device, on_step)
-        model.to("cpu", torch.float32)  # as RewardScorer loads the saved weights (bf16 -> fp32 -> bf16 is exact)
+        # As RewardScorer loads the saved weights: rounded to the declared dtype, scored in float32 (the later
+        # rounding to the declared dtype when saving is then exact).
+        model.to("cpu", job.declared).to(torch.float32)
         accuracy, margin = pair_metrics(score_pairs(model, tok, held_pairs, t.batch_size))
         accuracy_train, _ = pair_metrics(score_pairs(model, tok, train_pairs, t.batch_size))
-        model.to(job.dtype)
     extra = {"accuracy": accuracy, "accuracy_train": accuracy_train, "margin_held_out": margin,
              "pairs_train": len(train_pairs), "pairs_held_out": len(held_pairs), "pairs_too_long": too_long}
     acc = f"{accuracy:.2f}" if accuracy is not None else "n/a"

@@ -49,6 +49,8 @@ def _kd_examples(name: str, cfg: Student, records: list[dict[str, Any]], logits:
         check_compatible(store, tok, LocalTeacher(teacher, params.teachers[teacher], root).identity)
     except KdError as e:
         raise KdError(f"{key}: {e}") from None
+    temperature = cfg.kd.temperature
+    store.check_temperature(temperature, f"students.{name}.kd.temperature")
     # Records the feature stage could not score (no completion token within its max_length) are skipped
     # here too: the student would truncate them the same way. Any other missing record means the logits
     # were built from other data.
@@ -65,7 +67,7 @@ def _kd_examples(name: str, cfg: Student, records: list[dict[str, Any]], logits:
         if row.completion_start >= end:
             continue  # no completion token within max_length
         examples.append(loop.Example(row.input_ids[:end].tolist(), row.completion_start,
-                                     (row.topk_ids, row.topk_logprobs, row.tail_logprob)))
+                                     (row.topk_ids, row.topk_logprobs, row.tail(temperature))))
     return examples
 
 
@@ -86,6 +88,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
     records, refs = envelope.read_training_data(root, cfg.datasets)
     if not records:
         raise envelope.no_records("students", name, cfg.datasets)
+    records = envelope.subsample(records, t)
     job = envelope.prepare(name, "students", cfg, params, root, refs, logits_ref(cfg, root))
     model, tok = init_student(cfg.init, params, root, dtype=job.dtype, seed=t.seed, key=f"students.{name}.init")
     model.to(job.device)
@@ -135,7 +138,7 @@ def train_student(name: str, root: Path = Path(".")) -> str:
             case "grpo" | "rloo":
                 result = rl.train_rl(name, cfg, params, root, model, tok, records, job.ckpt_dir, job.device, on_step)
             case "on_policy":
-                teacher, _ = load_teacher(params, cfg.on_policy.teacher, root, dtype=job.dtype)
+                teacher, _ = load_teacher(params, cfg.on_policy.teacher, root, dtype=job.declared)
                 result = train_on_policy(model, tok, teacher.to(job.device), records, t, cfg.on_policy, job.ckpt_dir,
                                          job.device, on_step)
             case _:

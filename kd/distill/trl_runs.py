@@ -66,14 +66,17 @@ def _metrics(step: int, logs: dict[str, Any]) -> dict[str, float]:
 
 
 def trainer_args(t: Training, ckpt_dir: Path, device: str) -> dict[str, Any]:
-    """TrainingArguments shared by both objectives, from `training:`."""
+    """TrainingArguments shared by every TRL objective, from `training:`. The model comes loaded in float32
+    (kd.runtime.device.training_dtypes) and `bf16` / `fp16` are the Trainer's mixed precision: autocast over
+    float32 master weights (with loss scaling for fp16)."""
     return dict(
         output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps or -1, lr_scheduler_type="linear",
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         weight_decay=t.weight_decay, seed=t.seed, data_seed=t.seed, logging_steps=t.log_every,
         save_strategy="steps", save_steps=t.checkpoint_every, save_total_limit=1, report_to="none",
-        use_cpu=device == "cpu", bf16=False, fp16=False, gradient_checkpointing=False, max_length=t.max_length,
+        use_cpu=device == "cpu", bf16=t.dtype == "bfloat16", fp16=t.dtype == "float16", gradient_checkpointing=False,
+        max_length=t.max_length,
         dataloader_num_workers=0,
     )
 

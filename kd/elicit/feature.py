@@ -2,7 +2,9 @@
 
 The local teacher scores every record of `datasets.<name>.dataset` with one teacher-forced forward pass, or a
 served one returns the same top-k as prompt log-probs (kd.runtime.served, e.g. vLLM); the result is a feature
-dataset laid out as kd.runtime.logits describes. Each record's result is also a feature cache entry (kd.cache.features), written as each batch finishes, so a rerun recomputes only new or changed
+dataset laid out as kd.runtime.logits describes. For every temperature T ≠ 1 a student of this dataset trains at
+(kd.config.students.tail_temperatures) it also stores the teacher's tail at T, which only the full logits give:
+top-k + tail is then the exact tempered distribution restricted to k + 1 outcomes (kd.distill.losses). Each record's result is also a feature cache entry (kd.cache.features), written as each batch finishes, so a rerun recomputes only new or changed
 records and an interrupted run loses at most one batch.
 """
 
@@ -16,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kd.cache.features import FORMAT, FeatureCache, Item, feature_key
+from kd.cache.features import FORMAT, TEMPERED, FeatureCache, Item, feature_key
 from kd.config import Feature, dataset_config, load_params
+from kd.config.students import tail_temperatures
 from kd.elicit.build import parent_ref
 from kd.elicit.common import Summary
 from kd.errors import KdError
@@ -42,8 +45,10 @@ from kd.runtime.served import ServedFeatures, feature_teacher
 from kd.runtime.tokenize import encode, tokenizer_digest
 
 
-def score_batch(model: Any, items: list[Item], pad_id: int, top_k: int) -> list[dict[str, Any]]:
-    """Teacher top-k log-probs at each completion position of a batch of records (right-padded)."""
+def score_batch(model: Any, items: list[Item], pad_id: int, top_k: int,
+                temperatures: tuple[float, ...] = ()) -> list[dict[str, Any]]:
+    """Teacher top-k log-probs at each completion position of a batch of records (right-padded), the tail at
+    T = 1 and, for each of `temperatures`, the tail at T: log Σ_{j∉top-k} p_j^{1/T}."""
     import torch
 
     device = next(model.parameters()).device
@@ -63,24 +68,34 @@ def score_batch(model: Any, items: list[Item], pad_id: int, top_k: int) -> list[
             pos = slice(it.start - 1 - first, len(it.ids) - 1 - first)
             logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
             values, top = logp.topk(top_k, dim=-1)
-            tail = torch.logsumexp(logp.scatter(-1, top, float("-inf")), dim=-1).clamp_min(TAIL_FLOOR)
+            rest = logp.scatter(-1, top, float("-inf"))
+            tail = torch.logsumexp(rest, dim=-1).clamp_min(TAIL_FLOOR)
             out.append({"input_ids": torch.tensor(it.ids, dtype=torch.int32), "topk_ids": top.to(torch.int32).cpu(),
                         "topk_logprobs": values.half().cpu(), "tail_logprob": tail.half().cpu()})
+            if temperatures:
+                out[-1][TEMPERED] = torch.stack([torch.logsumexp(rest / t, dim=-1).clamp_min(TAIL_FLOOR)
+                                                 for t in temperatures], dim=-1).half().cpu()
     return out
 
 
 def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatures, data_dir: Path,
-                    cache_dir: Path, card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+                    cache_dir: Path, card: Callable[[dict[str, Any]], str] | None = None,
+                    temperatures: tuple[float, ...] = ()) -> dict[str, Any]:
     """Score `cfg.dataset` with the teacher (local, or a server's prompt log-probs) and write `data/<name>/`
     atomically; return counts.
 
-    `card(manifest)`, if given, renders the dataset card (README.md) written with the dataset.
+    `card(manifest)`, if given, renders the dataset card (README.md) written with the dataset. `temperatures`:
+    the T ≠ 1 at which the teacher's tail is stored too (a local teacher only: a server returns no full logits).
 
     Returns:
         {"manifest": ..., "cached": n, "new": n, "tokens": n, "completion_tokens": n}
     """
     from tqdm import tqdm
 
+    if temperatures and isinstance(teacher, ServedFeatures):
+        raise KdError(f"datasets.{name}: students train on it at temperature {', '.join(f'{t:g}' for t in temperatures)}"
+                      f", but a served teacher returns only top-k log-probs and the tail at T ≠ 1 needs the full "
+                      f"logits; use a local teacher or kd.temperature 1.0")
     source_manifest, sources = read_dataset(data_dir / cfg.dataset)
     tok = teacher.tokenizer()  # enough for the cache keys; the weights load only when a record misses
     digest = tokenizer_digest(tok)
@@ -96,7 +111,7 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatu
         if start >= len(ids):
             rejected.append({"reason": "empty_completion", "tokens": len(ids), "max_length": cfg.max_length, **where})
             continue
-        items.append(Item(rec, ids, start, feature_key(identity, ids, cfg.top_k)))
+        items.append(Item(rec, ids, start, feature_key(identity, ids, cfg.top_k, temperatures), temperatures))
 
     cache = FeatureCache(cache_dir)
     results: dict[str, dict[str, Any]] = {}
@@ -135,7 +150,7 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatu
             model = teacher.loaded()[0] if misses else None
             for i in range(0, len(misses), cfg.batch_size):
                 batch = misses[i:i + cfg.batch_size]
-                for it, tensors in zip(batch, score_batch(model, batch, pad, cfg.top_k), strict=True):
+                for it, tensors in zip(batch, score_batch(model, batch, pad, cfg.top_k, temperatures), strict=True):
                     cache.put(it, tensors)  # persisted now: a kill loses at most the batch in flight
                     results[it.key] = tensors
                     bar.update(len(it.ids) - it.start)
@@ -143,14 +158,15 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatu
         bar.close()
 
     manifest = _write(name, cfg, items, results, rejected, data_dir, identity, digest, source_manifest,
-                      vocab=teacher.vocab_size(), card=card)
+                      vocab=teacher.vocab_size(), card=card, temperatures=temperatures)
     return {"manifest": manifest, "cached": cached, "new": len(misses),
             "tokens": sum(len(it.ids) for it in items), "completion_tokens": sum(len(it.ids) - it.start for it in items)}
 
 
 def _write(name: str, cfg: Feature, items: list[Item], results: dict[str, dict[str, Any]],
            rejected: list[dict[str, Any]], data_dir: Path, identity: dict[str, Any], digest: str,
-           source_manifest: dict[str, Any], vocab: int, card: Callable[[dict[str, Any]], str] | None) -> dict[str, Any]:
+           source_manifest: dict[str, Any], vocab: int, card: Callable[[dict[str, Any]], str] | None,
+           temperatures: tuple[float, ...] = ()) -> dict[str, Any]:
     """Records (sorted by id) + flat arrays in the same order, moved into place as one directory."""
     rows = []
     for it in items:
@@ -167,19 +183,20 @@ def _write(name: str, cfg: Feature, items: list[Item], results: dict[str, dict[s
             "method": "feature", "stage": name, "row": row, "teacher": identity, "tokenizer_digest": digest,
             "top_k": cfg.top_k, "max_length": cfg.max_length, "cache_key": it.key,
             "parents": [{"dataset": cfg.dataset, "id": it.source["id"]}], "seeds": [], "requests": [], "filters": []}})
-    arrays = pack([results[it.key] for _, it in rows], [it.start for _, it in rows], cfg.top_k, vocab)
+    arrays = pack([results[it.key] for _, it in rows], [it.start for _, it in rows], cfg.top_k, vocab, temperatures)
     tokens, completion_tokens = (int(x) for x in arrays["offsets"][-1])
     out_dir = data_dir / name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        size = save_logits(tmp / LOGITS_FILE, arrays, cfg.top_k)
+        size = save_logits(tmp / LOGITS_FILE, arrays, cfg.top_k, temperatures)
         extra = {
             "files": {"records": RECORDS_FILE, "rejected": REJECTED_FILE, "logits": LOGITS_FILE},
             "top_k": cfg.top_k, "tokenizer_digest": digest, "feature_format": FORMAT,
             "source": {"name": cfg.dataset, "fingerprint": source_manifest["fingerprint"]},
             "tokens": tokens, "completion_tokens": completion_tokens,
             "bytes_per_token": round(size / max(completion_tokens, 1), 1),
+            **({"tail_temperatures": list(temperatures)} if temperatures else {}),  # absent: T = 1 only, as before
         }
         manifest = write_dataset(tmp / "dataset", name, "feature", records, rejected, {}, identity, extra, card=card)
         os.replace(tmp / LOGITS_FILE, tmp / "dataset" / LOGITS_FILE)
@@ -208,7 +225,8 @@ def build_features(name: str, root: Path = Path("."), data_dir: Path | None = No
         return render_card(manifest, [parent_ref(data_dir, cfg.dataset)], usage,
                            money(cost_of(params, cfg.teacher, manifest["tokens"], 0)))
 
-    result = elicit_features(name, cfg, teacher, data_dir, FeatureCache.within(cache_dir).dir, card=card)
+    result = elicit_features(name, cfg, teacher, data_dir, FeatureCache.within(cache_dir).dir, card=card,
+                             temperatures=tail_temperatures(params.students, name))
     manifest = result["manifest"]
     metrics = {
         "records": manifest["records"],

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from kd.config import PARAMS_STAGE, Dataset, Params, RewardModel, Student
-from kd.config.students import FromPretrained, Training
+from kd.config.students import FromPretrained, Training, logits_readers
 from kd.elicit import curation, expansion, feedback, labeling
 from kd.errors import KdError, one_line
 from kd.paths import (
@@ -142,8 +142,19 @@ def dataset_reads(name: str, cfg: Dataset, params: Params, root: Path) -> dict[s
         "seeds": sorted(set(seeds)),
         "datasets": [str(DATA_DIR / d) for d in sorted(set(datasets))],
         "models": models,
-        "params": [f"teachers.{k}" for k in keys],
+        "params": [f"teachers.{k}" for k in keys]
+        # a feature dataset stores the teacher's tail at each temperature its students train at
+        + ([_temperature_key(s, params.students[s]) for s in logits_readers(params.students, name)]
+           if cfg.method == "feature" else []),
     }
+
+
+def _temperature_key(name: str, s: Student) -> str:
+    """The narrowest params key holding a student's kd.temperature that params.yaml spells out (DVC fails on a
+    declared key the file lacks, and the temperature has a default)."""
+    if "kd" not in s.model_fields_set:
+        return f"students.{name}"
+    return f"students.{name}.kd.temperature" if "temperature" in s.kd.model_fields_set else f"students.{name}.kd"
 
 
 def _outputs(params: Params) -> set[str]:

@@ -24,6 +24,7 @@ from kd.cache.features import FeatureCache, feature_key
 from kd.cache.renders import RenderMemo, memo_key, memo_prefix
 from kd.cache.store import RequestCache
 from kd.config import Params, Price, billed_price
+from kd.config.students import tail_temperatures
 from kd.errors import KdError
 from kd.paths import CACHE_DIR, under
 from kd.prompts import Prompt
@@ -310,6 +311,7 @@ def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cach
     teacher = feature_teacher(cfg.teacher, tcfg, root)
     tok, identity = teacher.tokenizer(), teacher.identity
     cache = FeatureCache.within(cache_dir or root / CACHE_DIR)
+    temperatures = tail_temperatures(params.students, name)  # part of the key, as the stage computes it
     for line in iter_lines(path.read_bytes()):
         try:
             ids, start = encode(tok, loads(line), cfg.max_length)
@@ -317,7 +319,7 @@ def feature_forecast(name: str, params: Params, root: Path, data_dir: Path, cach
             continue  # rejected by the stage too
         if start >= len(ids):
             continue
-        if cache.path(feature_key(identity, ids, cfg.top_k)).exists():
+        if cache.path(feature_key(identity, ids, cfg.top_k, temperatures)).exists():
             fc.cached += 1
         else:
             fc.new += 1

@@ -4,6 +4,10 @@ bf16 is only fast where the hardware computes it: CUDA GPUs, and CPUs with AMX o
 without them (an AMD EPYC with AVX2 only, say) PyTorch emulates bf16 and a teacher's forward pass is about 6x
 slower than in float32 (DESIGN.md §7), so `auto` means bf16 only where it is native and float32 elsewhere.
 The resolved dtype is part of a local teacher's identity: answers computed in another precision differ.
+
+Training is mixed precision: `training.dtype` names the precision of the forward and backward passes, never
+that of the weights being optimised (`training_dtypes`). AdamW on bf16 weights does not train: at lr 1e-5 an
+update is below half a bf16 ulp of most weights and rounds away (2% of the weights moved in 20 steps).
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def resolve_dtype_name(spec: str, device: str) -> str:
     if device == "cpu":
         return "bfloat16" if cpu_bf16_native() else "float32"
     return "float32"  # mps and others: float32 is supported everywhere
+
+
+def training_dtypes(name: str) -> tuple[Any, Any]:
+    """`training.dtype` -> (the dtype a trained model's parameters and optimizer state are kept in, the dtype
+    its forward and backward run in under `torch.autocast`, or None for plain float32).
+
+    The master weights are float32 whatever the declared precision; the model is saved in the declared one."""
+    import torch
+
+    return torch.float32, (None if name == "float32" else getattr(torch, name))
 
 
 def resolve_dtype(spec: str, device: str) -> Any:

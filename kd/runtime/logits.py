@@ -8,6 +8,9 @@ of records.jsonl, sorted by id):
     topk_ids       uint16  [completion tokens, k]   (int32 when the vocabulary has ≥ 65536 ids)
     topk_logprobs  float16 [completion tokens, k]   log-softmax in float32, then rounded
     tail_logprob   float16 [completion tokens]      log(1 − Σ top-k), floored at TAIL_FLOOR
+    tempered_tails float16 [completion tokens, m]   only when students train at m temperatures T ≠ 1 (the
+                                                    manifest's `tail_temperatures`): log Σ_{j∉top-k} p_j^{1/T},
+                                                    floored at TAIL_FLOOR (kd.distill.losses says why)
     offsets        int64   [records + 1, 2]         start of each record in input_ids / in the top-k arrays
     completion_start int64 [records]                index into the record's ids where its completion starts
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.cache.features import FORMAT
+from kd.cache.features import FORMAT, TEMPERED
 from kd.errors import KdError
 from kd.records import MANIFEST_FILE, canonical_json, read_dataset
 from kd.runtime.tokenize import tokenizer_digest
@@ -32,7 +35,8 @@ LOGITS_FILE = "logits.safetensors"
 TAIL_FLOOR = -80.0
 
 
-def pack(parts: list[dict[str, Any]], starts: list[int], top_k: int, vocab: int) -> dict[str, Any]:
+def pack(parts: list[dict[str, Any]], starts: list[int], top_k: int, vocab: int,
+         temperatures: tuple[float, ...] = ()) -> dict[str, Any]:
     """The flat arrays of the file from per-record tensors (as the feature cache holds them), in record order."""
     import torch
 
@@ -43,7 +47,9 @@ def pack(parts: list[dict[str, Any]], starts: list[int], top_k: int, vocab: int)
     # uint16 halves the ids when the vocabulary fits (49152 for SmolLM2): 40 instead of 80 bytes/token at k=20.
     id_dtype = torch.uint16 if vocab <= 65536 else torch.int32
     k = top_k
-    return {
+    tempered = {TEMPERED: torch.cat([p[TEMPERED] for p in parts]) if parts
+                else torch.zeros((0, len(temperatures)), dtype=torch.float16)} if temperatures else {}
+    return {**tempered,
         "input_ids": torch.cat([p["input_ids"] for p in parts]) if parts else torch.zeros(0, dtype=torch.int32),
         "topk_ids": (torch.cat([p["topk_ids"] for p in parts]) if parts else torch.zeros((0, k), dtype=torch.int32))
         .to(id_dtype),
@@ -55,13 +61,14 @@ def pack(parts: list[dict[str, Any]], starts: list[int], top_k: int, vocab: int)
     }
 
 
-def save_logits(path: Path, arrays: dict[str, Any], top_k: int) -> int:
+def save_logits(path: Path, arrays: dict[str, Any], top_k: int, temperatures: tuple[float, ...] = ()) -> int:
     """Write the file; returns its size in bytes."""
     from safetensors.torch import save_file
 
     # One metadata key: safetensors writes its metadata map in hash order, so several keys would make
     # identical records give different bytes (and DVC would see a changed output).
-    save_file(arrays, str(path), metadata={"kd": canonical_json({"format": FORMAT, "top_k": top_k})})
+    meta = {"format": FORMAT, "top_k": top_k, **({"tail_temperatures": list(temperatures)} if temperatures else {})}
+    save_file(arrays, str(path), metadata={"kd": canonical_json(meta)})
     return path.stat().st_size
 
 
@@ -73,7 +80,12 @@ class FeatureRow:
     completion_start: int
     topk_ids: Any       # LongTensor [C, k], C = L − completion_start
     topk_logprobs: Any  # FloatTensor [C, k]
-    tail_logprob: Any   # FloatTensor [C]
+    tail_logprob: Any   # FloatTensor [C]: the tail at T = 1
+    tempered: dict[float, Any]  # T ≠ 1 -> FloatTensor [C], log Σ_{j∉top-k} p_j^{1/T}
+
+    def tail(self, temperature: float) -> Any:
+        """The tail `kd.distill.losses.topk_divergence` takes at `temperature` (one the store holds)."""
+        return self.tail_logprob if temperature == 1.0 else self.tempered[temperature]
 
 
 class LogitsStore:
@@ -86,6 +98,7 @@ class LogitsStore:
         self.tokenizer_digest: str = manifest["tokenizer_digest"]
         self.teacher: dict[str, Any] = manifest["teacher"]
         self.top_k: int = manifest["top_k"]
+        self.temperatures: tuple[float, ...] = (1.0, *manifest.get("tail_temperatures", []))
         self.records = records
         self._row = {r["source_id"]: i for i, r in enumerate(records)}
 
@@ -102,9 +115,17 @@ class LogitsStore:
                           f"rebuild it (`dvc repro {self.name}`)")
         a = self.arrays
         (t0, c0), (t1, c1) = a["offsets"][row].tolist(), a["offsets"][row + 1].tolist()
+        tempered = {t: a[TEMPERED][c0:c1, j].float() for j, t in enumerate(self.temperatures[1:])}
         return FeatureRow(input_ids=a["input_ids"][t0:t1].long(), completion_start=int(a["completion_start"][row]),
                           topk_ids=a["topk_ids"][c0:c1].long(), topk_logprobs=a["topk_logprobs"][c0:c1].float(),
-                          tail_logprob=a["tail_logprob"][c0:c1].float())
+                          tail_logprob=a["tail_logprob"][c0:c1].float(), tempered=tempered)
+
+    def check_temperature(self, temperature: float, key: str) -> None:
+        """Raise a one-line KdError naming `key` unless the store holds the teacher's tail at `temperature`."""
+        if temperature not in self.temperatures:
+            raise KdError(f"{key}: {temperature:g}, but logits dataset '{self.name}' holds the teacher's tail at T = "
+                          f"{', '.join(f'{t:g}' for t in self.temperatures)} only (the tail at T needs the full "
+                          f"logits); rebuild it (`dvc repro {self.name}`)")
 
 
 def load_logits(path: Path | str) -> LogitsStore:
@@ -118,6 +139,10 @@ def load_logits(path: Path | str) -> LogitsStore:
     if manifest.get("method") != "feature":
         raise KdError(f"{path}: a {manifest.get('method')} dataset, not a feature (logits) dataset")
     arrays = load_file(str(path / manifest["files"]["logits"]))
+    if (TEMPERED in arrays) != bool(manifest.get("tail_temperatures")) or \
+            (TEMPERED in arrays and arrays[TEMPERED].shape[1] != len(manifest["tail_temperatures"])):
+        raise KdError(f"{path}: {LOGITS_FILE} and its manifest disagree on the tail temperatures; rebuild it "
+                      f"(`dvc repro {path.name}`)")
     if arrays["offsets"].shape[0] != len(records) + 1:
         raise KdError(f"{path}: {LOGITS_FILE} holds {arrays['offsets'].shape[0] - 1} records but records.jsonl "
                       f"{len(records)}; rebuild it (`dvc repro {path.name}`)")

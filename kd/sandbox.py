@@ -7,6 +7,10 @@ a count of steps that a new trick could walk around:
 
 - a real deadline and a real memory budget (kd.watchdog): past RENDER_SECONDS or RENDER_MEMORY more bytes, a
   watchdog thread stops the render at its next bytecode, whatever Python code runs (Jinja's or a filter's);
+- a budget of text built: every string the sandbox sees built (an operator's, a call's, a filter's or `~`'s
+  result) counts against MAX_BUILT characters per render. The watchdog alone is only as quick as the scheduler
+  lets its thread run: on a loaded machine a loop appending 7 MB strings reached 1.2 GB before it looked; this
+  bound holds whatever the load;
 - sizes checked before anything is built: one C-level operation cannot be interrupted, so each one that can
   build much more than its inputs (`*`, `**`, a format width, `replace`, `join`, `indent`, `str()` of a container
   …) is refused when what it would build passes MAX_TEXT characters, MAX_ITEMS elements or MAX_INT_BITS bits.
@@ -23,6 +27,7 @@ import functools
 import math
 import operator
 import re
+import threading
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, Se
 MAX_TEXT = 8_000_000  # characters in one rendered message: ≈2M tokens, past every context window, so a long row
 # (1 MB for a long-context teacher) renders and is judged by the teacher (`too_long`), not by the sandbox
 MAX_ITEMS = 1_000_000  # elements of one container, counted as a tree: sorting or comparing it stays under 0.5 s
+MAX_BUILT = 8 * MAX_TEXT  # characters built in one render, all strings together: ≤ 64 MB of ASCII, 256 MB at most
 MAX_INT_BITS = 1 << 17  # ≈39k digits, far past the 4300 Python prints; multiplying two takes microseconds
 
 PLAIN = (str, int, float, bool, type(None))
@@ -100,11 +106,28 @@ def _items(value: Any, what: str, budget: int = MAX_ITEMS) -> None:
             raise refuse(what, f"builds over {MAX_ITEMS} elements (counting shared ones each time they occur)")
 
 
+_built = threading.local()  # characters built by the render running in this thread (renders are per thread)
+
+
+def start_render() -> None:
+    """A render begins in this thread: its budget of text built (MAX_BUILT) starts full."""
+    _built.chars = 0
+
+
+def _count(n: int, what: str) -> None:
+    _built.chars = getattr(_built, "chars", 0) + n
+    if _built.chars > MAX_BUILT:
+        raise refuse(what, f"the render has built over {MAX_BUILT} characters of text in all; a template renders a "
+                           f"prompt, not a corpus")
+
+
 def sized(value: Any, what: str) -> Any:
-    """`value` if it is within the bounds (MAX_TEXT characters, MAX_ITEMS elements, MAX_INT_BITS bits)."""
+    """`value` if it is within the bounds (MAX_TEXT characters, MAX_ITEMS elements, MAX_INT_BITS bits, and the
+    render's MAX_BUILT characters built in all)."""
     if isinstance(value, str | bytes):
         if len(value) > MAX_TEXT:
             raise refuse(what, f"makes {len(value)} characters; the limit is {MAX_TEXT}")
+        _count(len(value), what)
     elif isinstance(value, int):
         if value.bit_length() > MAX_INT_BITS:
             raise refuse(what, f"makes a number of over {MAX_INT_BITS} bits")
@@ -295,6 +318,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
         budget = MAX_TEXT
         for v in values:
             budget -= printed(v, "~", budget=budget)
+        _count(MAX_TEXT - budget, "~")
         return "".join(map(str, values))
 
     @staticmethod

@@ -263,6 +263,8 @@ def add_feedback(run: Run, params: Params, root: Path, info: RewardModelInfo | N
     for role, (cached, new) in fb.requests.items():
         log(f"evaluate: {role}: {cached + new} requests ({cached} cached, {new} new)")
     for s in run.sanity:
-        verdict = "passes" if s.trusted else f"FAILS on {', '.join(s.failing)}"
-        log(f"evaluate: sanity set: {s.scorer} {verdict} ({s.rate:.0%} of pairs rank the teacher's answer first)")
+        rates = s.rates()
+        verdict = "passes" if s.trusted else "FAILS on " + ", ".join(
+            f"{kind} ({rates[kind]:.0%} of prompts rank the teacher's answer first)" for kind in s.failing)
+        log(f"evaluate: sanity set: {s.scorer} {verdict}; {s.rate:.0%} of all pairs")
     run.feedback = fb

@@ -362,15 +362,19 @@ class _Handler(BaseHTTPRequestHandler):
                         f"allowed: {fake.max_logprobs}", "BadRequestError")
             return
         finish = "length" if fault == "length" else "stop"
+        # counted before the client can read the answer, taken back if it could not be sent: a test that reads
+        # `answered` right after its reply raced this thread (under load it read 0 for an answer it had received)
+        with fake._lock:
+            fake.answered += 1
         if fake.usage_json is not None:
             data = json.dumps({**fake.completion(body, finish), "usage": _ECHO}).encode()
             sent = self._send_raw(200, data.replace(json.dumps(_ECHO).encode(), fake.usage_json.encode()),
                                   "application/json")
         else:
             sent = self._send(200, fake.completion(body, finish))
-        if sent:
+        if not sent:
             with fake._lock:
-                fake.answered += 1
+                fake.answered -= 1
 
 
 def _multipart_file(handler: _Handler, raw: bytes) -> tuple[str, bytes]:

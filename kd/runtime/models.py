@@ -74,6 +74,7 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = {}
     held_out: list[str] | None = None  # reward models: the record ids whose pairs measure its accuracy
     world_size: int = 1  # training processes; global batch = batch_size × grad_accum × world_size
+    environment: dict[str, Any] = {}  # kd.runtime.environment.collect: libraries, device, dtype, CPU/GPU kind
 
 
 def directory_digest(path: Path) -> str:
@@ -276,7 +277,7 @@ Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logi
 ## Provenance
 - git commit: `{info.git_commit}`{DIRTY_NOTE if info.git_commit.endswith(DIRTY_SUFFIX) else ''}
 - MLflow run: `{info.mlflow.run_id}` (tracking URI `{info.mlflow.tracking_uri}`)
-
+{environment_lines(info.environment)}
 ## Final metrics
 | metric | value |
 |---|---|
@@ -287,6 +288,16 @@ Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logi
 {json.dumps(info.params, indent=2, sort_keys=True)}
 ```
 """
+
+
+def environment_lines(env: dict[str, Any]) -> str:
+    """The card's lines naming the environment a model was trained in (none for older kd_model.json files)."""
+    if not env:
+        return ""
+    libs = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items() if v)
+    where = ", ".join(f"{k} {env[k]}" for k in ("device", "dtype", "gpu") if env.get(k))
+    cpu = f"CPU {env.get('cpu')}" + (f" ({env['cpu_model']})" if env.get("cpu_model") else "")
+    return f"- environment: {', '.join(x for x in (where, cpu) if x)}\n- libraries: {libs}\n"
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, info: ModelInfo, card: str | None = None) -> None:

@@ -59,6 +59,7 @@ def test_manifest_records_the_environment_and_the_records_stay_byte_identical(pr
     assert ma["environment"]["libraries"]["transformers"] == real
     assert mb["environment"]["libraries"]["transformers"] == "99.0.0"
     assert ma["environment"]["cpu"] == environment.cpu_kind() and "device" not in ma["environment"]  # no local model
+    assert f"transformers {real}" in (a / "README.md").read_text()  # the dataset card names it too
 
     # kd diff names the change; a record answered differently to the same request is put down to it
     record = json.loads((b / "records.jsonl").read_text().splitlines()[0])

@@ -95,6 +95,16 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any] | None, machine_only
     return out
 
 
+def environment_lines(env: dict[str, Any] | None) -> list[str]:
+    """Markdown bullets naming an environment, for model and dataset cards (none when it was not recorded)."""
+    if not env:
+        return []
+    libs = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items() if v)
+    where = ", ".join(f"{k} {env[k]}" for k in ("device", "dtype", "gpu") if env.get(k))
+    cpu = f"CPU {env.get('cpu')}" + (f" ({env['cpu_model']})" if env.get("cpu_model") else "")
+    return [f"- environment: {', '.join(x for x in (where, cpu) if x)}", f"- libraries: {libs}"]
+
+
 def resolved(backends: list[Any]) -> tuple[str | None, str | None]:
     """(device, dtype) of the local models among a run's backends (LocalTeacher and the like: whatever has
     `device` and `dtype_name`), joined when several differ; (None, None) when none runs locally."""

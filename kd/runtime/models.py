@@ -25,6 +25,7 @@ from kd.errors import KdError
 from kd.paths import DIGEST_MEMO, under
 from kd.records import replace_dir
 from kd.runtime.device import resolve_device, resolve_dtype
+from kd.runtime.environment import environment_lines
 from kd.tracking import DIRTY_SUFFIX
 
 INFO_FILE = "kd_model.json"
@@ -259,6 +260,7 @@ def model_card(info: ModelInfo) -> str:
     datasets = "\n".join(f"| `{d.name}` | `{d.fingerprint}` |" for d in info.datasets)
     logits = info.logits
     metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.metrics.items()))
+    env = "".join(line + "\n" for line in environment_lines(info.environment))
     return f"""---
 library_name: transformers
 tags: [kd, distillation]
@@ -277,7 +279,7 @@ Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logi
 ## Provenance
 - git commit: `{info.git_commit}`{DIRTY_NOTE if info.git_commit.endswith(DIRTY_SUFFIX) else ''}
 - MLflow run: `{info.mlflow.run_id}` (tracking URI `{info.mlflow.tracking_uri}`)
-{environment_lines(info.environment)}
+{env}
 ## Final metrics
 | metric | value |
 |---|---|
@@ -288,16 +290,6 @@ Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logi
 {json.dumps(info.params, indent=2, sort_keys=True)}
 ```
 """
-
-
-def environment_lines(env: dict[str, Any]) -> str:
-    """The card's lines naming the environment a model was trained in (none for older kd_model.json files)."""
-    if not env:
-        return ""
-    libs = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items() if v)
-    where = ", ".join(f"{k} {env[k]}" for k in ("device", "dtype", "gpu") if env.get(k))
-    cpu = f"CPU {env.get('cpu')}" + (f" ({env['cpu_model']})" if env.get("cpu_model") else "")
-    return f"- environment: {', '.join(x for x in (where, cpu) if x)}\n- libraries: {libs}\n"
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, info: ModelInfo, card: str | None = None) -> None:

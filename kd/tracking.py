@@ -245,8 +245,16 @@ def model_version_tags(git: str, datasets: list[dict[str, str]]) -> dict[str, st
     return {"git_commit": git, "kd_version": __version__, **{f"dataset.{d['name']}": d["fingerprint"] for d in datasets}}
 
 
+def environment_tags(env: dict[str, Any]) -> dict[str, str]:
+    """An environment (kd.runtime.environment) as run tags: `kd.env.<library>`, `kd.env.device`, `kd.env.cpu`…,
+    so runs can be searched and compared by it (tags, not params: a resumed run may log them again)."""
+    libs = {f"kd.env.{k}": str(v) for k, v in (env.get("libraries") or {}).items() if v}
+    return {**libs, **{f"kd.env.{k}": str(v) for k, v in env.items() if k != "libraries" and v is not None}}
+
+
 def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
-              datasets: list[dict[str, str]], context: str = "training", run_id: str | None = None) -> Run:
+              datasets: list[dict[str, str]], context: str = "training", run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Run:
     """Open one run for a stage in the experiment named after the project.
 
     Args:
@@ -255,6 +263,7 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
         run_id: a run to continue (a resumed training stage). Its params must be identical — MLflow raises on
             a changed value — so callers pass the run id only when the params hash matches; if that run is
             gone (another tracking URI, deleted), a new run starts.
+        tags: more run tags (e.g. `environment_tags`).
 
     Returns:
         The open run; call `end()` when the stage finishes.
@@ -281,7 +290,7 @@ def start_run(root: Path, project: str, stage: str, params: dict[str, Any],
     else:
         client.update_run(run_id, status="RUNNING")
     tags = {"git_commit": git_commit(root), "dvc_stage": stage, "kd.context": context,
-            "kd.host": socket.gethostname(), "kd.process": process_tag(os.getpid())}
+            "kd.host": socket.gethostname(), "kd.process": process_tag(os.getpid()), **(tags or {})}
     client.log_batch(run_id, params=[Param(k, v) for k, v in loggable_params(params).items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     inputs = [DatasetInput(Dataset(name=ds["name"], digest=ds["fingerprint"][:MAX_DIGEST_CHARS], source_type="local",

@@ -29,6 +29,7 @@ from kd.errors import KdError
 from kd.paths import DATA_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR
 from kd.records import atomic_write_text, ensure_writable, read_dataset, sha256_text, write_json
 from kd.runtime.device import resolve_device, training_dtypes
+from kd.runtime.environment import collect
 from kd.runtime.init import init_digest
 from kd.runtime.models import DatasetRef, MlflowRef, ModelInfo, save_model
 
@@ -103,6 +104,11 @@ class Job:
     start: float = field(default_factory=time.monotonic)
 
     @property
+    def environment(self) -> dict[str, Any]:
+        """What shapes the trained numbers besides params and data: libraries, device, precision, CPU/GPU kind."""
+        return collect(str(self.device), str(self.declared).removeprefix("torch."))
+
+    @property
     def declared(self) -> Any:
         """`training.dtype` as a torch dtype: the saved model's, and a frozen teacher's (nothing to optimise)."""
         return self.autocast or self.dtype
@@ -113,7 +119,8 @@ class Job:
         run = tracking.start_run(self.root, self.params.project, self.name,
                                  {kind: {"name": self.name, **self.cfg.model_dump(mode="json")}},
                                  self.datasets + ([self.logits] if self.logits else []),
-                                 run_id=checkpoint.remembered_run(self.ckpt_dir))
+                                 run_id=checkpoint.remembered_run(self.ckpt_dir),
+                                 tags=tracking.environment_tags(self.environment))
         checkpoint.remember_run(self.ckpt_dir, run.run_id)
         return run
 
@@ -138,7 +145,7 @@ class Job:
             logits=DatasetRef(name=self.logits["name"], fingerprint=self.logits["fingerprint"]) if self.logits else None,
             params=self.cfg.model_dump(mode="json"), git_commit=tracking.git_commit(self.root),
             mlflow=MlflowRef(run_id=run.run_id, tracking_uri=tracking.configured_uri(), experiment=self.params.project),
-            metrics=metrics, held_out=held_out, world_size=ranks.world_size())
+            metrics=metrics, held_out=held_out, world_size=ranks.world_size(), environment=self.environment)
         # Saved in the declared precision, rounded once from the float32 master weights.
         save_model(model.to("cpu", self.declared), tok, self.root / MODELS_DIR / self.name, info)
         write_outputs(self.root, self.name, metrics, result.history)

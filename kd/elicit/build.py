@@ -27,6 +27,7 @@ from kd.provenance.cards import render_card
 from kd.provenance.forecast import Forecast, cost_of, forecast, money, planned
 from kd.records import MANIFEST_FILE, DatasetWriter, ensure_writable, write_json
 from kd.runtime.ask import Asker, Totals
+from kd.runtime.environment import collect, resolved
 from kd.runtime.plan import CHUNK, Plan
 from kd.runtime.roles import Role, make_backends, roles
 
@@ -168,7 +169,9 @@ def _finish(name: str, params: Params, rs: dict[str, Role], askers: dict[str, As
         return render_card(manifest, [parent_ref(data_dir, p) for p in parents], totals.usage, money(cost),
                            {f: len(ids) for f, ids in tally.seed_rows.items()})
 
-    manifest = writer.close(templates, identity, card=card)
+    # once per dataset, never in its records: a rebuild from the cache elsewhere keeps its records' bytes
+    environment = collect(*resolved([a.teacher for a in askers.values()]))
+    manifest = writer.close(templates, identity, {"environment": environment}, card=card)
     metrics = {
         "records": manifest["records"],
         "rejected": sum(manifest["rejected"].values()),

@@ -38,6 +38,7 @@ from kd.records import (
     write_json,
 )
 from kd.runtime.ask import Totals
+from kd.runtime.environment import collect, resolved
 from kd.runtime.local import LocalTeacher
 from kd.runtime.logits import LOGITS_FILE, TAIL_FLOOR, pack, save_logits
 from kd.runtime.refusals import is_refused
@@ -158,7 +159,8 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatu
         bar.close()
 
     manifest = _write(name, cfg, items, results, rejected, data_dir, identity, digest, source_manifest,
-                      vocab=teacher.vocab_size(), card=card, temperatures=temperatures)
+                      vocab=teacher.vocab_size(), card=card, temperatures=temperatures,
+                      environment=collect(*resolved([teacher])))
     return {"manifest": manifest, "cached": cached, "new": len(misses),
             "tokens": sum(len(it.ids) for it in items), "completion_tokens": sum(len(it.ids) - it.start for it in items)}
 
@@ -166,8 +168,9 @@ def elicit_features(name: str, cfg: Feature, teacher: LocalTeacher | ServedFeatu
 def _write(name: str, cfg: Feature, items: list[Item], results: dict[str, dict[str, Any]],
            rejected: list[dict[str, Any]], data_dir: Path, identity: dict[str, Any], digest: str,
            source_manifest: dict[str, Any], vocab: int, card: Callable[[dict[str, Any]], str] | None,
-           temperatures: tuple[float, ...] = ()) -> dict[str, Any]:
-    """Records (sorted by id) + flat arrays in the same order, moved into place as one directory."""
+           temperatures: tuple[float, ...] = (), environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Records (sorted by id) + flat arrays in the same order, moved into place as one directory; the
+    `environment` (kd.runtime.environment) goes to the manifest only."""
     rows = []
     for it in items:
         rows.append((finalize({
@@ -197,6 +200,7 @@ def _write(name: str, cfg: Feature, items: list[Item], results: dict[str, dict[s
             "tokens": tokens, "completion_tokens": completion_tokens,
             "bytes_per_token": round(size / max(completion_tokens, 1), 1),
             **({"tail_temperatures": list(temperatures)} if temperatures else {}),  # absent: T = 1 only, as before
+            **({"environment": environment} if environment is not None else {}),
         }
         manifest = write_dataset(tmp / "dataset", name, "feature", records, rejected, {}, identity, extra, card=card)
         os.replace(tmp / LOGITS_FILE, tmp / "dataset" / LOGITS_FILE)

@@ -11,6 +11,7 @@ naming the stage that builds what it lacks.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,13 @@ from kd.elicit import curation, expansion, feedback, labeling, self_knowledge
 from kd.elicit.build import Method, plan_streamed
 from kd.elicit.common import Streamed
 from kd.errors import KdError
-from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE
+from kd.paths import CACHE_DIR, DATA_DIR, DVC_FILE, MODELS_DIR
 from kd.pipeline.spec import Stage, stages
 from kd.provenance.forecast import forecast, money
+from kd.records import MANIFEST_FILE
+from kd.runtime.environment import changes as environment_changes
+from kd.runtime.environment import collect
+from kd.runtime.models import INFO_FILE
 
 
 def stale_stages(root: Path) -> dict[str, list[str]]:
@@ -145,7 +150,33 @@ def status(root: Path) -> dict[str, Any]:
             row["forecast"] = fc.as_dict()
         rows.append(row)
     totals = _totals([s["forecast"] for s in rows if "forecast" in s])
-    return {"stages": rows, "total": totals}
+    return {"stages": rows, "total": totals, "environment": environment_drift(root)}
+
+
+def environment_drift(root: Path) -> dict[str, Any] | None:
+    """How this machine and its libraries differ from the environment recorded by the datasets and models in the
+    workspace (the outputs a build would reuse): {"changes": [...], "outputs": [...]}, or None when they agree or
+    none was recorded. Device and dtype are left out: they are resolved only when a run starts."""
+    here = collect()
+    found: dict[str, list[str]] = {}
+    for path in sorted([*(root / DATA_DIR).glob(f"*/{MANIFEST_FILE}"), *(root / MODELS_DIR).glob(f"*/{INFO_FILE}")]):
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("environment")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged output is reported by the stage that reads it, not here
+        for change in environment_changes(recorded, here, machine_only=True):
+            found.setdefault(change, []).append(path.parent.name)
+    if not found:
+        return None
+    return {"changes": list(found), "outputs": sorted({o for names in found.values() for o in names})}
+
+
+def drift_line(drift: dict[str, Any]) -> str:
+    """The one-line warning `kd status` prints when the environment differs from the recorded one."""
+    outs = drift["outputs"]
+    named = ", ".join(outs[:4]) + (f" and {len(outs) - 4} more" if len(outs) > 4 else "")
+    return (f"warning: this environment differs from the one that built {named}: {'; '.join(drift['changes'])} "
+            f"(cached answers still apply; fresh teacher answers and training may give other numbers)")
 
 
 def forecast_failed(report: dict[str, Any]) -> bool:
@@ -165,8 +196,9 @@ def _totals(forecasts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def render(report: dict[str, Any], style: Any) -> str:
     s = style
+    warning = s.yellow(drift_line(report["environment"])) + "\n" if report.get("environment") else ""
     if not report["stages"]:
-        return "kd status: every stage is up to date; `dvc repro` would run nothing\n"
+        return warning + "kd status: every stage is up to date; `dvc repro` would run nothing\n"
     lines = [s.bold("stage          new requests  cached   est. prompt  est. completion  est. cost")]
     for row in report["stages"]:
         f = row.get("forecast")
@@ -189,5 +221,5 @@ def render(report: dict[str, Any], style: Any) -> str:
     a = "≈" if t["approximate"] else ""
     lines.append(s.bold(f"{'total':<14} {a + str(t['new']):>12}  {a + str(t['cached']):>6}   "
                         f"{a + str(t['prompt_tokens']):>11}  {a + str(t['completion_tokens']):>15}  {money(t['cost'])}"))
-    return "\n".join(lines) + "\n"
+    return warning + "\n".join(lines) + "\n"
 

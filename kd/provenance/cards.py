@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kd.runtime.environment import environment_lines
+
 METHODS = {
     "labeling": "the teacher answered inputs from seeds or upstream datasets (survey §3.1.1)",
     "expansion": "Self-Instruct rounds and Evol-Instruct operators wrote new instructions (survey §3.1.2)",
@@ -80,6 +82,8 @@ def render_card(manifest: dict[str, Any], parents: list[dict[str, Any]], usage: 
             f"| cost (all requests) | {cost} |", ""]
     teacher = manifest.get("teacher") or {}
     body += ["## Teacher", ""] + [f"- {k}: `{json.dumps(v)}`" for k, v in sorted(teacher.items())] + [""]
+    if manifest.get("environment"):  # where fresh answers were computed; a cached answer may be older
+        body += ["## Environment", "", *environment_lines(manifest["environment"]), ""]
     if manifest.get("templates"):
         body += ["## Templates", "", "| path | sha256 |", "|---|---|"]
         body += [f"| {t['path']} | `{t['sha256']}` |" for t in manifest["templates"]] + [""]

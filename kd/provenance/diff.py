@@ -34,6 +34,7 @@ from kd.provenance.lineage import (
 )
 from kd.provenance.revisions import Snapshot, resolve_rev, text_with_sha
 from kd.records import MANIFEST_FILE, RECORDS_FILE, canonical_json, sha256_text
+from kd.runtime.environment import changes as environment_changes
 
 PROVENANCE_SAMPLE = 1000  # records with new provenance only whose changed fields are itemised
 _KEY = re.compile(rb'"key": ?"([0-9a-f]{64})"')  # request keys, read without parsing the line
@@ -257,6 +258,11 @@ def _diff(a: Side, b: Side, root: Path, examples: int, cache_dir: Path | None) -
                 g["records"] += 1
                 mine.append(ck)
         rows.append({"identity": key, "old": ro["id"], "new": rn["id"], "causes": [groups[c]["description"] for c in mine]})
+    env = environment_changes((ma or {}).get("environment"), (mb or {}).get("environment"))
+    if env and (answer := groups.pop(canonical_json({"kind": "answer"}), None)):
+        # the same request answered differently under another library, precision or CPU: the environment is why
+        groups["environment"] = {"kind": "environment", "changes": env, "records": answer["records"],
+                                 "description": "environment " + ", ".join(env)}
     cause_list = sorted(groups.values(), key=lambda g: (-g["records"], g["description"]))
     for g in cause_list:
         if g["kind"] == "template" and g.get("old") and g.get("new"):
@@ -275,6 +281,7 @@ def _diff(a: Side, b: Side, root: Path, examples: int, cache_dir: Path | None) -
                    "changed": len(changed), "unchanged": len(p.common), "provenance_only": len(p.restamped),
                    "requests_changed": requests_changed},
         "causes": cause_list,
+        "environment": env,  # what differs between the environments the two manifests recorded
         # which provenance fields moved, itemised for the first PROVENANCE_SAMPLE such records
         "provenance_only": [{"fields": f, "records": n} for f, n in prov.most_common()],
         "provenance_only_itemised": len(p.sample),
@@ -350,6 +357,8 @@ def render(report: dict[str, Any], style: Any, listed: int = 5) -> str:
         lines.append(f"  fingerprint {o['fingerprint'][:12]} -> {n['fingerprint'][:12]}")
     for reason, (x, y) in report["rejected"].items():
         lines.append(f"  rejected ({reason}) {x} -> {y}")
+    if report["environment"]:
+        lines.append(f"  environment: {', '.join(report['environment'])}")
     if report["causes"]:
         lines += ["", s.bold(f"causes of the {c['changed']} changed records")]
         for g in report["causes"]:

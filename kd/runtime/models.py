@@ -25,6 +25,7 @@ from kd.errors import KdError
 from kd.paths import DIGEST_MEMO, under
 from kd.records import replace_dir
 from kd.runtime.device import resolve_device, resolve_dtype
+from kd.runtime.environment import environment_lines
 from kd.tracking import DIRTY_SUFFIX
 
 INFO_FILE = "kd_model.json"
@@ -74,6 +75,7 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = {}
     held_out: list[str] | None = None  # reward models: the record ids whose pairs measure its accuracy
     world_size: int = 1  # training processes; global batch = batch_size × grad_accum × world_size
+    environment: dict[str, Any] = {}  # kd.runtime.environment.collect: libraries, device, dtype, CPU/GPU kind
 
 
 def directory_digest(path: Path) -> str:
@@ -258,6 +260,7 @@ def model_card(info: ModelInfo) -> str:
     datasets = "\n".join(f"| `{d.name}` | `{d.fingerprint}` |" for d in info.datasets)
     logits = info.logits
     metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.metrics.items()))
+    env = "".join(line + "\n" for line in environment_lines(info.environment))
     return f"""---
 library_name: transformers
 tags: [kd, distillation]
@@ -276,7 +279,7 @@ Teacher logits: {f"`{logits.name}` (fingerprint `{logits.fingerprint}`)" if logi
 ## Provenance
 - git commit: `{info.git_commit}`{DIRTY_NOTE if info.git_commit.endswith(DIRTY_SUFFIX) else ''}
 - MLflow run: `{info.mlflow.run_id}` (tracking URI `{info.mlflow.tracking_uri}`)
-
+{env}
 ## Final metrics
 | metric | value |
 |---|---|

@@ -155,3 +155,19 @@ def test_model_card_and_run_tags_name_the_environment():
     tags = environment_tags(env)
     assert tags["kd.env.dtype"] == "bfloat16" and tags["kd.env.cpu"] == env["cpu"]
     assert tags["kd.env.transformers"] == env["libraries"]["transformers"]
+
+
+def test_the_evaluation_report_names_the_machine_and_libraries_it_ran_with(tmp_path: Path) -> None:
+    # issue 21: the figures move with the CPU kind and dtype, and the report did not say which made them
+    from test_gameable import gamed_run
+
+    from kd.evaluation.report import report_md
+    from kd.tracking import environment_tags
+
+    run = gamed_run()
+    run.environment = {"libraries": {"transformers": "5.25.0", "torch": "2.13.0"}, "cpu": "x86_64 AMX",
+                       "cpu_model": "Intel Xeon", "device": "cpu", "dtype": "bfloat16"}
+    head = report_md(run, tmp_path, []).split("## Results")[0]
+    assert "- environment: device cpu, dtype bfloat16, CPU x86_64 AMX (Intel Xeon)" in head
+    assert "transformers 5.25.0" in head
+    assert environment_tags(run.environment)["kd.env.dtype"] == "bfloat16"

@@ -57,6 +57,7 @@ from kd.paths import MODELS_DIR, under
 from kd.prompts import load_prompt
 from kd.records import read_jsonl, sha256_text
 from kd.runtime.device import resolve_device
+from kd.runtime.environment import collect
 from kd.runtime.init import init_student
 from kd.runtime.local import generate_ids
 from kd.runtime.models import directory_digest, load_teacher, read_info
@@ -342,6 +343,7 @@ def evaluate(params: Params, root: Path, log: Any = print) -> Run:
     generated = time.perf_counter()
     about = {"teacher": cfg.teacher, "path": tcfg.path, "digest": directory_digest(under(root, tcfg.path)),
              "dtype": str(tmodel.dtype).removeprefix("torch.")}
+    run.environment = collect(str(device), about["dtype"])  # every row runs in the teacher's dtype (below)
     res = _score(TEACHER, "teacher", about, tmodel, ttok, t, run, cfg.batch_size, device)
     res.generate_s = generated - t0
     run.results.append(_log(log, res))

@@ -18,7 +18,7 @@ from kd.evaluation.report import report_md
 from kd.evaluation.results import CHEAP, CONSISTENCY_MIN, METRICS, NOT_ROWS, REWARD_ROW, Comparison, Run
 from kd.paths import FIGURES_DIR, PLOTS_DIR
 from kd.records import atomic_write_text, replace_dir
-from kd.tracking import start_run
+from kd.tracking import environment_tags, start_run
 
 CURVE_EXTS = (".csv", ".tsv", ".json")
 
@@ -154,7 +154,7 @@ def log_mlflow(run: Run, root: Path, project: str, section: dict[str, Any]) -> s
                        "git_commit": r.about.get("git_commit")} for r in run.results if r.kind == "student"}
     prompts = {"name": "eval_prompts", "path": str(root / run.prompts_path), "fingerprint": run.prompts_sha256}
     tracked = start_run(root, project, "evaluate", {"evaluation": section, "models": models}, [prompts],
-                        context="evaluation")
+                        context="evaluation", tags=environment_tags(run.environment or {}))
     try:
         tracked.log_metrics(metrics_for_mlflow(run), step=0)
         for row, values in per_model_metrics(run).items():

@@ -26,6 +26,7 @@ from kd.evaluation.results import (
 )
 from kd.paths import DATA_DIR, FIGURES_DIR
 from kd.records import MANIFEST_FILE
+from kd.runtime.environment import environment_lines
 
 # Measured against the teacher: the teacher's own row is the reference point, not a contender.
 TEACHER_RELATIVE = ("kl", "rouge_l")
@@ -170,6 +171,8 @@ def report_md(run: Run, root: Path, curves: list[str], figures: list[str] = ()) 
              + f" and {len(students)} student(s) on the {len(run.prompts)} held-out prompts of `{run.prompts_path}` "
              f"(sha256 `{run.prompts_sha256[:16]}`; no generation stage reads them), {asked}; greedy answers of at "
              f"most {run.max_new_tokens} new tokens.", ""]
+    if run.environment:  # the figures move with the CPU kind, dtype and libraries (README: by about the intervals)
+        lines += ["Made with:", "", *environment_lines(run.environment), ""]
     if w := warnings(run):
         lines += ["## Read this first", "", *[f"- {x}" for x in w], ""]
     lines += ["## Results", ""]

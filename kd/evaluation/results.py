@@ -266,6 +266,7 @@ class Run:
     sanity: list[Sanity] = field(default_factory=list)  # every judge and reward model on the sanity set
     feedback: Feedback | None = None  # reward model and judge figures, with `evaluation.reward_model` / `judge`
     comparisons: list[Comparison] = field(default_factory=list)
+    environment: dict[str, Any] | None = None  # where it ran (kd.runtime.environment): the figures move with it
     # fixed answers scored like a model's (an echo of the question, a constant): no row beats what they score
     # without beating them, so the report bolds no row at or below them
     cheap: list[ModelResult] = field(default_factory=list)

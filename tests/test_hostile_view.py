@@ -28,7 +28,7 @@ from kdproject import kd, sh
 from starlette.testclient import TestClient
 from viewproject import shared_view_project
 
-from kd.cache import share
+from kd.cache import packs
 from kd.cache.store import RequestCache, make_entry, request_key
 from kd.paths import CACHE_DIR
 from kd.records import finalize, write_dataset
@@ -148,7 +148,7 @@ def put_pack(remote: Path, name: str, keys: list[str], body: bytes) -> None:
 def test_gzip_bomb_packs_are_refused_in_one_line_and_the_others_install(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
     good = [entry(i) for i in range(3)]
-    name, body, keys = share.pack(good)
+    name, body, keys = packs.pack(good)
     put_pack(remote, name, keys.decode().split(), body)
     fake = [f"{i:064x}" for i in range(4)]
     zeros = gzip.compress(b"\0" * (10 << 20), compresslevel=9)  # one 10 MB line: past the entry limit
@@ -157,9 +157,9 @@ def test_gzip_bomb_packs_are_refused_in_one_line_and_the_others_install(tmp_path
     for n, bomb in ((1, zeros), (2, lines), (3, big)):  # `big`: 4 MB at ~2x, past the size limit below
         put_pack(remote, f"{n}" * 64, fake, bomb)
     put_pack(remote, "4" * 64, ["\x1b]52;c;cHduZWQ=\x07" + "a" * 40], gzip.compress(b"{}\n"))
-    monkeypatch.setattr(share, "ENTRY_MAX_BYTES", 1 << 20)
-    monkeypatch.setattr(share, "RATIO_FROM", 1 << 20)
-    monkeypatch.setattr(share, "PACK_MAX_BYTES", 3 << 20)
+    monkeypatch.setattr(packs, "ENTRY_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(packs, "RATIO_FROM", 1 << 20)
+    monkeypatch.setattr(packs, "PACK_MAX_BYTES", 3 << 20)
     root = dvc_project(tmp_path / "b", remote)
     code, out = kd(root, "cache", "pull")
     assert code == 1 and "requests: 3 installed, 0 already present, 4 skipped as bad" in out, out
@@ -171,8 +171,8 @@ def test_gzip_bomb_packs_are_refused_in_one_line_and_the_others_install(tmp_path
     for n in (1, 2):  # read a line at a time: memory stays near the entry limit, not near the bomb's size
         tracemalloc.start()
         try:
-            with pytest.raises(share.PackRefused):
-                for _ in share.pack_lines(LocalFileSystem(), str(remote / "kd-cache/packs" / f"{str(n) * 64}.jsonl.gz")):
+            with pytest.raises(packs.PackRefused):
+                for _ in packs.pack_lines(LocalFileSystem(), str(remote / "kd-cache/packs" / f"{str(n) * 64}.jsonl.gz")):
                     pass
             peak = tracemalloc.get_traced_memory()[1]
         finally:

@@ -21,30 +21,22 @@ so that:
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kd.cache.features import FeatureCache, entry_problem
+from kd.cache.packs import PACK_ENTRIES, PackRefused, pack, pack_lines
 from kd.cache.store import RequestCache, check_entry, judge, probe_writable, unreadable
 from kd.errors import KdError
 from kd.paths import CACHE_DIR
 
 TOP = "kd-cache"
-PACK_ENTRIES = 50_000  # entries per pack: bounds the memory one pack takes to build
-# Limits on a pack pulled from a remote. kd's own packs measure 1.2 KB an entry and 4.6x gzip (the default build's
-# 136 entries: 164 KB in 35 KB), so a full pack is ~60 MB in ~13 MB: the limits leave 16x room for long answers.
-PACK_MAX_BYTES = 1 << 30  # decompressed bytes of one pack
-PACK_MAX_RATIO = 200  # decompressed / compressed bytes, judged once a pack is past RATIO_FROM
-RATIO_FROM = 16 << 20  # below this a pack is small whatever its ratio (a few repetitive answers compress far better)
-ENTRY_MAX_BYTES = 16 << 20  # one entry (one line of a pack): room for an answer of millions of characters
 INSTALL_BATCH = 32 << 20  # entries installed a transaction at a time while a pack is read: the memory a pull holds
 
 
@@ -198,35 +190,6 @@ def _pack_keys(fs: Any, base: str, name: str) -> list[str]:
 
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else ""
-
-
-class PackRefused(Exception):
-    """A remote pack past the limits on size or compression ratio: refused whole, in one line."""
-
-
-def pack_lines(fs: Any, path: str) -> Iterator[bytes]:
-    """The entries (lines) of a remote pack, decompressed as they are read; raises PackRefused past the limits,
-    and what gzip or the filesystem raise for a damaged or unreadable pack. A last line without its newline is
-    not an entry (a pack cut short)."""
-    with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
-        total = 0
-        while line := f.readline(ENTRY_MAX_BYTES + 2):
-            total += len(line)
-            if len(line) > ENTRY_MAX_BYTES + 1:
-                raise PackRefused(f"holds an entry over {ENTRY_MAX_BYTES >> 20} MB")
-            if total > PACK_MAX_BYTES:
-                raise PackRefused(f"decompresses past {PACK_MAX_BYTES >> 20} MB (the limit for one pack)")
-            if total > RATIO_FROM and total > PACK_MAX_RATIO * max(raw.tell(), 1):
-                raise PackRefused(f"decompresses past {PACK_MAX_RATIO}x its size (kd's packs: about 5x)")
-            if line.endswith(b"\n"):
-                yield line[:-1]
-
-
-def pack(entries: list[tuple[str, bytes]]) -> tuple[str, bytes, bytes]:
-    """(name, pack bytes, key list bytes) of entries: deterministic bytes, named by their sha256."""
-    entries = sorted(entries)
-    body = gzip.compress(b"".join(raw + b"\n" for _, raw in entries), compresslevel=1, mtime=0)
-    return hashlib.sha256(body).hexdigest(), body, "".join(f"{key}\n" for key, _ in entries).encode("ascii")
 
 
 def push(root: Path, remote: str | None = None, jobs: int = 8) -> Transfer:
